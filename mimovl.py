@@ -1,0 +1,690 @@
+"""
+mimovl.py — MiMo-VL-7B: configs, the MiMo language model, M-RoPE, the full vision-language model,
+checkpoint load/save, KV-cache generation and a chat CLI.
+
+    python mimovl.py --model path/to/MiMo-VL-7B-RL --image cat.jpg "What is in this picture?"
+    python mimovl.py --model path/to/MiMo-VL-7B-RL            # multi-turn chat
+
+MiMo-VL-7B = Qwen2.5-ViT (vit.py) + MLP projector (vit.PatchMerger) + MiMo-7B, a Qwen2-style decoder
+(GQA, q/k/v bias, SwiGLU, RMSNorm) with multimodal rotary positions (M-RoPE). The checkpoints are
+`Qwen2_5_VLForConditionalGeneration` checkpoints (SPEC.md §1-§4); transformers 4.57 is the parity
+reference. Module names mirror the legacy checkpoint keys (`model.layers.N.self_attn.q_proj.weight`,
+`visual.blocks.B.attn.qkv.weight`, `lm_head.weight`), so weights map name for name.
+
+Internally the language model works on *packed* tokens: a batch of rows (left-padded or not) is
+flattened to the attended tokens only, and `cu_seqlens` marks where each sequence starts. A packed
+training row of several documents is the same thing with more boundaries. All attention goes
+through `kernels.varlen_attention`.
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+from collections import namedtuple
+from dataclasses import asdict, dataclass, field, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kernels import rms_norm, varlen_attention
+from vit import RMSNorm, VisionConfig, VisionTransformer, rotate_half
+
+
+# -----------------------------------------------------------------------------
+# Configs
+
+@dataclass
+class TextConfig:
+    vocab_size: int = 151680
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 36
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 8
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 640000.0
+    mrope_section: list = field(default_factory=lambda: [16, 24, 24])   # (t, h, w) frequency split
+    max_position_embeddings: int = 128000
+    tie_word_embeddings: bool = False
+    hidden_act: str = "silu"
+
+    @property
+    def head_dim(self):
+        return self.hidden_size // self.num_attention_heads
+
+
+@dataclass
+class MiMoVLConfig:
+    text: TextConfig = field(default_factory=TextConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    image_token_id: int = 151655
+    video_token_id: int = 151656
+    vision_start_token_id: int = 151652
+    vision_end_token_id: int = 151653
+    bos_token_id: int = 151643
+    eos_token_id: int = 151645
+    pad_token_id: int = 151643
+
+    PRESETS = ("mimo-vl-7b", "tiny")
+
+    @classmethod
+    def preset(cls, name):
+        if name == "mimo-vl-7b":  # SPEC §2.1-§2.2
+            return cls().validate()
+        if name == "tiny":        # ~4 M parameters, for CPU reproductions and tests
+            return cls(
+                text=TextConfig(vocab_size=1024, hidden_size=256, intermediate_size=688,
+                                num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                                rope_theta=10000.0, mrope_section=[8, 12, 12],
+                                max_position_embeddings=8192, tie_word_embeddings=False),
+                vision=VisionConfig(depth=4, hidden_size=128, intermediate_size=256, num_heads=2,
+                                    fullatt_block_indexes=[1, 3], out_hidden_size=256),
+                image_token_id=6, video_token_id=7, vision_start_token_id=3, vision_end_token_id=4,
+                bos_token_id=0, eos_token_id=2, pad_token_id=0).validate()
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(cls.PRESETS)}")
+
+    def validate(self):
+        t, v = self.text, self.vision
+
+        def bad(name, why):
+            raise ValueError(f"config: {name} {why}")
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads"):
+            if not isinstance(getattr(t, name), int) or getattr(t, name) <= 0:
+                bad(f"{name}={getattr(t, name)!r}", "must be a positive integer")
+        if t.hidden_size % t.num_attention_heads:
+            bad(f"hidden_size={t.hidden_size}", f"must be divisible by num_attention_heads={t.num_attention_heads}")
+        if t.num_attention_heads % t.num_key_value_heads:
+            bad(f"num_attention_heads={t.num_attention_heads}",
+                f"must be a multiple of num_key_value_heads={t.num_key_value_heads}")
+        if len(t.mrope_section) != 3 or sum(t.mrope_section) != t.head_dim // 2:
+            bad(f"mrope_section={t.mrope_section}", f"must be 3 numbers summing to head_dim/2={t.head_dim // 2}")
+        if t.hidden_act != "silu":
+            bad(f"hidden_act={t.hidden_act!r}", "is not supported (only 'silu')")
+        v.validate()
+        if v.out_hidden_size != t.hidden_size:
+            bad(f"vision_config.out_hidden_size={v.out_hidden_size}", f"must equal hidden_size={t.hidden_size}")
+        for name in ("image_token_id", "video_token_id", "vision_start_token_id"):
+            if not 0 <= getattr(self, name) < t.vocab_size:
+                bad(f"{name}={getattr(self, name)}", f"is outside the vocabulary (size {t.vocab_size})")
+        return self
+
+    # --- Hugging Face config.json, both layouts ---------------------------------------------
+
+    @classmethod
+    def from_hf_dict(cls, d):
+        """Read a `Qwen2_5_VLForConditionalGeneration` config.json: the transformers-4 layout (text
+        fields at top level, `rope_scaling`) or the transformers-5 layout (nested `text_config`,
+        `rope_parameters`)."""
+        top = dict(d)
+        txt = {**top, **(top.get("text_config") or {})}   # nested values win over top-level ones
+        rope = txt.get("rope_parameters") or txt.get("rope_scaling") or top.get("rope_scaling") or {}
+        t_kw = {f.name: txt[f.name] for f in fields(TextConfig) if f.name in txt and txt[f.name] is not None}
+        if "rope_theta" not in t_kw and "rope_theta" in rope:
+            t_kw["rope_theta"] = rope["rope_theta"]
+        if "mrope_section" in rope:
+            t_kw["mrope_section"] = list(rope["mrope_section"])
+        vis = top.get("vision_config") or {}
+        v_kw = {f.name: vis[f.name] for f in fields(VisionConfig) if f.name in vis}
+        if "embed_dim" in vis and "hidden_size" not in vis:   # Qwen2-VL naming
+            v_kw["hidden_size"] = vis["embed_dim"]
+        if isinstance(top.get("tie_word_embeddings"), bool):   # the top-level flag decides tying
+            t_kw["tie_word_embeddings"] = top["tie_word_embeddings"]
+        text = TextConfig(**{**asdict(TextConfig()), **t_kw})
+        if "out_hidden_size" not in v_kw:
+            v_kw["out_hidden_size"] = text.hidden_size
+        vision = VisionConfig(**{**asdict(VisionConfig()), **v_kw})
+        ids = {k: top[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id",
+                                   "vision_end_token_id", "bos_token_id", "pad_token_id")
+               if isinstance(top.get(k), int)}
+        eos = top.get("eos_token_id", txt.get("eos_token_id"))
+        if isinstance(eos, list):
+            eos = eos[0]
+        if isinstance(eos, int):
+            ids["eos_token_id"] = eos
+        return cls(text=text, vision=vision, **ids).validate()
+
+    def to_hf_dict(self):
+        """transformers-4 layout with a nested `text_config` too, so 4.57 and 5.x both read it."""
+        t, v = asdict(self.text), asdict(self.vision)
+        rope = {"type": "mrope", "rope_type": "default", "mrope_section": t.pop("mrope_section")}
+        v.pop("rope_theta")
+        text = {**t, "rope_scaling": rope, "model_type": "qwen2_5_vl_text", "attention_dropout": 0.0,
+                "use_sliding_window": False, "sliding_window": None, "initializer_range": 0.02,
+                "use_cache": True}
+        ids = {k: getattr(self, k) for k in ("image_token_id", "video_token_id", "vision_start_token_id",
+                                             "vision_end_token_id", "bos_token_id", "eos_token_id",
+                                             "pad_token_id")}
+        return {"architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl",
+                "torch_dtype": "bfloat16", **text, **ids,
+                "vision_config": {**v, "model_type": "qwen2_5_vl", "initializer_range": 0.02},
+                "text_config": {**text, **ids}}
+
+
+# -----------------------------------------------------------------------------
+# M-RoPE position ids (SPEC §4.9-§4.10)
+
+def get_rope_index(input_ids, cfg, image_grid_thw=None, video_grid_thw=None, second_per_grid_ts=None):
+    """3-D (t, h, w) position ids of ONE sequence (1-D LongTensor of attended tokens), with the
+    classic transformers-4 / vLLM rule. Returns (position_ids [3, L], rope_delta int, n_images, n_videos).
+
+    Text advances all three ids together; an image of merged grid lh x lw starting at s gets
+    t = s, h = s + row, w = s + col; a video adds s + floor(k * second_per_grid_t * tokens_per_second)
+    on t for temporal group k. After any vision item text resumes at (max id so far) + 1.
+    Note: transformers 4.57 casts second_per_grid_t to an integer before multiplying; we keep the
+    float product as vLLM (MiMo's eval engine) does. Both agree whenever second_per_grid_t is a
+    whole number, e.g. the 1.0 s of 2-fps sampling.
+    """
+    m = cfg.vision.spatial_merge_size
+    ids = input_ids.tolist()
+    L = len(ids)
+    img_i = vid_i = 0
+    chunks, next_id, st = [], 0, 0
+    i = 0
+    while i < L:
+        tok = ids[i]
+        if tok not in (cfg.image_token_id, cfg.video_token_id):
+            i += 1
+            continue
+        if tok == cfg.image_token_id:
+            if image_grid_thw is None or img_i >= len(image_grid_thw):
+                raise ValueError("input_ids contain more images than image_grid_thw describes")
+            t, h, w = (int(x) for x in image_grid_thw[img_i])
+            spg = 0.0
+            img_i += 1
+        else:
+            if video_grid_thw is None or vid_i >= len(video_grid_thw):
+                raise ValueError("input_ids contain more videos than video_grid_thw describes")
+            t, h, w = (int(x) for x in video_grid_thw[vid_i])
+            spg = 1.0 if second_per_grid_ts is None else float(second_per_grid_ts[vid_i])
+            vid_i += 1
+        lh, lw = h // m, w // m
+        n_tok = t * lh * lw
+        if ids[i:i + n_tok] != [tok] * n_tok:
+            raise ValueError(f"a vision item with grid ({t}, {h}, {w}) needs {n_tok} consecutive "
+                             f"placeholder tokens {tok} at position {i}; expand each placeholder "
+                             f"to t*h*w/{m * m} tokens (the Processor does this)")
+        text_len = i - st
+        chunks.append(torch.arange(text_len).expand(3, -1) + next_id)
+        s = next_id + text_len
+        tt = (torch.arange(t) * spg * cfg.vision.tokens_per_second).long()
+        pos = torch.stack([tt.view(t, 1, 1).expand(t, lh, lw),
+                           torch.arange(lh).view(1, lh, 1).expand(t, lh, lw),
+                           torch.arange(lw).view(1, 1, lw).expand(t, lh, lw)]).reshape(3, -1) + s
+        chunks.append(pos)
+        next_id = int(pos.max()) + 1
+        i = st = i + n_tok
+    chunks.append(torch.arange(L - st).expand(3, -1) + next_id)
+    position_ids = torch.cat(chunks, dim=1)
+    return position_ids, int(position_ids.max()) + 1 - L if L else 0, img_i, vid_i
+
+
+def mrope_cos_sin(position_ids, cfg, dtype):
+    """cos/sin (T, head_dim) for 3-D ids (3, T): frequency j uses the t, h or w id according to
+    mrope_section, then the angles are duplicated for rotate-half (SPEC §4.9)."""
+    hd = cfg.head_dim
+    device = position_ids.device
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float, device=device) / hd))
+    axis = torch.repeat_interleave(torch.arange(3, device=device),
+                                   torch.tensor(cfg.mrope_section, device=device))   # (hd/2,)
+    pos = position_ids.float()[axis]                                                  # (hd/2, T)
+    angles = (pos * inv_freq[:, None]).t()                                            # (T, hd/2)
+    emb = torch.cat([angles, angles], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+# -----------------------------------------------------------------------------
+# The MiMo language model (Qwen2 decoder)
+
+class KVCache:
+    """Preallocated per-layer key/value buffers, (batch, max_len, kv_heads, head_dim) each. Row b
+    holds its tokens left-aligned in cache[b, :lengths[b]] (no padding inside the cache)."""
+
+    def __init__(self, n_layers, batch, max_len, n_kv, head_dim, dtype, device):
+        self.k = [torch.empty(batch, max_len, n_kv, head_dim, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.empty_like(k) for k in self.k]
+        self.lengths = torch.zeros(batch, dtype=torch.long)
+        self.max_len = max_len
+
+    def reorder(self, index):
+        """Keep/duplicate rows (e.g. n samples sharing one prefill)."""
+        self.k = [k[index] for k in self.k]
+        self.v = [v[index] for v in self.v]
+        self.lengths = self.lengths[index.cpu()]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.nh, self.nkv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj = nn.Linear(cfg.hidden_size, self.nh * self.hd, bias=True)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=True)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=True)
+        self.o_proj = nn.Linear(self.nh * self.hd, cfg.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, cu_seqlens, max_seqlen, cache=None, layer=0):
+        T = x.shape[0]
+        q = self.q_proj(x).view(T, self.nh, self.hd)    # (T, nh, hd)
+        k = self.k_proj(x).view(T, self.nkv, self.hd)   # (T, nkv, hd)
+        v = self.v_proj(x).view(T, self.nkv, self.hd)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if cache is None:
+            o = varlen_attention(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
+                                 causal=True, scale=self.hd ** -0.5)
+        else:
+            o = self._attend_cached(q, k, v, cu_seqlens, cache, layer)
+        return self.o_proj(o.reshape(T, -1))
+
+    def _attend_cached(self, q, k, v, cu_seqlens, cache, layer):
+        """Append this step's k/v of every row to its cache row, then attend each row's new
+        queries to all of that row's cached keys (bottom-right causal)."""
+        kc, vc = cache.k[layer], cache.v[layer]
+        starts = cache.lengths.tolist()
+        bounds = cu_seqlens.tolist()
+        keys, vals, cu_k = [], [], [0]
+        for b in range(len(bounds) - 1):
+            a, e, s = bounds[b], bounds[b + 1], starts[b]
+            kc[b, s:s + e - a] = k[a:e]
+            vc[b, s:s + e - a] = v[a:e]
+            keys.append(kc[b, :s + e - a])
+            vals.append(vc[b, :s + e - a])
+            cu_k.append(cu_k[-1] + s + e - a)
+        # one row: the cache slice is a view; several rows: packed into one buffer
+        k_all = keys[0] if len(keys) == 1 else torch.cat(keys)
+        v_all = vals[0] if len(vals) == 1 else torch.cat(vals)
+        cu_k = torch.tensor(cu_k, dtype=torch.int32, device=q.device)
+        max_q = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        return varlen_attention(q, k_all, v_all, cu_seqlens, cu_k, max_q, int((cu_k[1:] - cu_k[:-1]).max()),
+                                causal=True, scale=self.hd ** -0.5)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x, cos, sin, cu_seqlens, max_seqlen, cache=None, layer=0):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cu_seqlens, max_seqlen, cache, layer)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class LanguageModel(nn.Module):
+    """Embeddings, decoder layers and the final norm (checkpoint prefix `model.`)."""
+
+    def __init__(self, cfg: TextConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.gradient_checkpointing = False
+
+    def forward(self, x, position_ids, cu_seqlens, cache=None):
+        """x (T, hidden) packed embeddings, position_ids (3, T), cu_seqlens (n+1,) -> (T, hidden)."""
+        cos, sin = mrope_cos_sin(position_ids, self.cfg, x.dtype)
+        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        for i, layer in enumerate(self.layers):
+            if self.gradient_checkpointing and self.training and cache is None:
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, cu_seqlens, max_seqlen,
+                                                      use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, cu_seqlens, max_seqlen, cache, i)
+        return self.norm(x)
+
+
+# -----------------------------------------------------------------------------
+# The full model
+
+Output = namedtuple("Output", ["logits", "loss"])
+
+
+def chunked_cross_entropy(hidden, weight, targets, chunk=4096):
+    """Sum of CE over rows of `hidden` (T, D) against `targets` (T,) through the head `weight`
+    (V, D), `chunk` rows at a time so [T, V] fp32 logits never exist at once."""
+    total = hidden.new_zeros((), dtype=torch.float)
+    for a in range(0, hidden.shape[0], chunk):
+        logits = (hidden[a:a + chunk] @ weight.t()).float()
+        total = total + F.cross_entropy(logits, targets[a:a + chunk], reduction="sum")
+    return total
+
+
+class MiMoVL(nn.Module):
+    def __init__(self, cfg: MiMoVLConfig):
+        super().__init__()
+        self.cfg = cfg.validate()
+        self.visual = VisionTransformer(cfg.vision)
+        self.model = LanguageModel(cfg.text)
+        self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
+        if cfg.text.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module, std=0.02):
+        """Initialisation for from-scratch training (as the reference: normal(0, 0.02), zero
+        biases, unit norms). Skipped on the meta device (checkpoint loading)."""
+        if isinstance(module, (nn.Linear, nn.Conv3d, nn.Embedding)):
+            if module.weight.device.type == "meta":
+                return
+            nn.init.normal_(module.weight, std=std)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+
+    @property
+    def device(self):
+        return self.lm_head.weight.device
+
+    @property
+    def dtype(self):
+        return self.lm_head.weight.dtype
+
+    # --- inputs -> packed embeddings and positions -----------------------------------------
+
+    def embed(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
+              pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None, cu_seqlens=None):
+        """Turn (B, L) inputs into packed embeddings (T, D), 3-D positions (3, T), cu_seqlens and
+        per-sequence rope_deltas. Padding tokens (attention_mask == 0) are dropped; with an explicit
+        `cu_seqlens` a (1, L) row holds several documents whose positions restart at 0."""
+        cfg = self.cfg
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
+        B, L = input_ids.shape
+        if cu_seqlens is not None:
+            if B != 1:
+                raise ValueError("packed rows (cu_seqlens) need input_ids of shape (1, length)")
+            cu = torch.as_tensor(cu_seqlens).long().cpu()
+            if cu[0] != 0 or cu[-1] != L or (cu[1:] < cu[:-1]).any():
+                raise ValueError(f"cu_seqlens must rise from 0 to {L}, got {cu.tolist()}")
+            keep = torch.ones(L, dtype=torch.bool, device=input_ids.device)
+            segments = list(zip(cu[:-1].tolist(), cu[1:].tolist()))
+            flat = input_ids[0]
+        else:
+            if attention_mask is None:
+                attention_mask = torch.ones_like(input_ids)
+            mask = attention_mask.bool()
+            lengths = mask.sum(1).tolist()
+            segments, flat_list = [], []
+            for b in range(B):
+                idx = mask[b].nonzero().flatten()
+                if len(idx) and int(idx[-1] - idx[0]) + 1 != len(idx):
+                    raise ValueError(f"attention_mask row {b} is not one contiguous run of ones "
+                                     "(use left or right padding only)")
+            keep = mask.flatten()
+            flat = input_ids.flatten()
+            a = 0
+            for b in range(B):
+                segments.append((a, a + lengths[b]))
+                a += lengths[b]
+            flat = flat[keep]
+
+        image_grid = None if image_grid_thw is None else torch.as_tensor(image_grid_thw).cpu()
+        video_grid = None if video_grid_thw is None else torch.as_tensor(video_grid_thw).cpu()
+        spg = None if second_per_grid_ts is None else torch.as_tensor(second_per_grid_ts).cpu()
+
+        x = self.model.embed_tokens(flat)                                     # (T, D)
+        for name, pix, grid, tok in (("image", pixel_values, image_grid, cfg.image_token_id),
+                                     ("video", pixel_values_videos, video_grid, cfg.video_token_id)):
+            sel = flat == tok
+            n_tok = int(sel.sum())
+            if pix is None:
+                if n_tok:
+                    raise ValueError(f"input_ids contain {n_tok} {name} placeholder tokens (id {tok}) "
+                                     f"but no {name} pixels were given")
+                continue
+            if grid is None:
+                raise ValueError(f"{name} pixels given without {name}_grid_thw")
+            feats = self.visual(pix.to(self.dtype), grid)                     # (n_tok, D)
+            if feats.shape[0] != n_tok:
+                raise ValueError(f"{name} features and {name} placeholder tokens do not match: the "
+                                 f"{name}s give {feats.shape[0]} tokens (grid {grid.tolist()}), input_ids "
+                                 f"hold {n_tok}; expand each placeholder to t*h*w/4 tokens")
+            x = x.masked_scatter(sel.unsqueeze(-1), feats.to(x.dtype))
+
+        # 3-D positions per sequence; images/videos are consumed in order across sequences
+        positions, deltas = [], []
+        n_img = n_vid = 0
+        flat_cpu = flat.cpu()
+        for a, e in segments:
+            pos, delta, ni, nv = get_rope_index(
+                flat_cpu[a:e], cfg,
+                None if image_grid is None else image_grid[n_img:],
+                None if video_grid is None else video_grid[n_vid:],
+                None if spg is None else spg[n_vid:])
+            n_img, n_vid = n_img + ni, n_vid + nv
+            positions.append(pos)
+            deltas.append(delta)
+        position_ids = torch.cat(positions, dim=1).to(x.device)
+        cu_seqlens = torch.tensor([0] + [e for _, e in segments], dtype=torch.int32, device=x.device)
+        if any(e == a for a, e in segments):
+            raise ValueError("a sequence has no tokens (an attention_mask row of zeros or an empty "
+                             "document in cu_seqlens)")
+        return x, position_ids, cu_seqlens, deltas, keep
+
+    # --- forward -----------------------------------------------------------------------------
+
+    def forward(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
+                pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None,
+                labels=None, cu_seqlens=None, return_logits=None):
+        """Logits (B, L, V) for every input position (zeros at padding), or, when `labels` are given,
+        the mean next-token cross-entropy over labels != -100 (HF convention: labels aligned with
+        input_ids, shifted here) computed in chunks without the full logits."""
+        x, position_ids, cu, _, keep = self.embed(input_ids, attention_mask, pixel_values, image_grid_thw,
+                                                  pixel_values_videos, video_grid_thw,
+                                                  second_per_grid_ts, cu_seqlens)
+        h = self.model(x, position_ids, cu)                                   # (T, D)
+        if return_logits is None:
+            return_logits = labels is None
+        loss = None
+        if labels is not None:
+            # target of packed token i is the label of the next position in the same row
+            shifted = F.pad(labels[:, 1:], (0, 1), value=-100).flatten()[keep.to(labels.device)]
+            valid = shifted != -100
+            n = int(valid.sum())
+            loss = chunked_cross_entropy(h[valid], self.lm_head.weight, shifted[valid]) / max(n, 1)
+        logits = None
+        if return_logits:
+            B, L = input_ids.shape
+            logits = h.new_zeros(B * L, self.cfg.text.vocab_size, dtype=torch.float)
+            logits[keep] = self.lm_head(h).float()
+            logits = logits.view(B, L, -1)
+        return Output(logits, loss)
+
+    # --- checkpoints ---------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path, dtype=None, device=None, progress=True):
+        """Load a Qwen2.5-VL-format folder (config.json + model.safetensors or shards with
+        model.safetensors.index.json). Strict: all missing / unexpected / mis-shaped keys are
+        reported together. Parameters are created on the meta device and filled shard by shard,
+        so peak memory stays near one copy of the model plus one shard."""
+        return load_checkpoint(cls, path, dtype=dtype, device=device, progress=progress)
+
+    def save_pretrained(self, path, max_shard_bytes=5 * 1024 ** 3):
+        save_checkpoint(self, path, max_shard_bytes=max_shard_bytes)
+
+
+# -----------------------------------------------------------------------------
+# Checkpoint I/O (SPEC §3)
+
+# Keys that may appear in a checkpoint and carry nothing this model uses.
+IGNORABLE_KEY_PREFIXES = (
+    "model.mtp_layers.",  # MiMo-7B's multi-token-prediction layers; Qwen2_5_VL has no MTP (SPEC §2.1)
+)
+IGNORABLE_KEY_SUFFIXES = (
+    ".rotary_emb.inv_freq",  # non-persistent rotary buffers some exporters still write
+)
+
+
+def canonical_key(key):
+    """Map a checkpoint key to our (legacy) naming. transformers 5 saves `model.language_model.*`
+    and `model.visual.*` (SPEC §3.2); the legacy names are `model.*` and `visual.*`."""
+    if key.startswith("model.language_model."):
+        return "model." + key[len("model.language_model."):]
+    if key.startswith("model.visual."):
+        return key[len("model."):]
+    return key
+
+
+def _dtype_from_name(name):
+    table = {"bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float16": torch.float16,
+             "fp16": torch.float16, "float32": torch.float32, "fp32": torch.float32}
+    if isinstance(name, torch.dtype) or name is None:
+        return name
+    if name not in table:
+        raise ValueError(f"unknown dtype {name!r}; use one of {', '.join(table)}")
+    return table[name]
+
+
+def load_checkpoint(cls, path, dtype=None, device=None, progress=True):
+    from safetensors import SafetensorError, safe_open
+    from tqdm import tqdm
+
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"model folder {path!r} does not exist; download a Qwen2.5-VL-format "
+                                "checkpoint (e.g. XiaomiMiMo/MiMo-VL-7B-RL) into a folder and pass that folder")
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"{cfg_path} is missing: the folder is not a Hugging Face checkpoint")
+    with open(cfg_path) as f:
+        try:
+            raw = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{cfg_path} is not valid JSON: {e}") from None
+    cfg = MiMoVLConfig.from_hf_dict(raw)
+    dtype = _dtype_from_name(dtype) or _dtype_from_name(raw.get("torch_dtype") or raw.get("dtype")) or torch.float32
+    device = torch.device(device or "cpu")
+
+    index_path = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index_path):
+        with open(index_path) as f:
+            weight_map = json.load(f)["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    elif os.path.isfile(os.path.join(path, "model.safetensors")):
+        shards = ["model.safetensors"]
+    else:
+        raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}")
+
+    with torch.device("meta"):
+        model = cls(cfg)
+    expected = {k: v for k, v in model.state_dict().items()}
+    if cfg.text.tie_word_embeddings:
+        expected.pop("lm_head.weight", None)
+    params = dict(model.named_parameters(remove_duplicate=False))
+
+    seen, unexpected, mis_shaped, ignored = set(), [], [], []
+    for shard in tqdm(shards, desc="loading shards", disable=not progress or len(shards) < 2):
+        shard_path = os.path.join(path, shard)
+        if not os.path.isfile(shard_path):
+            raise FileNotFoundError(f"shard {shard_path} listed in the index is missing")
+        try:
+            with safe_open(shard_path, framework="pt", device="cpu") as f:
+                for raw_key in f.keys():
+                    key = canonical_key(raw_key)
+                    if key.startswith(IGNORABLE_KEY_PREFIXES) or key.endswith(IGNORABLE_KEY_SUFFIXES):
+                        ignored.append(raw_key)
+                        continue
+                    if key == "lm_head.weight" and cfg.text.tie_word_embeddings:
+                        continue    # tied: the embedding is the head
+                    if key not in expected:
+                        unexpected.append(raw_key)
+                        continue
+                    shape = tuple(f.get_slice(raw_key).get_shape())
+                    if shape != tuple(expected[key].shape):
+                        mis_shaped.append(f"{raw_key}: checkpoint {shape} vs model {tuple(expected[key].shape)}")
+                        continue
+                    tensor = f.get_tensor(raw_key).to(device=device, dtype=dtype)
+                    _set_param(model, key, tensor)
+                    seen.add(key)
+        except SafetensorError as e:
+            raise ValueError(f"{shard_path} is not a readable safetensors file ({e}); it may be "
+                             "truncated or corrupt: download it again") from None
+    missing = sorted(set(expected) - seen)
+    if missing or unexpected or mis_shaped:
+        lines = [f"checkpoint {path} does not match the model built from its config.json:"]
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mis_shaped)):
+            if items:
+                lines.append(f"  {len(items)} {title} key(s): " + ", ".join(items[:20]) +
+                             (" ..." if len(items) > 20 else ""))
+        raise ValueError("\n".join(lines))
+    if cfg.text.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    leftover = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    assert not leftover, f"internal error: parameters left on meta: {leftover}"
+    return model.eval()
+
+
+def _set_param(model, key, tensor):
+    module_name, _, name = key.rpartition(".")
+    module = model.get_submodule(module_name)
+    module._parameters[name] = nn.Parameter(tensor, requires_grad=module._parameters[name].requires_grad)
+
+
+def save_checkpoint(model, path, max_shard_bytes=5 * 1024 ** 3):
+    """config.json + safetensors in the legacy naming, sharded above `max_shard_bytes` with an
+    index. Every file is written to a temporary name and renamed, so a crash never leaves a
+    half-written file under a real name."""
+    from safetensors.torch import save_file
+
+    os.makedirs(path, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    if model.cfg.text.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    shards, current, size = [], {}, 0
+    for k, v in state.items():
+        n = v.numel() * v.element_size()
+        if current and size + n > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[k] = v
+        size += n
+    shards.append(current)
+
+    def atomic_write(name, write):
+        fd, tmp = tempfile.mkstemp(dir=path, prefix=f".{name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            write(tmp)
+            os.replace(tmp, os.path.join(path, name))
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
+
+    def write_json(obj):
+        return lambda tmp: open(tmp, "w").write(json.dumps(obj, indent=2) + "\n")
+
+    cfg = model.cfg.to_hf_dict()
+    cfg["torch_dtype"] = str(model.dtype).replace("torch.", "")
+    if len(shards) == 1:
+        atomic_write("model.safetensors", lambda tmp: save_file(shards[0], tmp, metadata={"format": "pt"}))
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            atomic_write(name, lambda tmp, s=shard: save_file(s, tmp, metadata={"format": "pt"}))
+            weight_map.update({k: name for k in shard})
+        total = sum(v.numel() * v.element_size() for v in state.values())
+        atomic_write("model.safetensors.index.json",
+                     write_json({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    atomic_write("config.json", write_json(cfg))
