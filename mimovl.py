@@ -65,16 +65,16 @@ class MiMoVLConfig:
     video_token_id: int = 151656
     vision_start_token_id: int = 151652
     vision_end_token_id: int = 151653
-    bos_token_id: int = 151643
-    eos_token_id: int = 151645
-    pad_token_id: int = 151643
+    bos_token_id: int = None      # read from config.json when present; None otherwise
+    eos_token_id: int = None
+    pad_token_id: int = None
 
     PRESETS = ("mimo-vl-7b", "tiny")
 
     @classmethod
     def preset(cls, name):
-        if name == "mimo-vl-7b":  # SPEC §2.1-§2.2
-            return cls().validate()
+        if name == "mimo-vl-7b":  # SPEC §2.1-§2.3
+            return cls(bos_token_id=151643, eos_token_id=151645, pad_token_id=151643).validate()
         if name == "tiny":        # ~4 M parameters, for CPU reproductions and tests
             return cls(
                 text=TextConfig(vocab_size=1024, hidden_size=256, intermediate_size=688,
@@ -151,16 +151,16 @@ class MiMoVLConfig:
     def to_hf_dict(self):
         """transformers-4 layout with a nested `text_config` too, so 4.57 and 5.x both read it."""
         t, v = asdict(self.text), asdict(self.vision)
-        rope = {"type": "mrope", "rope_type": "default", "mrope_section": t.pop("mrope_section")}
+        rope = {"type": "default", "rope_type": "default", "mrope_section": t.pop("mrope_section")}
         v.pop("rope_theta")
         text = {**t, "rope_scaling": rope, "model_type": "qwen2_5_vl_text", "attention_dropout": 0.0,
                 "use_sliding_window": False, "sliding_window": None, "initializer_range": 0.02,
                 "use_cache": True}
         ids = {k: getattr(self, k) for k in ("image_token_id", "video_token_id", "vision_start_token_id",
                                              "vision_end_token_id", "bos_token_id", "eos_token_id",
-                                             "pad_token_id")}
-        return {"architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl",
-                "torch_dtype": "bfloat16", **text, **ids,
+                                             "pad_token_id") if getattr(self, k) is not None}
+        return {**text, **ids, "architectures": ["Qwen2_5_VLForConditionalGeneration"],
+                "model_type": "qwen2_5_vl", "torch_dtype": "bfloat16",
                 "vision_config": {**v, "model_type": "qwen2_5_vl", "initializer_range": 0.02},
                 "text_config": {**text, **ids}}
 
@@ -593,6 +593,7 @@ def load_checkpoint(cls, path, dtype=None, device=None, progress=True):
     params = dict(model.named_parameters(remove_duplicate=False))
 
     seen, unexpected, mis_shaped, ignored = set(), [], [], []
+    bad_shape_keys = set()
     for shard in tqdm(shards, desc="loading shards", disable=not progress or len(shards) < 2):
         shard_path = os.path.join(path, shard)
         if not os.path.isfile(shard_path):
@@ -612,6 +613,7 @@ def load_checkpoint(cls, path, dtype=None, device=None, progress=True):
                     shape = tuple(f.get_slice(raw_key).get_shape())
                     if shape != tuple(expected[key].shape):
                         mis_shaped.append(f"{raw_key}: checkpoint {shape} vs model {tuple(expected[key].shape)}")
+                        bad_shape_keys.add(key)
                         continue
                     tensor = f.get_tensor(raw_key).to(device=device, dtype=dtype)
                     _set_param(model, key, tensor)
@@ -619,7 +621,7 @@ def load_checkpoint(cls, path, dtype=None, device=None, progress=True):
         except SafetensorError as e:
             raise ValueError(f"{shard_path} is not a readable safetensors file ({e}); it may be "
                              "truncated or corrupt: download it again") from None
-    missing = sorted(set(expected) - seen)
+    missing = sorted(set(expected) - seen - bad_shape_keys)
     if missing or unexpected or mis_shaped:
         lines = [f"checkpoint {path} does not match the model built from its config.json:"]
         for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mis_shaped)):
