@@ -287,14 +287,22 @@ class Attention(nn.Module):
         kc, vc = cache.k[layer], cache.v[layer]
         starts = cache.lengths.tolist()
         bounds = cu_seqlens.tolist()
+        if len(bounds) - 1 == q.shape[0]:   # decode: one new token per row -> one indexed write
+            rows = torch.arange(q.shape[0], device=kc.device)
+            pos = cache.lengths.to(kc.device)
+            kc[rows, pos] = k
+            vc[rows, pos] = v
+            bounds = None
         keys, vals, cu_k = [], [], [0]
-        for b in range(len(bounds) - 1):
-            a, e, s = bounds[b], bounds[b + 1], starts[b]
-            kc[b, s:s + e - a] = k[a:e]
-            vc[b, s:s + e - a] = v[a:e]
-            keys.append(kc[b, :s + e - a])
-            vals.append(vc[b, :s + e - a])
-            cu_k.append(cu_k[-1] + s + e - a)
+        for b in range(len(starts)):
+            n_new = 1 if bounds is None else bounds[b + 1] - bounds[b]
+            s = starts[b]
+            if bounds is not None:
+                kc[b, s:s + n_new] = k[bounds[b]:bounds[b + 1]]
+                vc[b, s:s + n_new] = v[bounds[b]:bounds[b + 1]]
+            keys.append(kc[b, :s + n_new])
+            vals.append(vc[b, :s + n_new])
+            cu_k.append(cu_k[-1] + s + n_new)
         # one row: the cache slice is a view; several rows: packed into one buffer
         k_all = keys[0] if len(keys) == 1 else torch.cat(keys)
         v_all = vals[0] if len(vals) == 1 else torch.cat(vals)
@@ -349,6 +357,8 @@ class LanguageModel(nn.Module):
                                                       use_reentrant=False)
             else:
                 x = layer(x, cos, sin, cu_seqlens, max_seqlen, cache, i)
+        if cache is not None:
+            cache.lengths += (cu_seqlens[1:] - cu_seqlens[:-1]).cpu()
         return self.norm(x)
 
 
@@ -366,6 +376,29 @@ def chunked_cross_entropy(hidden, weight, targets, chunk=4096):
         logits = (hidden[a:a + chunk] @ weight.t()).float()
         total = total + F.cross_entropy(logits, targets[a:a + chunk], reduction="sum")
     return total
+
+
+def sample_next(logits, temperature=0.0, top_k=0, top_p=1.0, generator=None, return_logprobs=False):
+    """Pick the next token of each row from fp32 logits (rows, V): greedy when temperature == 0,
+    else temperature -> top-k -> top-p (nucleus) -> multinomial. Log-probabilities are those of the
+    distribution actually sampled from (after temperature and filtering)."""
+    if temperature <= 0:
+        tokens = logits.argmax(-1)
+        logprobs = logits.log_softmax(-1).gather(-1, tokens[:, None])[:, 0] if return_logprobs else None
+        return tokens, logprobs
+    logits = logits / temperature
+    if top_k and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= top_p         # keep the smallest set reaching top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    logp = logits.log_softmax(-1)
+    tokens = torch.multinomial(logp.exp(), 1, generator=generator)[:, 0]
+    return tokens, (logp.gather(-1, tokens[:, None])[:, 0] if return_logprobs else None)
 
 
 class MiMoVL(nn.Module):
@@ -508,6 +541,71 @@ class MiMoVL(nn.Module):
             logits[keep] = self.lm_head(h).float()
             logits = logits.view(B, L, -1)
         return Output(logits, loss)
+
+    # --- generation ----------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def stream_generate(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None,
+                        pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None,
+                        max_new_tokens=32, temperature=0.0, top_k=0, top_p=1.0, seed=None,
+                        stop_token_ids=None, n=1, return_logprobs=False):
+        """Prefill once, then decode token by token with a preallocated KV cache (SPEC §4.11).
+        Yields, per step, (tokens [B*n], logprobs [B*n] or None, finished [B*n] bool). Row b*n+j is
+        sample j of prompt b; all n samples share the prompt's prefill. A finished row keeps
+        yielding its stop token."""
+        B = input_ids.shape[0]
+        device = self.device
+        if stop_token_ids is None:
+            stop_token_ids = [] if self.cfg.eos_token_id is None else [self.cfg.eos_token_id]
+        stop = torch.tensor(sorted(set(stop_token_ids)), dtype=torch.long, device=device)
+        gen = None
+        if temperature > 0:
+            gen = torch.Generator(device=device)
+            gen.manual_seed(seed if seed is not None else torch.seed())
+
+        x, pos, cu, deltas, _ = self.embed(input_ids.to(device), None if attention_mask is None else
+                                           attention_mask.to(device), pixel_values, image_grid_thw,
+                                           pixel_values_videos, video_grid_thw, second_per_grid_ts)
+        lengths = (cu[1:] - cu[:-1]).cpu()
+        max_len = int(lengths.max()) + max_new_tokens
+        if max_len > self.cfg.text.max_position_embeddings:
+            raise ValueError(f"prompt of {int(lengths.max())} tokens + max_new_tokens={max_new_tokens} "
+                             f"exceeds the context of {self.cfg.text.max_position_embeddings} tokens; "
+                             "shorten the prompt (fewer/smaller images) or lower max_new_tokens")
+        t = self.cfg.text
+        cache = KVCache(t.num_hidden_layers, B, max_len, t.num_key_value_heads, t.head_dim, x.dtype, device)
+        h = self.model(x, pos, cu, cache)                                       # (T, D)
+        last = self.lm_head(h[cu[1:].long() - 1]).float()                       # (B, V)
+        if n > 1:
+            rows = torch.arange(B, device=device).repeat_interleave(n)
+            cache.reorder(rows)
+            last = last[rows]
+        deltas = torch.tensor(deltas, dtype=torch.long).repeat_interleave(n)
+        finished = torch.zeros(B * n, dtype=torch.bool, device=device)
+        step_cu = torch.arange(B * n + 1, dtype=torch.int32, device=device)
+        for step in range(max_new_tokens):
+            tokens, logprobs = sample_next(last, temperature, top_k, top_p, gen, return_logprobs)
+            if len(stop):
+                tokens = torch.where(finished, stop[0], tokens)
+                finished = finished | torch.isin(tokens, stop)
+            yield tokens, logprobs, finished
+            if step == max_new_tokens - 1 or bool(finished.all()):
+                return
+            p = (cache.lengths + deltas).to(device)                             # M-RoPE id of the new token
+            h = self.model(self.model.embed_tokens(tokens), p.expand(3, -1), step_cu, cache)
+            last = self.lm_head(h).float()
+
+    def generate(self, input_ids, max_new_tokens=32, temperature=0.0, return_logprobs=False, **kw):
+        """The new token ids (B*n, steps); after a stop token a row repeats that stop token.
+        With return_logprobs=True also the log-probability of each chosen token (B*n, steps)."""
+        toks, lps = [], []
+        for tokens, logprobs, _ in self.stream_generate(input_ids, max_new_tokens=max_new_tokens,
+                                                        temperature=temperature,
+                                                        return_logprobs=return_logprobs, **kw):
+            toks.append(tokens)
+            lps.append(logprobs)
+        out = torch.stack(toks, dim=1)
+        return (out, torch.stack(lps, dim=1)) if return_logprobs else out
 
     # --- checkpoints ---------------------------------------------------------------------
 
