@@ -788,3 +788,112 @@ def save_checkpoint(model, path, max_shard_bytes=5 * 1024 ** 3):
         atomic_write("model.safetensors.index.json",
                      write_json({"metadata": {"total_size": total}, "weight_map": weight_map}))
     atomic_write("config.json", write_json(cfg))
+
+
+# -----------------------------------------------------------------------------
+# Chat: conversation -> streamed text, and the command-line interface
+
+def default_dtype(device):
+    """bf16 on GPUs and on CPUs with native bf16 (avx512_bf16 / AMX), fp32 otherwise: fp16 matmul
+    on CPUs runs at ~1 GFLOP/s (../shared/MACHINE-NOTES.md)."""
+    if torch.device(device).type == "cuda":
+        return torch.bfloat16
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        flags = ""
+    return torch.bfloat16 if ("avx512_bf16" in flags or "amx_bf16" in flags) else torch.float32
+
+
+def chat_stream(model, processor, conversation, think=True, max_new_tokens=1024, temperature=0.0,
+                top_p=1.0, top_k=0, seed=None, max_pixels=None):
+    """Yield the assistant's reply to `conversation` (HF message list) as text pieces."""
+    batch = processor(conversation, add_generation_prompt=True, think=think, max_pixels=max_pixels)
+    device, dtype = model.device, model.dtype
+    batch = {k: (v.to(device, dtype) if k.startswith("pixel_values") else v.to(device))
+             for k, v in batch.items()}
+    ids, text = [], ""
+    for tokens, _, finished in model.stream_generate(**batch, max_new_tokens=max_new_tokens,
+                                                     temperature=temperature, top_p=top_p, top_k=top_k,
+                                                     seed=seed, stop_token_ids=processor.eos_token_ids):
+        if bool(finished[0]) and int(tokens[0]) in processor.eos_token_ids:
+            break
+        ids.append(int(tokens[0]))
+        new = processor.decode(ids)
+        if new.endswith("\ufffd"):          # an incomplete UTF-8 sequence: wait for the next token
+            continue
+        yield new[len(text):]
+        text = new
+
+
+def chat(model, processor, conversation, **kw):
+    """(reasoning, answer): the reply split at `</think>` (SPEC §2.6)."""
+    from data import split_thinking
+    return split_thinking("".join(chat_stream(model, processor, conversation, **kw)))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Chat with a MiMo-VL / Qwen2.5-VL checkpoint about images and videos.")
+    p.add_argument("question", nargs="?", help="the question; without it, an interactive multi-turn chat")
+    p.add_argument("--model", required=True, help="folder with config.json, *.safetensors, tokenizer.json")
+    p.add_argument("--image", action="append", default=[], help="an image file (repeatable)")
+    p.add_argument("--video", action="append", default=[], help="a video file or a folder of frames (repeatable)")
+    p.add_argument("--no-think", action="store_true", help="answer without a reasoning block (SPEC §2.6)")
+    p.add_argument("--max-new-tokens", type=int, default=2048)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-pixels", type=int, default=None, help="per-image pixel budget (e.g. 3211264 = 4096*28*28)")
+    p.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default=None,
+                   help="default: bf16 on GPUs and CPUs with native bf16, fp32 otherwise")
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    args = p.parse_args(argv)
+
+    from data import Processor
+    try:
+        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = _dtype_from_name(args.dtype) or default_dtype(device)
+        print(f"loading {args.model} on {device} in {str(dtype).replace('torch.', '')}", file=sys.stderr)
+        model = MiMoVL.from_pretrained(args.model, dtype=dtype, device=device)
+        processor = Processor.from_pretrained(args.model)
+        media = [{"type": "image", "image": x} for x in args.image] + \
+                [{"type": "video", "video": x} for x in args.video]
+        for item in media:                  # fail early, before the first question
+            key = item["type"]
+            if not os.path.exists(item[key]):
+                raise FileNotFoundError(f"{key} {item[key]!r} does not exist")
+        gen = dict(think=not args.no_think, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                   top_p=args.top_p, top_k=args.top_k, seed=args.seed, max_pixels=args.max_pixels)
+        conversation = []
+
+        def ask(question):
+            # images/videos go before the text, in the first turn (SPEC §2.6)
+            content = (media if not conversation else []) + [{"type": "text", "text": question}]
+            conversation.append({"role": "user", "content": content})
+            reply = ""
+            for piece in chat_stream(model, processor, conversation, **gen):
+                print(piece, end="", flush=True)
+                reply += piece
+            print()
+            conversation.append({"role": "assistant", "content": reply})
+
+        if args.question:
+            ask(args.question)
+            return 0
+        print("multi-turn chat; an empty line or Ctrl-D quits", file=sys.stderr)
+        while True:
+            try:
+                q = input("> ").strip()
+            except EOFError:
+                return 0
+            if not q:
+                return 0
+            ask(q)
+    except (FileNotFoundError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
