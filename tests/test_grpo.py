@@ -1,0 +1,277 @@
+"""GRPO math of train_rl.py (SPEC.md §6.4): advantages, the on-policy and clipped losses,
+dynamic sampling, the easy pool, and a toy policy that learns from a real reward.
+
+References are hand computations (numbers worked out in the comments) or explicit float64 loops
+over the formula, never the code under test.
+"""
+
+import math
+
+import pytest
+import torch
+
+import train_rl as rl
+
+
+# -----------------------------------------------------------------------------
+# group advantages
+# -----------------------------------------------------------------------------
+
+def test_group_advantages_hand_values():
+    rewards = [[1.0, 0.0, 0.0, 1.0],      # mean 1/2, sample std sqrt((4 * 1/4) / 3) = sqrt(1/3)
+               [1.0, 0.0, 0.0, 0.0],      # mean 1/4, sample var (9/16 + 3/16) / 3 = 1/4, std 1/2
+               [0.2, 0.2, 0.2, 0.2]]      # all equal: advantage exactly 0
+    eps = 1e-6
+    a = rl.group_advantages(rewards, eps=eps)
+    s = 0.5 / (math.sqrt(1 / 3) + eps)
+    expected = torch.tensor([[s, -s, -s, s], [0.75 / (0.5 + eps)] + [-0.25 / (0.5 + eps)] * 3,
+                             [0.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
+    torch.testing.assert_close(a, expected, rtol=1e-12, atol=1e-12)
+    assert (a[2] == 0).all()
+    # the float mean of three 0.1 is not 0.1 (0.1 - mean = -1.4e-17): still exactly 0
+    assert (rl.group_advantages([[0.1, 0.1, 0.1]]) == 0).all()
+
+
+def test_group_advantages_eps_and_shape_errors():
+    a = rl.group_advantages(torch.tensor([[1.0, 0.0]]), eps=0.5)   # sample std sqrt(1/2)
+    expected = 0.5 / (math.sqrt(0.5) + 0.5)
+    torch.testing.assert_close(a, torch.tensor([[expected, -expected]]))
+    with pytest.raises(ValueError, match="G >= 2"):
+        rl.group_advantages([[1.0], [0.0]])
+    with pytest.raises(ValueError, match="n_groups, G"):
+        rl.group_advantages([1.0, 0.0])
+
+
+# -----------------------------------------------------------------------------
+# the on-policy loss on a toy policy
+# -----------------------------------------------------------------------------
+# Toy policy: a free table of logits, one (V,) row per response position. log pi(token) is a
+# log-softmax, whose gradient we know in closed form: d log p_a / d logits = onehot(a) - softmax.
+
+B, T, V = 3, 4, 5
+TOKENS = [[1, 4, 0, 2], [3, 3, 1, 0], [2, 0, 4, 4]]
+MASK = [[1, 1, 1, 1], [1, 1, 0, 0], [0, 1, 1, 1]]      # response tokens; N = 4 + 2 + 3 = 9
+ADV = [1.5, -0.5, 0.25]
+
+
+def _toy(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(B, T, V, generator=g, dtype=torch.float64).requires_grad_(True)
+    return logits
+
+
+def _logprobs(logits):
+    return torch.log_softmax(logits, -1).gather(-1, torch.tensor(TOKENS)[..., None])[..., 0]
+
+
+def _hand_softmax(row):
+    m = max(row)
+    e = [math.exp(x - m) for x in row]
+    return [x / sum(e) for x in e]
+
+
+def test_onpolicy_loss_and_gradient_match_hand_computation():
+    logits = _toy()
+    lp = _logprobs(logits)
+    loss, metrics = rl.policy_loss(lp, lp.detach(), torch.tensor(ADV, dtype=torch.float64),
+                                   torch.tensor(MASK))
+    loss.backward()
+
+    rows = logits.detach().tolist()
+    n = sum(map(sum, MASK))
+    hand_loss = 0.0
+    hand_grad = [[[0.0] * V for _ in range(T)] for _ in range(B)]
+    for i in range(B):
+        for t in range(T):
+            if not MASK[i][t]:
+                continue
+            p = _hand_softmax(rows[i][t])
+            hand_loss -= ADV[i] * math.log(p[TOKENS[i][t]]) / n
+            for v in range(V):                          # -A/N * (onehot - softmax)
+                hand_grad[i][t][v] = -ADV[i] / n * ((v == TOKENS[i][t]) - p[v])
+    assert loss.item() == pytest.approx(hand_loss, rel=1e-12)
+    torch.testing.assert_close(logits.grad, torch.tensor(hand_grad, dtype=torch.float64),
+                               rtol=1e-10, atol=1e-14)
+    assert metrics["n_tokens"] == 9.0
+    assert metrics["ratio_mean"] == 1.0
+
+
+def test_ratio_is_exactly_one_with_one_update_per_batch():
+    logits = _toy(1)
+    with torch.no_grad():                              # the rollout's log-probs
+        rollout_lp = _logprobs(logits)
+    lp = _logprobs(logits)                             # the training forward, same policy
+    assert torch.equal(torch.exp(lp - lp.detach()), torch.ones(B, T, dtype=torch.float64))
+
+    adv, mask = torch.tensor(ADV, dtype=torch.float64), torch.tensor(MASK)
+    on_loss, on_m = rl.policy_loss(lp, rollout_lp, adv, mask, mode="onpolicy")
+    (on_grad,) = torch.autograd.grad(on_loss, logits)
+    lp = _logprobs(logits)
+    grpo_loss, grpo_m = rl.policy_loss(lp, rollout_lp, adv, mask, mode="grpo")
+    (grpo_grad,) = torch.autograd.grad(grpo_loss, logits)
+    # the first (and, on-policy, only) update of a batch: ratio 1, nothing clipped, and the
+    # clipped surrogate has the on-policy gradient; its value is -sum(A) / N = -(4 * 1.5 - 2 *
+    # 0.5 + 3 * 0.25) / 9, since the ratio (not log pi) multiplies A
+    assert on_m["ratio_mean"] == 1.0 and grpo_m["ratio_mean"] == 1.0
+    assert grpo_m["clip_frac"] == 0.0 and on_m["logprob_diff"] == 0.0
+    torch.testing.assert_close(grpo_grad, on_grad, rtol=1e-14, atol=1e-16)
+    assert grpo_loss.item() == pytest.approx(-(6.0 - 1.0 + 0.75) / 9, rel=1e-14)
+
+    # vanilla GRPO's second step on the same batch is off-policy: the ratio has moved from 1
+    opt = torch.optim.SGD([logits], lr=1.0)
+    logits.grad = grpo_grad
+    opt.step()
+    _, second = rl.policy_loss(_logprobs(logits), rollout_lp, adv, mask, mode="grpo")
+    assert second["ratio_mean"] != 1.0
+
+
+def test_microbatches_with_the_batch_token_count_give_the_same_gradient():
+    adv, mask = torch.tensor(ADV, dtype=torch.float64), torch.tensor(MASK)
+    logits = _toy(2)
+    loss, _ = rl.policy_loss(_logprobs(logits), None, adv, mask)
+    (full,) = torch.autograd.grad(loss, logits)
+    logits.grad = None
+    for rows in ([0], [1, 2]):                        # two micro-batches, normaliser = 9 for both
+        lp = _logprobs(logits)[rows]
+        loss, _ = rl.policy_loss(lp, None, adv[rows], mask[rows], n_tokens=9)
+        loss.backward()
+    torch.testing.assert_close(logits.grad, full, rtol=1e-12, atol=1e-15)
+
+
+def test_per_token_advantages_broadcast_the_same_as_per_response():
+    logits = _toy(3)
+    adv = torch.tensor(ADV, dtype=torch.float64)
+    a, _ = rl.policy_loss(_logprobs(logits), None, adv, torch.tensor(MASK))
+    b, _ = rl.policy_loss(_logprobs(logits), None, adv[:, None].expand(B, T), torch.tensor(MASK))
+    assert a.item() == b.item()
+
+
+# -----------------------------------------------------------------------------
+# the clipped surrogate and the KL term (vanilla GRPO)
+# -----------------------------------------------------------------------------
+
+def test_clipped_surrogate_hand_values():
+    # four one-token responses with ratios 1.5, 0.5, 0.5, 1.5 and advantages +1, -1, +1, -1
+    lp = torch.log(torch.tensor([[0.6], [0.2], [0.2], [0.6]], dtype=torch.float64)).requires_grad_()
+    old = torch.log(torch.full((4, 1), 0.4, dtype=torch.float64))
+    adv = torch.tensor([1.0, -1.0, 1.0, -1.0], dtype=torch.float64)
+    loss, metrics = rl.policy_loss(lp, old, adv, torch.ones(4, 1), mode="grpo",
+                                   eps_low=0.2, eps_high=0.28)
+    loss.backward()
+    # per token -min(r A, clip(r, 0.8, 1.28) A):
+    #   r 1.5, A +1: min(1.5, 1.28)   = 1.28  -> -1.28   (clipped: no gradient)
+    #   r 0.5, A -1: min(-0.5, -0.8)  = -0.8  -> +0.8    (clipped: no gradient)
+    #   r 0.5, A +1: min(0.5, 0.8)    = 0.5   -> -0.5    gradient d(-r A)/d logp = -r A = -0.5
+    #   r 1.5, A -1: min(-1.5, -1.28) = -1.5  -> +1.5    gradient -r A = +1.5
+    assert loss.item() == pytest.approx((-1.28 + 0.8 - 0.5 + 1.5) / 4, rel=1e-12)
+    torch.testing.assert_close(lp.grad, torch.tensor([[0.0], [0.0], [-0.5 / 4], [1.5 / 4]],
+                                                     dtype=torch.float64))
+    assert metrics["clip_frac"] == 0.5
+    assert metrics["ratio_mean"] == pytest.approx(1.0)
+
+
+def test_k3_kl_hand_values():
+    lp = torch.log(torch.tensor([[0.5]], dtype=torch.float64)).requires_grad_()
+    ref = torch.log(torch.tensor([[0.25]], dtype=torch.float64))
+    loss, metrics = rl.policy_loss(lp, lp.detach(), torch.zeros(1, dtype=torch.float64),
+                                   torch.ones(1, 1), mode="grpo", kl_beta=0.1, ref_logprobs=ref)
+    loss.backward()
+    # d = ref - logp = log(1/2); k3 = e^d - d - 1 = 1/2 + ln 2 - 1; d k3 / d logp = 1 - e^d = 1/2
+    k3 = 0.5 + math.log(2) - 1
+    assert metrics["kl"] == pytest.approx(k3, rel=1e-12)
+    assert loss.item() == pytest.approx(0.1 * k3, rel=1e-12)
+    assert lp.grad.item() == pytest.approx(0.1 * 0.5, rel=1e-12)
+
+
+def test_policy_loss_argument_errors():
+    x, m, a = torch.zeros(1, 1), torch.ones(1, 1), torch.zeros(1)
+    with pytest.raises(ValueError, match="mode"):
+        rl.policy_loss(x, x, a, m, mode="ppo")
+    with pytest.raises(ValueError, match="old_logprobs"):
+        rl.policy_loss(x, None, a, m, mode="grpo")
+    with pytest.raises(ValueError, match="ref_logprobs"):
+        rl.policy_loss(x, x, a, m, mode="grpo", kl_beta=0.1)
+
+
+# -----------------------------------------------------------------------------
+# dynamic sampling and the easy pool
+# -----------------------------------------------------------------------------
+
+class _Group:
+    def __init__(self, rewards):
+        self.rewards = rewards
+
+
+def test_dynamic_sampling_filter():
+    groups = [[1, 1, 1], [0, 1, 0], [0.0, 0.0, 0.0], {"rewards": [0.5, 0.5]}, _Group([0.3, 0.4]),
+              [0.7, 0.7 + 1e-9]]
+    kept, dropped = rl.dynamic_sampling_filter(groups)
+    assert kept == [groups[1], groups[4]]
+    assert dropped == [groups[0], groups[2], groups[3], groups[5]]
+
+
+def test_easy_pool_moves_solved_prompts_and_redraws_them_at_its_rate():
+    pool = rl.EasyPool(prob=0.1, seed=0)
+    stream = iter([{"id": i} for i in range(10_000)] * 2)
+    assert pool.update({"id": 0}, [1.0, 1.0, 1.0]) is True
+    assert pool.update({"id": 1}, [1.0, 0.0, 1.0]) is False
+    assert len(pool) == 1
+
+    draws = [pool.draw(stream) for _ in range(2000)]
+    easy = [p for p, from_easy in draws if from_easy]
+    assert all(p == {"id": 0} for p in easy)
+    assert 0.07 < len(easy) / len(draws) < 0.13                  # seeded; expectation 0.1
+    assert {"id": 0} not in [p for p, from_easy in draws if not from_easy]   # skipped in stream
+
+    assert pool.update({"id": 0}, [1.0, 0.0]) is False           # no longer solved: back out
+    assert len(pool) == 0 and pool.draw(iter([{"id": 0}])) == ({"id": 0}, False)
+
+
+def test_easy_pool_edge_rates():
+    always = rl.EasyPool(prob=1.0, seed=1)
+    always.update("q", [1, 1])
+    assert always.draw(iter(["other"])) == ("q", True)
+    never = rl.EasyPool(prob=0.0, seed=1)
+    never.update("q", [1, 1])
+    assert never.draw(iter(["q", "other"])) == ("other", False)
+    with pytest.raises(StopIteration):
+        never.draw(iter([]))
+    with pytest.raises(ValueError, match="probability"):
+        rl.EasyPool(prob=1.5)
+
+
+# -----------------------------------------------------------------------------
+# a real learning test: a toy policy learns to answer a fixed count
+# -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["onpolicy", "grpo"])
+def test_toy_policy_learns_to_count(mode):
+    """A policy over two characters ("0"-"9", " ") is sampled, its answers are scored by the
+    counting reward against 7, and it is updated with group advantages + policy_loss. It starts
+    at an expected reward of 3/121 ("7 ", " 7" and "07" score) and must end above 0.9: the whole
+    chain (reward -> advantages -> loss -> gradient sign) has to be right for that to happen."""
+    torch.manual_seed(0)
+    alphabet = list("0123456789 ")
+    logits = torch.zeros(2, len(alphabet), requires_grad=True)     # (positions, vocab)
+    opt = torch.optim.Adam([logits], lr=0.1)
+    n_groups, G = 4, 8
+    for step in range(80):
+        with torch.no_grad():
+            samples = torch.multinomial(torch.softmax(logits, -1).repeat(n_groups * G, 1, 1)
+                                        .view(-1, len(alphabet)), 1).view(n_groups * G, 2)
+        texts = ["".join(alphabet[k] for k in row) for row in samples.tolist()]
+        rewards = [rl.compute_reward("count", t, 7)[0] for t in texts]
+        adv = rl.group_advantages(torch.tensor(rewards).view(n_groups, G)).view(-1).float()
+        lp = torch.log_softmax(logits, -1)[torch.arange(2), samples]  # (n, 2)
+        old = lp.detach()
+        for _ in range(1 if mode == "onpolicy" else 2):               # vanilla: 2 updates/batch
+            loss, _ = rl.policy_loss(lp, old, adv, torch.ones_like(lp), mode=mode)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            lp = torch.log_softmax(logits, -1)[torch.arange(2), samples]
+    # the policy's expected reward, exactly, by enumerating all 121 answers
+    probs = torch.softmax(logits.detach(), -1)
+    expected_reward = sum(probs[0, a] * probs[1, b] * rl.compute_reward(
+        "count", alphabet[a] + alphabet[b], 7)[0] for a in range(11) for b in range(11))
+    assert expected_reward > 0.9

@@ -1,0 +1,442 @@
+"""Reward functions, the router and the reward pool of train_rl.py (SPEC.md §6.4).
+
+Every expected value below is worked out by hand in the comment beside it. The fuzz test feeds a
+few thousand seeded random strings to every reward function directly (not through the router,
+which would hide exceptions) and checks that none raises and every reward lies in [0, 1].
+"""
+
+import json
+import math
+import os
+import random
+import time
+from fractions import Fraction
+
+import pytest
+
+import train_rl as rl
+
+MB = 1_000_000
+
+
+# -----------------------------------------------------------------------------
+# answer extraction and the arithmetic parser
+# -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text, value", [
+    ("42", Fraction(42)),
+    ("-2.5", Fraction(-5, 2)),
+    (".5", Fraction(1, 2)),
+    ("1,000", Fraction(1000)),
+    ("12,345,678", Fraction(12345678)),
+    ("3/4", Fraction(3, 4)),
+    ("\\frac{3}{4}", Fraction(3, 4)),
+    ("\\dfrac{-1}{2}", Fraction(-1, 2)),
+    ("\\frac{\\frac{1}{2}}{3}", Fraction(1, 6)),        # nested braces
+    ("2^3", Fraction(8)),
+    ("2^{10}", Fraction(1024)),
+    ("2**3", Fraction(8)),
+    ("2^3^2", Fraction(512)),                            # right-associative: 2^(3^2)
+    ("-2^2", Fraction(-4)),                              # power binds tighter than minus
+    ("2^-1", Fraction(1, 2)),
+    ("(1+2)*3", Fraction(9)),
+    ("1+2*3", Fraction(7)),
+    ("7 - 3 - 2", Fraction(2)),                          # left-associative
+    ("3(4)", Fraction(12)),                              # implicit times
+    ("2 \\times 3", Fraction(6)),
+    ("6 \\div 4", Fraction(3, 2)),
+    ("\\sqrt{4}", Fraction(2)),
+    ("\\sqrt{\\frac{9}{4}}", Fraction(3, 2)),
+    ("\\sqrt[3]{27}", Fraction(3)),
+    ("50\\%", Fraction(50)),                             # percent sign dropped
+    ("x = 5", Fraction(5)),
+    ("$5$", Fraction(5)),
+    ("5 \\text{ cm}", Fraction(5)),                      # trailing unit
+    ("90^\\circ", Fraction(90)),
+    ("3\u22121", Fraction(2)),                           # unicode minus
+    ("\\left(2\\right)", Fraction(2)),
+])
+def test_parse_number_exact(text, value):
+    got = rl.parse_number(text)
+    assert isinstance(got, Fraction) and got == value
+
+
+def test_parse_number_irrational_values_are_floats():
+    assert rl.parse_number("\\sqrt{2}") == pytest.approx(1.4142135623730951, rel=1e-15)
+    assert rl.parse_number("2\\pi") == pytest.approx(6.283185307179586, rel=1e-15)
+
+
+@pytest.mark.parametrize("text", [
+    "", "abc", "1,2", "1/0", "\\frac{1}{0}", "0^-1", "(-8)^{1/3}", "\\sqrt{-4}", "2^", "(1+2",
+    "9^9^9", "10^{2000}", "1" * 65, "1e5", "\\evil{3}", "\u0663", "\u00b2", "x + 1",
+    "(" * 100 + "1" + ")" * 100,          # deeper than MAX_DEPTH: refused, never RecursionError
+    "-" * 200 + "1",
+])
+def test_parse_number_refuses(text):
+    assert rl.parse_number(text) is None
+
+
+def test_last_boxed():
+    assert rl.last_boxed("a \\boxed{1} b \\boxed{\\frac{1}{2}} c") == "\\frac{1}{2}"
+    assert rl.last_boxed("\\boxed{7} then \\boxed{8") == "7"           # unclosed last one skipped
+    assert rl.last_boxed("\\boxed{\\{1\\}}") == "\\{1\\}"              # escaped braces
+    assert rl.last_boxed("\\boxed 5.") == "5"
+    assert rl.last_boxed("\\fbox{9}") == "9"
+    assert rl.last_boxed("no box here") is None
+    assert rl.last_boxed("\\boxed{" * 200_000) is None                # bounded tries, fast
+
+
+def test_answer_part_and_think():
+    assert rl.answer_part("<think>a\nb</think>\n\nfinal") == "final"
+    assert rl.answer_part("<think>x</think>y</think> z") == "z"        # after the LAST </think>
+    assert rl.answer_part("<think>no end, whole text") == "<think>no end, whole text"
+    assert rl.answer_part(None) == ""
+    assert len(rl.answer_part("x" * MB)) == rl.MAX_ANSWER_CHARS
+
+
+# -----------------------------------------------------------------------------
+# math
+# -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("response, truth, reward", [
+    ("<think>3 of 4 squares</think>The answer is \\boxed{\\frac{3}{4}}.", "3/4", 1.0),
+    ("\\boxed{0.75}", "3/4", 1.0),                       # 0.75 == 3/4 exactly
+    ("\\boxed{0.7500001}", "3/4", 0.0),                  # exact numbers compare exactly
+    ("\\boxed{1,000}", 1000, 1.0),
+    ("\\boxed{2\\sqrt{2}}", "\\sqrt{8}", 1.0),           # numeric (float) comparison
+    ("\\boxed{-2.5}", "-5/2", 1.0),
+    ("\\boxed{5}", 4, 0.0),
+    ("\\boxed{x = 5}", "5", 1.0),
+    ("\\boxed{50\\%}", "50", 1.0),
+    ("\\boxed{2^3}", 8, 1.0),
+    ("\\boxed{(B)}", "B", 1.0),                          # non-numeric: normalised string match
+    ("\\boxed{red circle}", "Red Circle", 1.0),
+    ("\\boxed{three}", "3", 0.0),                        # truth numeric, prediction not
+    ("<think>\\boxed{4}</think> so \\boxed{5}", 4, 0.0),  # only the text after </think> counts
+    ("<think>\\boxed{5}</think> so \\boxed{4}", 4, 1.0),
+    ("<think>no closing tag \\boxed{4}", 4, 1.0),        # no </think>: the whole text is scored
+    ("\\boxed{\\frac{\\frac{1}{2}}{3}}", "1/6", 1.0),     # nested braces
+    ("\\boxed{7} and then \\boxed{8", 7, 1.0),           # truncated last box: the previous one
+    ("Thus the final answer is 12.", 12, 1.0),           # answer phrase fallback
+    ("Answer: 2^3", 8, 1.0),
+    ("42", 42, 1.0),                                     # bare answer
+    ("I think it is 41 or 42 or 43 but it is long enough to not be a bare answer ok", 42, 0.0),
+    ("\u7b54\u6848\u662f \\boxed{\u22123}", -3, 1.0),    # Chinese text, unicode minus
+    ("\\boxed{\u0663}", 3, 0.0),                         # Arabic-Indic digit: ASCII only
+    ("\\boxed{}", 1, 0.0),
+    ("\\boxed{", 1, 0.0),
+    ("}}}{{{", 1, 0.0),
+    ("", 0, 0.0),
+    ("\\boxed{9^{9^{9}}}", 1, 0.0),                      # refused, not computed
+])
+def test_math_reward(response, truth, reward):
+    got, components = rl.math_reward(response, truth)
+    assert got == reward and components["correct"] == reward
+
+
+def test_math_reward_huge():
+    assert rl.math_reward("x" * MB + " \\boxed{42}", 42)[0] == 1.0
+    # The answer is read from the last MAX_ANSWER_CHARS characters only (documented bound).
+    assert rl.math_reward("\\boxed{42} " + "x" * MB, 42)[0] == 0.0
+    assert rl.math_reward("{" * MB, 42)[0] == 0.0
+    assert rl.math_reward("\\boxed{" + "1+" * (MB // 2) + "1}", 42)[0] == 0.0
+
+
+# -----------------------------------------------------------------------------
+# counting
+# -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("response, truth, reward", [
+    ("3", 3, 1.0),
+    ("There are three red circles.", 3, 1.0),
+    ("Seventeen", 17, 1.0),
+    ("twenty", "20", 1.0),
+    ("<think>maybe 2</think>I count 4", 4, 1.0),
+    ("I count 4", 3, 0.0),
+    ("1, 2, 3, so 3", 3, 1.0),                           # the last number counts
+    ("\\boxed{5} (I counted 1 by 1)", 5, 1.0),           # \boxed{} wins over later numbers
+    ("3.0", 3, 1.0),
+    ("3.5", 3, 0.0),                                     # not an integer
+    ("someone said so", 1, 0.0),                         # "one" only as a whole word
+    ("\u0663", 3, 0.0),
+    ("\uff13", 3, 0.0),                                  # fullwidth digit: ASCII only
+    ("", 0, 0.0),
+    ("9" * MB, 9, 0.0),                                  # a 1 MB number is no count
+    ("x" * MB + " 7", 7, 1.0),
+])
+def test_count_reward(response, truth, reward):
+    assert rl.count_reward(response, truth)[0] == reward
+
+
+def test_count_bad_truth_is_an_error_component():
+    reward, components = rl.compute_reward("count", "3", "many")
+    assert reward == 0.0 and "many" in components["error"]
+
+
+# -----------------------------------------------------------------------------
+# grounding: boxes and points
+# -----------------------------------------------------------------------------
+
+GT = [10, 10, 20, 20]
+
+
+@pytest.mark.parametrize("response, truth, reward", [
+    ('{"bbox_2d": [10, 10, 20, 20], "label": "red circle"}', GT, 1.0),
+    ('<think>left</think>```json\n[{"bbox_2d": [10, 10, 20, 20], "label": "x"}]\n```', GT, 1.0),
+    ('{"bbox_2d":[10,10,20,20],"label":"\u7ea2\u8272\u5706"}', GT, 1.0),       # unicode label
+    ("[10, 10, 20, 20]", GT, 1.0),                       # bare four numbers
+    ("[20, 20, 10, 10]", GT, 1.0),                       # corners sorted
+    ('{"bbox_2d": [10, 10, 20, 20]}', {"bbox_2d": GT}, 1.0),
+    ('{"bbox_2d": [10, 10, 20, 20]}', json.dumps([{"bbox_2d": GT, "label": "a"}]), 1.0),
+    # shifted by 5: inter 50, union 150, hull 150 -> GIoU 1/3 -> (1/3 + 1) / 2 = 2/3
+    ('{"bbox_2d": [15, 10, 25, 20]}', GT, 2 / 3),
+    # disjoint: inter 0, union 200, hull 300 -> GIoU -1/3 -> 1/3
+    ('{"bbox_2d": [30, 10, 40, 20]}', GT, 1 / 3),
+    # zero-area box at the corner: IoU 0, hull = union = 100 -> GIoU 0 -> 1/2
+    ('{"bbox_2d": [10, 10, 10, 10]}', GT, 0.5),
+    # the right box plus an extra disjoint one: (1 + 1/3 unmatched -> 0) / 2 = 1/2
+    ('[{"bbox_2d": [10, 10, 20, 20]}, {"bbox_2d": [30, 10, 40, 20]}]', GT, 0.5),
+    # two truths, predicted in the other order: matched one-to-one, (1 + 1) / 2
+    ('[{"bbox_2d": [20, 20, 30, 30]}, {"bbox_2d": [0, 0, 10, 10]}]',
+     [[0, 0, 10, 10], [20, 20, 30, 30]], 1.0),
+    # two truths, one predicted exactly: (1 + 0) / 2
+    ('{"bbox_2d": [0, 0, 10, 10]}', [[0, 0, 10, 10], [20, 20, 30, 30]], 0.5),
+    ('{"bbox_2d": [10, 10, 20]}', GT, 0.0),              # malformed
+    ("a red circle", GT, 0.0),
+    ("", GT, 0.0),
+    ("[" * MB, GT, 0.0),
+    # 1 MB of "1, ": 32 boxes [1, 1, 1, 1] are read (MAX_PREDICTIONS); one is matched, with
+    # inter 0, union 100, hull 19 * 19 = 361 -> GIoU -261/361 -> 100/722; divided by 32
+    ("1, " * (MB // 3), GT, 100 / 722 / 32),
+])
+def test_ground_reward(response, truth, reward):
+    got, components = rl.ground_reward(response, truth)
+    assert got == pytest.approx(reward, abs=1e-12)
+    assert components["giou"] == pytest.approx(2 * reward - 1, abs=1e-12)
+
+
+def test_giou_hand_values():
+    assert rl.giou([0, 0, 2, 2], [1, 1, 3, 3]) == pytest.approx(1 / 7 - 2 / 9)
+    # inter 1, union 7, hull 9 -> IoU 1/7, penalty (9 - 7) / 9
+    assert rl.giou([0, 0, 1, 1], [0, 0, 1, 1]) == 1.0
+    assert rl.giou([0, 0, 0, 0], [0, 0, 0, 0]) == 1.0                # degenerate but identical
+
+
+@pytest.mark.parametrize("response, reward", [
+    ('{"point_2d": [15, 15]}', 1.0),
+    ('<think>hmm</think>{"point_2d": [20, 10], "label": "x"}', 1.0),   # edges count as inside
+    ("(12.5, 19)", 1.0),
+    ("[25, 15]", 0.0),
+    ('{"point_2d": [15]}', 0.0),
+    ('[{"point_2d": [15, 15]}, {"point_2d": [50, 50]}]', 0.5),        # extra point penalised
+    ("", 0.0),
+    ("(" * MB, 0.0),
+])
+def test_point_reward(response, reward):
+    assert rl.point_reward(response, GT)[0] == reward
+
+
+def test_ground_bad_truth_is_an_error_component():
+    reward, components = rl.compute_reward("ground", "[1, 2, 3, 4]", [1, 2, 3])
+    assert reward == 0.0 and "x1, y1, x2, y2" in components["error"]
+
+
+# -----------------------------------------------------------------------------
+# OCR
+# -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("response, truth, reward, similarity", [
+    ("hello world", "Hello, World!", 1.0, 1.0),
+    ("  HELLO   WORLD. ", "Hello, World!", 1.0, 1.0),
+    ("<think>it says hi</think>HELLO WORLD", "hello world", 1.0, 1.0),
+    ("hello word", "Hello, World!", 0.0, 10 / 11),      # one deletion in 11 characters
+    ("CAF\u00c9", "Caf\u00e9", 1.0, 1.0),                # case folding beyond ASCII
+    ("\uff28\uff25\uff2c\uff2c\uff2f", "hello", 1.0, 1.0),  # fullwidth letters (NFKC)
+    ("", "abc", 0.0, 0.0),
+    ("", "", 1.0, 1.0),
+    ("\\boxed{STOP}", "stop", 1.0, 1.0),
+])
+def test_ocr_reward(response, truth, reward, similarity):
+    got, components = rl.ocr_reward(response, truth)
+    assert got == reward
+    assert components["edit_similarity"] == pytest.approx(similarity)
+
+
+def test_ocr_huge_response():
+    got, components = rl.ocr_reward("a" * MB, "a" * 10)
+    assert got == 0.0
+    # both strings are cut to 400 characters: 1 - 390 / 400
+    assert components["edit_similarity"] == pytest.approx(10 / 400)
+
+
+def test_edit_similarity_hand_values():
+    assert rl.edit_similarity("kitten", "sitting") == pytest.approx(1 - 3 / 7)
+    assert rl.edit_similarity("abc", "") == 0.0
+
+
+# -----------------------------------------------------------------------------
+# temporal grounding
+# -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("response, truth, reward", [
+    ("[00:10,00:20]", "[00:10,00:20]", 1.0),
+    ("[00:15, 00:25]", "[00:10,00:20]", 1 / 3),         # inter 5, union 15
+    ("The event happens at [00:12 - 00:18].", "[00:10,00:20]", 0.6),   # inter 6, union 10
+    ("[0:30,0:40]", "[00:10,00:20]", 0.0),
+    ("[10.0, 20.0]", "[00:10,00:20]", 1.0),             # plain seconds
+    ("[01:00,01:10]", [60, 70], 1.0),
+    ("[00:20,00:10]", [10, 20], 1.0),                   # reversed span sorted
+    ("[0:00:10,0:00:20]", [10, 20], 1.0),               # hh:mm:ss
+    ("[00:10.5,00:20]", [10, 20], 9.5 / 10),
+    ("<think>[00:00,00:05]</think>00:10 to 00:20", [10, 20], 1.0),
+    ("[00:10]", [10, 20], 0.0),
+    ("", [10, 20], 0.0),
+    ("[" * MB, [10, 20], 0.0),
+])
+def test_temporal_iou_reward(response, truth, reward):
+    assert rl.temporal_iou_reward(response, truth)[0] == pytest.approx(reward, abs=1e-12)
+
+
+# -----------------------------------------------------------------------------
+# the router
+# -----------------------------------------------------------------------------
+
+def test_router_knows_every_task_tag():
+    tags = {"reasoning", "math", "text_reasoning", "count", "ground", "point", "ocr",
+            "video_ground", "video_count", "preference"}
+    assert tags <= set(rl.REWARDS)
+
+
+def test_router_errors_become_zero():
+    reward, components = rl.compute_reward("no_such_task", "3", 3)
+    assert reward == 0.0 and "no_such_task" in components["error"]
+    reward, components = rl.compute_reward("count", None, 3)
+    assert reward == 0.0 and "string" in components["error"]
+
+
+def test_router_preference_hook():
+    reward, components = rl.compute_reward("preference", "a helpful answer", None)
+    assert reward == 0.0 and "register_reward_model" in components["error"]
+    try:
+        rl.register_reward_model(lambda response, gt, **meta: 0.25 + 0.5 * ("helpful" in response))
+        assert rl.compute_reward("preference", "a helpful answer", None)[0] == 0.75
+        assert rl.compute_reward("preference", "rude", None)[0] == 0.25
+        rl.register_reward_model(lambda response, gt, **meta: (7.0, {"logit": 3.0}))
+        reward, components = rl.compute_reward("preference", "x", None)
+        assert reward == 1.0 and components["logit"] == 3.0                # clamped to [0, 1]
+        rl.register_reward_model(lambda response, gt, **meta: float("nan"))
+        reward, components = rl.compute_reward("preference", "x", None)
+        assert reward == 0.0 and "nan" in components["error"]
+    finally:
+        rl.register_reward_model(None)
+
+
+# -----------------------------------------------------------------------------
+# fuzz: random strings never raise and always score in [0, 1]
+# -----------------------------------------------------------------------------
+
+FRAGMENTS = ["\\boxed{", "\\boxed", "}", "{", "\\frac", "\\sqrt", "[", "]", "(", ")", ",", ":",
+             ".", "-", "+", "*", "/", "^", "**", "%", "\\%", "$", "<think>", "</think>",
+             '"bbox_2d"', '"point_2d"', "bbox_2d:", "```json", "```", "answer is", "Answer:",
+             "\\text{", "=", "x", "e", "\\pi", "\\", " ", "\n", "three", "twenty", "00:",
+             "\u2212", "\u00d7", "\u0663", "\u00b2", "\uff13", "\u7b54", "\U0001f600", "\x00",
+             "1", "2", "3", "0", "10", "999999999", "0.5", "-7", "1,000"]
+TRUTHS = {"math": "3/4", "reasoning": "\\frac{1}{2}", "text_reasoning": "B", "count": 3,
+          "video_count": "2", "ground": [10, 10, 20, 20], "point": {"bbox_2d": [0, 0, 5, 5]},
+          "ocr": "Hello, World!", "video_ground": "[00:10,00:20]"}
+
+
+def _random_strings(n, seed=0):
+    rng = random.Random(seed)
+    for _ in range(n):
+        if rng.random() < 0.5:
+            yield "".join(rng.choice(FRAGMENTS) for _ in range(rng.randint(0, 40)))
+        else:
+            yield "".join(chr(rng.randint(0, 0x2FFF)) for _ in range(rng.randint(0, 60)))
+
+
+def test_fuzz_rewards_never_raise_and_stay_in_range():
+    nonzero = 0
+    for text in _random_strings(3000):
+        for task, truth in TRUTHS.items():
+            reward, components = rl.REWARDS[task](text, truth)      # directly: no router net
+            assert 0.0 <= reward <= 1.0 and math.isfinite(reward), (task, text)
+            json.dumps(components)                                   # the pool ships them as JSON
+            nonzero += reward > 0
+        rl.parse_number(text)
+    assert nonzero > 0      # the fragments do build some right answers: the check is not vacuous
+
+
+# -----------------------------------------------------------------------------
+# the reward pool
+# -----------------------------------------------------------------------------
+
+def _slow_reward(response, ground_truth, **meta):
+    if response == "slow":
+        time.sleep(30)          # far past the pool's timeout; a broken timeout would return 1.0
+    return 1.0, {"seen": response}
+
+
+def _crashing_reward(response, ground_truth, **meta):
+    os._exit(3)
+
+
+BATCH = [("count", "<think>1, 2</think> 3", 3, {}),
+         ("ground", '{"bbox_2d": [15, 10, 25, 20]}', GT, {}),
+         ("ocr", "hello word", "Hello, World!", {}),
+         ("video_ground", "[00:15, 00:25]", "[00:10,00:20]", {}),
+         ("no_such_task", "x", 1, {}),
+         ("math", "\\boxed{0.75}", "3/4", None)]
+BATCH_REWARDS = [1.0, 2 / 3, 0.0, 1 / 3, 0.0, 1.0]
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_pool_scores_like_the_router(num_workers):
+    with rl.RewardPool(num_workers=num_workers, timeout_s=20) as pool:
+        results = pool.score(BATCH)
+    assert [r for r, _ in results] == pytest.approx(BATCH_REWARDS, abs=1e-12)
+    assert results[2][1]["edit_similarity"] == pytest.approx(10 / 11)
+    assert "no_such_task" in results[4][1]["error"]
+
+
+def test_pool_timeout_and_crash_do_not_stall():
+    rl.register_reward("slow_test", _slow_reward)
+    rl.register_reward("crash_test", _crashing_reward)
+    try:
+        with rl.RewardPool(num_workers=2, timeout_s=0.5) as pool:     # workers fork after register
+            items = [("slow_test", "fast", None, {}), ("slow_test", "slow", None, {}),
+                     ("crash_test", "x", None, {}), ("slow_test", "fast again", None, {}),
+                     ("count", "3", 3, {})]
+            results = pool.score(items)
+            assert [r for r, _ in results] == [1.0, 0.0, 0.0, 1.0, 1.0]
+            assert results[0][1] == {"seen": "fast"}
+            assert results[1][1]["timeout"] == 1.0
+            assert "died" in results[2][1]["error"]
+            # the killed workers were replaced: the pool still scores
+            assert [r for r, _ in pool.score(BATCH)] == pytest.approx(BATCH_REWARDS, abs=1e-12)
+    finally:
+        rl.REWARDS.pop("slow_test")
+        rl.REWARDS.pop("crash_test")
+
+
+def test_pool_preference_is_scored_inline_and_bad_items_are_errors():
+    rl.register_reward_model(lambda response, gt, **meta: 0.5)      # lives in this process only
+    try:
+        with rl.RewardPool(num_workers=1, timeout_s=20) as pool:
+            results = pool.score([("preference", "hi", None, {}), ("count", "3", {3}, {}),
+                                  ("count", "3", 3, ["not", "a", "dict"]),
+                                  ("count", "3", 3, {"task": "clash", "response": "clash"}),
+                                  ("count", "3", 3, {})])
+        assert results[0][0] == 0.5
+        assert results[1][0] == 0.0 and "JSON" in results[1][1]["error"]
+        assert results[2][0] == 0.0 and "meta" in results[2][1]["error"]
+        assert [r for r, _ in results[3:]] == [1.0, 1.0]      # meta keys never clash with args
+    finally:
+        rl.register_reward_model(None)
+
+
+def test_pool_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="num_workers"):
+        rl.RewardPool(num_workers=-1)
+    with pytest.raises(ValueError, match="timeout_s"):
+        rl.RewardPool(num_workers=0, timeout_s=0)
