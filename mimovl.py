@@ -890,7 +890,7 @@ def main(argv=None):
             if not q:
                 return 0
             ask(q)
-    except (FileNotFoundError, ValueError, OSError) as e:
+    except (FileNotFoundError, ValueError, OSError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
 
