@@ -542,6 +542,33 @@ class MiMoVL(nn.Module):
             logits = logits.view(B, L, -1)
         return Output(logits, loss)
 
+    def token_logprobs(self, input_ids, labels, with_entropy=False, chunk=4096, **inputs):
+        """log pi(labels[b, t] | tokens < t) at every position t whose label is not -100 (labels
+        aligned with input_ids, as for the loss), as a (B, L) tensor with zeros elsewhere: the
+        per-token log-probabilities that RL needs, from the packed training forward, in chunks (no
+        full [T, V] logits). Position 0 has no prediction and must be -100.
+        With with_entropy=True also the entropy of each of those predictive distributions."""
+        x, position_ids, cu, _, keep = self.embed(input_ids, inputs.pop("attention_mask", None), **inputs)
+        h = self.model(x, position_ids, cu)                                   # (T, D)
+        B, L = input_ids.shape
+        shifted = F.pad(labels[:, 1:], (0, 1), value=-100).flatten()[keep.to(labels.device)]
+        valid = (shifted != -100).nonzero().flatten()
+        lp = h.new_zeros(len(valid), dtype=torch.float)
+        ent = h.new_zeros(len(valid), dtype=torch.float) if with_entropy else None
+        for a in range(0, len(valid), chunk):
+            idx = valid[a:a + chunk]
+            logp = self.lm_head(h[idx]).float().log_softmax(-1)              # (chunk, V)
+            lp[a:a + chunk] = logp.gather(-1, shifted[idx, None])[:, 0]
+            if with_entropy:
+                with torch.no_grad():
+                    ent[a:a + chunk] = -(logp.exp() * logp).sum(-1)
+        out = h.new_zeros(B * L, dtype=torch.float)
+        positions = keep.nonzero().flatten()[valid] + 1                       # slot of the target token
+        out = out.index_put((positions,), lp).view(B, L)
+        if not with_entropy:
+            return out
+        return out, h.new_zeros(B * L, dtype=torch.float).index_put((positions,), ent).view(B, L)
+
     # --- generation ----------------------------------------------------------------------
 
     @torch.inference_mode()

@@ -117,3 +117,26 @@ def test_sampling_filters_by_hand():
     # greedy logprob is the plain log-softmax
     tok, lp = sample_next(logits, 0.0, return_logprobs=True)
     assert tok.item() == 0 and abs(lp.item() - torch.log(torch.tensor(0.5)).item()) < 1e-6
+
+
+def test_token_logprobs_match_full_logits(pair):
+    _, ours = pair
+    a, kwa = prompt([3, ("image", (1, 8, 8)), 5], 8)
+    b, _ = prompt([4], 9)
+    L = max(len(a), len(b))
+    ids = torch.tensor([[0] * (L - len(a)) + a, [0] * (L - len(b)) + b])
+    mask = (torch.arange(L)[None] >= torch.tensor([[L - len(a)], [L - len(b)]])).long()
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, : L - 3] = -100                       # only the last 3 tokens of each row are "response"
+    lp, ent = ours.token_logprobs(ids, labels, with_entropy=True, attention_mask=mask, chunk=2, **kwa)
+    with torch.no_grad():
+        logp = ours(ids, attention_mask=mask, **kwa).logits.log_softmax(-1)
+    ref = torch.zeros_like(lp)
+    ref[:, 1:] = logp[:, :-1].gather(-1, ids[:, 1:, None])[..., 0]     # token t scored by position t-1
+    ref = ref.masked_fill(labels == -100, 0.0)
+    assert (lp - ref).abs().max() <= 1e-5
+    assert ((lp != 0) == (labels != -100)).all()
+    ref_ent = torch.zeros_like(lp)
+    ref_ent[:, 1:] = -(logp.exp() * logp).sum(-1)[:, :-1]
+    sel = labels != -100
+    assert (ent[sel] - ref_ent[sel]).abs().max() <= 1e-4
