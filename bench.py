@@ -134,6 +134,23 @@ def within_rule(err, base_err, ref):
     return bool(err <= 2 * base_err + 1e-3 * max(1.0, ref.detach().float().abs().max().item()))
 
 
+class forced_kernels:
+    """with forced_kernels("triton"): ... -- sets MIMOVL_KERNELS for the block, restores it after."""
+
+    def __init__(self, path):
+        self.path, self.saved = path, None
+
+    def __enter__(self):
+        self.saved = os.environ.get("MIMOVL_KERNELS")
+        os.environ["MIMOVL_KERNELS"] = self.path
+
+    def __exit__(self, *exc):
+        if self.saved is None:
+            os.environ.pop("MIMOVL_KERNELS", None)
+        else:
+            os.environ["MIMOVL_KERNELS"] = self.saved
+
+
 def _describe(exc):
     return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}"
 
@@ -405,15 +422,15 @@ def bench_fused_ops(bench):
     labels = torch.randint(0, V, (T,), generator=g).to(dev)
     labels[::7] = -100
     ops = {
-        # name: (triton fn, torch reference fn, float inputs, bytes moved by one forward)
-        "rms_norm": (lambda x, w: K._RMSNormFn.apply(x, w, 1e-6), lambda x, w: K.rms_norm_torch(x, w, 1e-6),
+        # name: (public op (run with MIMOVL_KERNELS=triton), its torch reference, float inputs,
+        #        bytes moved by one forward)
+        "rms_norm": (lambda x, w: K.rms_norm(x, w, 1e-6), lambda x, w: K.rms_norm_torch(x, w, 1e-6),
                      (x, w), 2 * T * D * 2),
-        "apply_rotary": (lambda q: K._RotaryFn.apply(q, cos, sin), lambda q: K.apply_rotary_torch(q, cos, sin),
+        "apply_rotary": (lambda q: K.apply_rotary(q, cos, sin), lambda q: K.apply_rotary_torch(q, cos, sin),
                          (rnd(T, H, HD),), 2 * T * H * HD * 2),
-        "swiglu": (K._SwiGLUFn.apply, K.swiglu_torch, (gate, up), 3 * T * I * 2),
-        "linear_cross_entropy": (
-            lambda h, w: K._LinearCrossEntropyFn.apply(h, w, labels, -100, "mean", None),
-            lambda h, w: K.linear_cross_entropy_torch(h, w, labels), (hidden, weight), None),
+        "swiglu": (K.swiglu, K.swiglu_torch, (gate, up), 3 * T * I * 2),
+        "linear_cross_entropy": (lambda h, w: K.linear_cross_entropy(h, w, labels),
+                                 lambda h, w: K.linear_cross_entropy_torch(h, w, labels), (hidden, weight), None),
     }
     for name, (fn_triton, fn_torch, inputs, nbytes) in ops.items():
         if bench.time_left() < (20 if not bench.dry else 0):
@@ -429,23 +446,8 @@ def bench_fused_ops(bench):
         for impl, fn in (("triton", fn_triton), ("torch", fn_torch)):
             for pass_ in ("fwd", "fwd+bwd"):
                 try:
-                    leaves = _leaves(*(t.to(dtype) for t in inputs))
-                    if dev.type == "cuda":
-                        torch.cuda.synchronize()
-                        torch.cuda.reset_peak_memory_stats()
-                    mem0 = torch.cuda.memory_allocated() if dev.type == "cuda" else 0
-                    if pass_ == "fwd":
-                        with torch.no_grad():
-                            ms, out = measure(lambda: fn(*leaves), bench)
-                        res = [out]
-                    else:
-                        go = _fixed_grad(fn(*leaves))
-
-                        def step():
-                            o = fn(*leaves)
-                            return (o, *torch.autograd.grad(o, leaves, go))
-                        ms, res = measure(step, bench)
-                    peak = (torch.cuda.max_memory_allocated() - mem0) / 2 ** 30 if dev.type == "cuda" else None
+                    with forced_kernels(impl):
+                        ms, res, peak = _measure_op(fn, inputs, dtype, pass_, bench)
                     ref_n = ref32[:len(res)]
                     errs = [max_err(a, b) for a, b in zip(res, ref_n)]
                     ok = all(within_rule(e, b, r) for e, b, r in zip(errs, base, ref_n))
@@ -458,6 +460,30 @@ def bench_fused_ops(bench):
                                  note=f"failed: {_describe(exc)}")
                     if dev.type == "cuda":
                         torch.cuda.empty_cache()
+
+
+def _measure_op(fn, inputs, dtype, pass_, bench):
+    """(ms, [output, grads...], peak extra GiB on the GPU or None) of one op."""
+    dev = bench.device
+    leaves = _leaves(*(t.to(dtype) for t in inputs))
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    mem0 = torch.cuda.memory_allocated() if dev.type == "cuda" else 0
+    if pass_ == "fwd":
+        inputs_fwd = [x.detach() for x in leaves]
+        with torch.no_grad():
+            ms, out = measure(lambda: fn(*inputs_fwd), bench)
+        res = [out]
+    else:
+        go = _fixed_grad(fn(*leaves))
+
+        def step():
+            o = fn(*leaves)
+            return (o, *torch.autograd.grad(o, leaves, go))
+        ms, res = measure(step, bench)
+    peak = (torch.cuda.max_memory_allocated() - mem0) / 2 ** 30 if dev.type == "cuda" else None
+    return ms, list(res), peak
 
 
 def _fixed_grad(o):
@@ -526,16 +552,13 @@ def bench_vit_tower(bench):
         return out
 
     outputs = {}
-    forced = os.environ.get("MIMOVL_KERNELS")
-    if bench.dry:
-        os.environ["MIMOVL_KERNELS"] = "triton"  # on the CPU the dispatch would pick PyTorch
-    try:
-        for name, model in models.items():
-            for pass_ in ("fwd", "fwd+bwd"):
-                if bench.time_left() < (15 if not bench.dry else 0):
-                    bench.record(section="vit_tower", impl=name, note="skipped: time budget")
-                    continue
-                try:
+    for name, model in models.items():
+        for pass_ in ("fwd", "fwd+bwd"):
+            if bench.time_left() < (15 if not bench.dry else 0):
+                bench.record(section="vit_tower", impl=name, note="skipped: time budget")
+                continue
+            try:
+                with forced_kernels("triton"):  # ours on the Triton kernels (also in --dry, on the CPU)
                     if pass_ == "fwd":
                         with torch.no_grad():
                             ms, out = measure(lambda: run(name, model), bench)
@@ -550,17 +573,12 @@ def bench_vit_tower(bench):
                             o.backward(go)
                             return o
                         ms, _ = measure(step, bench)
-                    err = max_err(outputs[name], outputs["ours"]) if name != "ours" and name in outputs else None
-                    bench.record(section="vit_tower", case=f"{cfg.depth} blocks, {n} patches", impl=name,
-                                 **{"pass": pass_}, ms=ms, err=err,
-                                 note="err: max |transformers - ours| (bf16)" if err is not None else None)
-                except Exception as exc:  # noqa: BLE001
-                    bench.record(section="vit_tower", impl=name, **{"pass": pass_}, note=f"failed: {_describe(exc)}")
-    finally:
-        if forced is None:
-            os.environ.pop("MIMOVL_KERNELS", None)
-        else:
-            os.environ["MIMOVL_KERNELS"] = forced
+                err = max_err(outputs[name], outputs["ours"]) if name != "ours" and name in outputs else None
+                bench.record(section="vit_tower", case=f"{cfg.depth} blocks, {n} patches", impl=name,
+                             **{"pass": pass_}, ms=ms, err=err,
+                             note="err: max |transformers - ours| (bf16)" if err is not None else None)
+            except Exception as exc:  # noqa: BLE001
+                bench.record(section="vit_tower", impl=name, **{"pass": pass_}, note=f"failed: {_describe(exc)}")
 
 
 # -----------------------------------------------------------------------------
