@@ -53,6 +53,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 try:
     import triton
@@ -1101,6 +1102,29 @@ class _LinearCrossEntropyFn(torch.autograd.Function):
         return dh, dw, None, None, None, None
 
 
+def _ce_chunk_torch(h, weight, y, ignore_index):
+    return F.cross_entropy((h @ weight.T).float(), y, ignore_index=ignore_index, reduction="sum")
+
+
+def _linear_cross_entropy_torch_chunked(hidden, weight, labels, ignore_index, reduction, chunk_size):
+    """The PyTorch path (CPU, or no Triton): the reference's arithmetic, one chunk of rows at a
+    time; under autograd each chunk is recomputed in the backward pass (activation
+    checkpointing), so neither the forward nor the backward ever holds [tokens, vocab] logits."""
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    labels = labels.reshape(-1)
+    chunk = chunk_size or _default_chunk_rows(hidden.shape[0], weight.shape[0], 4)
+    grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    total = hidden.new_zeros((), dtype=torch.float)
+    for a in range(0, hidden.shape[0], chunk):
+        h, y = hidden[a:a + chunk], labels[a:a + chunk]
+        if grad:
+            total = total + torch.utils.checkpoint.checkpoint(_ce_chunk_torch, h, weight, y, ignore_index,
+                                                              use_reentrant=False)
+        else:
+            total = total + _ce_chunk_torch(h, weight, y, ignore_index)
+    return total / (labels != ignore_index).sum() if reduction == "mean" else total
+
+
 def linear_cross_entropy(hidden, weight, labels, ignore_index=-100, reduction="mean", chunk_size=None):
     """Cross-entropy of the logits hidden @ weight.T against labels, without materialising
     [tokens, vocab] logits on the Triton path.
@@ -1116,7 +1140,7 @@ def linear_cross_entropy(hidden, weight, labels, ignore_index=-100, reduction="m
         raise ValueError(f"linear_cross_entropy: need hidden (..., H), weight (V, H), labels (...); got "
                          f"{tuple(hidden.shape)}, {tuple(weight.shape)}, {tuple(labels.shape)}")
     if not _use_triton(hidden):
-        return linear_cross_entropy_torch(hidden, weight, labels, ignore_index, reduction)
+        return _linear_cross_entropy_torch_chunked(hidden, weight, labels, ignore_index, reduction, chunk_size)
     hidden = hidden.reshape(-1, hidden.shape[-1])
     labels = labels.reshape(-1).contiguous()
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= weight.shape[0]))

@@ -29,9 +29,10 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
-from kernels import rms_norm, varlen_attention
-from vit import RMSNorm, VisionConfig, VisionTransformer, rotate_half
+from kernels import apply_rotary, linear_cross_entropy, swiglu, varlen_attention
+from vit import RMSNorm, VisionConfig, VisionTransformer
 
 
 # -----------------------------------------------------------------------------
@@ -271,9 +272,7 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(T, self.nh, self.hd)    # (T, nh, hd)
         k = self.k_proj(x).view(T, self.nkv, self.hd)   # (T, nkv, hd)
         v = self.v_proj(x).view(T, self.nkv, self.hd)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # M-RoPE, rotate-half (SPEC §4.9)
         if cache is None:
             o = varlen_attention(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
                                  causal=True, scale=self.hd ** -0.5)
@@ -320,7 +319,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -366,16 +365,6 @@ class LanguageModel(nn.Module):
 # The full model
 
 Output = namedtuple("Output", ["logits", "loss"])
-
-
-def chunked_cross_entropy(hidden, weight, targets, chunk=4096):
-    """Sum of CE over rows of `hidden` (T, D) against `targets` (T,) through the head `weight`
-    (V, D), `chunk` rows at a time so [T, V] fp32 logits never exist at once."""
-    total = hidden.new_zeros((), dtype=torch.float)
-    for a in range(0, hidden.shape[0], chunk):
-        logits = (hidden[a:a + chunk] @ weight.t()).float()
-        total = total + F.cross_entropy(logits, targets[a:a + chunk], reduction="sum")
-    return total
 
 
 def sample_next(logits, temperature=0.0, top_k=0, top_p=1.0, generator=None, return_logprobs=False):
@@ -533,7 +522,8 @@ class MiMoVL(nn.Module):
             shifted = F.pad(labels[:, 1:], (0, 1), value=-100).flatten()[keep.to(labels.device)]
             valid = shifted != -100
             n = int(valid.sum())
-            loss = chunked_cross_entropy(h[valid], self.lm_head.weight, shifted[valid]) / max(n, 1)
+            # chunked: the [tokens, vocab] logits never exist at once (kernels.linear_cross_entropy)
+            loss = linear_cross_entropy(h[valid], self.lm_head.weight, shifted[valid], reduction="sum") / max(n, 1)
         logits = None
         if return_logits:
             B, L = input_ids.shape

@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
-from kernels import rms_norm, varlen_attention
+from kernels import apply_rotary, rms_norm, swiglu, varlen_attention
 
 
 @dataclass
@@ -141,19 +142,6 @@ def frame_seqlens(grid_thw):
     return F.pad(lens.cumsum(0, dtype=torch.int32), (1, 0))
 
 
-def rotate_half(x):
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rotary(x, cos, sin):
-    """x (N, heads, hd), cos/sin (N, hd), rotate-half convention, computed in fp32 (SPEC §4.4)."""
-    dtype = x.dtype
-    x = x.float()
-    cos, sin = cos.unsqueeze(1).float(), sin.unsqueeze(1).float()
-    return (x * cos + rotate_half(x) * sin).to(dtype)
-
-
 # -----------------------------------------------------------------------------
 # Modules
 
@@ -192,7 +180,7 @@ class VisionAttention(nn.Module):
     def forward(self, x, cu_seqlens, max_seqlen, cos, sin):
         n = x.shape[0]
         q, k, v = self.qkv(x).view(n, 3, self.num_heads, self.head_dim).unbind(1)  # each (N, nh, hd)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # rotate-half, in fp32 (SPEC §4.4)
         o = varlen_attention(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
                              causal=False, scale=self.head_dim ** -0.5)           # (N, nh, hd)
         return self.proj(o.reshape(n, -1))
@@ -206,7 +194,7 @@ class VisionMLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=True)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class VisionBlock(nn.Module):

@@ -260,6 +260,28 @@ def test_linear_cross_entropy(dtype, reduction, chunk_size, nan_empty, monkeypat
              ["loss", "dhidden", "dweight"])
 
 
+def test_linear_cross_entropy_torch_path_is_chunked_and_exact(monkeypatch):
+    """The PyTorch path (CPU default) walks chunks of rows with recomputation; loss and both
+    gradients equal the one-shot definition, and no chunk's logits exceed chunk_size rows."""
+    monkeypatch.setenv("MIMOVL_KERNELS", "torch")
+    g = torch.Generator().manual_seed(4)
+    h = torch.randn(37, 24, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(300, 24, generator=g, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 300, (37,), generator=g)
+    labels[[1, 2, 20]] = -100
+    seen = []
+    real_ce = K._ce_chunk_torch
+    monkeypatch.setattr(K, "_ce_chunk_torch", lambda hh, ww, y, ii: seen.append(hh.shape[0]) or real_ce(hh, ww, y, ii))
+    for reduction in ("sum", "mean"):
+        got = K.linear_cross_entropy(h, w, labels, reduction=reduction, chunk_size=8)
+        dh, dw = torch.autograd.grad(got, (h, w))
+        ref = K.linear_cross_entropy_torch(h, w, labels, reduction=reduction)
+        rh, rw = torch.autograd.grad(ref, (h, w))
+        assert abs(got.item() - ref.item()) <= 1e-12 * abs(ref.item())
+        assert (dh - rh).abs().max() <= 1e-12 and (dw - rw).abs().max() <= 1e-12
+    assert seen and max(seen) <= 8
+
+
 def test_linear_cross_entropy_rejects_bad_labels(monkeypatch):
     monkeypatch.setenv("MIMOVL_KERNELS", "triton")
     h, w = torch.randn(4, 8, device=DEVICE), torch.randn(10, 8, device=DEVICE)
