@@ -1926,15 +1926,13 @@ class PackedLoader:
                 self.chunk, self.row = self.chunk + 1, 0
 
 
-def loader_throughput(loader, n_rows=20):
-    """Measure a loader: rows, samples and tokens per second over n_rows rows (after the first,
-    which includes worker start-up). bench.py compares this with the training step's rate."""
+def loader_throughput(loader, n_rows=50):
+    """Measure a loader: rows, samples and tokens per second over its first n_rows rows,
+    start-up (worker processes, the first chunk) included. bench.py compares this with the
+    rate at which a training step consumes rows."""
     import time
-    it = iter(loader)
-    next(it)
     t0, samples, tokens = time.perf_counter(), 0, 0
-    for _ in range(n_rows):
-        row = next(it)
+    for _, row in zip(range(n_rows), loader):
         samples += len(row["tasks"])
         tokens += row["input_ids"].shape[1]
     dt = time.perf_counter() - t0
