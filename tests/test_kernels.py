@@ -410,3 +410,25 @@ def test_kernels_compile_for_hopper(tmp_path):
     rows = [row for row in run_bench(tmp_path, "--compile-sm90", "--dry", interpret=False)
             if row["section"] == "compile"]
     assert len(rows) >= 10 and all(row["ok"] for row in rows), [row for row in rows if not row["ok"]]
+
+
+def test_cpu_packed_linear_weights(tmp_path):
+    """Inference with oneDNN-packed bf16 weights gives the same logits as the plain bf16 model
+    (within bf16 rounding) and the packed model refuses to be saved."""
+    from mimovl import MiMoVL, MiMoVLConfig
+    if not K.cpu_pack_supported():
+        pytest.skip("this CPU / PyTorch build has no oneDNN bf16 linear (nothing is packed there)")
+    torch.manual_seed(0)
+    model = MiMoVL(MiMoVLConfig.preset("tiny")).to(torch.bfloat16).eval()
+    ids = torch.randint(10, 1000, (1, 40))
+    pv, grid = torch.randn(64, 1176), torch.tensor([[1, 8, 8]])
+    ids[0, 5:21] = model.cfg.image_token_id
+    with torch.no_grad():
+        ref = model(ids, pixel_values=pv, image_grid_thw=grid).logits
+        n = K.pack_linear_weights_for_cpu(model)
+        got = model(ids, pixel_values=pv, image_grid_thw=grid).logits
+    assert n == sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+    assert "lm_head.weight" not in dict(model.named_parameters())
+    assert (got - ref).abs().max() <= 0.02 * ref.abs().max()
+    with pytest.raises(ValueError, match="packed for CPU inference"):
+        model.save_pretrained(tmp_path)
