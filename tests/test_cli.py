@@ -82,3 +82,10 @@ def test_cli_multi_turn(ckpt, monkeypatch):
     code, out, err = run(["--model", str(ckpt), "--max-new-tokens", "3", "--dtype", "float32"])
     assert code == 0, err
     assert len(out.strip("\n").split("\n")) >= 2      # one streamed reply per turn
+
+
+def test_cli_bf16_packed_path_runs(ckpt):
+    code, out, err = run(["--model", str(ckpt), "--image", str(ckpt / "img.png"), "--max-new-tokens", "4",
+                          "--dtype", "bfloat16", "what is this ?"])
+    assert code == 0, err
+    assert "bfloat16" in err
