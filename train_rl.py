@@ -1,12 +1,25 @@
 """
 train_rl.py — MORL, Mixed On-policy Reinforcement Learning (SPEC.md §6.4; MiMo-VL report §3).
 
+    # the small-scale reproduction, from the stage-4 output of `python train_pretrain.py`
+    python train_rl.py --train-rm           # Bradley-Terry reward model -> runs/rl/reward_model
+    python train_rl.py                      # MORL (uses the reward model if it exists) -> runs/rl/final
+    python train_rl.py --debug --steps 3    # print a few rollouts with their rewards
+    python train_rl.py --compare            # on-policy vs vanilla GRPO on text math (report Fig. 7)
+    python train_rl.py --algo grpo --updates-per-batch 4 --kl-beta 0.01    # vanilla GRPO + KL
+    python train_rl.py --resume             # continue from the last checkpoint in runs/rl
+    # the whole reproduction on a fresh machine (pre-training, reward model, MORL, tables, chat)
+    python train_rl.py --all
+    # one GPU / several processes: each rank generates its share of the prompts, DDP update
+    python train_rl.py --device cuda --sft runs/pretrain-s4/stage4 --steps 200
+    torchrun --standalone --nproc_per_node 8 train_rl.py --sft DIR --prompts-per-step 64
+
 One RL run turns the SFT model (the output of pre-training stage 4) into the RL model by
 optimising, jointly, verifiable rewards (math answers, counts, boxes, points, OCR, temporal
 spans) and the preference score of a Bradley-Terry reward model. Every reward lies in [0, 1];
 there is no format reward and no other auxiliary reward.
 
-The update — "a fully on-policy variant of GRPO" (report eq. 1-2), the default `--mode onpolicy`:
+The update — "a fully on-policy variant of GRPO" (report eq. 1-2), the default `--algo onpolicy`:
 
     for each prompt q, sample a group of G responses o_1..o_G from the current policy pi_theta
     r_i  = reward router(task of q, o_i, ground truth of q)                     in [0, 1]
@@ -22,7 +35,7 @@ The update — "a fully on-policy variant of GRPO" (report eq. 1-2), the default
     ratio exp(logp - logp.detach()) == 1 has the same gradient, A * grad(logp) (tested);
   * no KL term and no reference model.
 
-How it differs from vanilla GRPO (DeepSeekMath), selectable with `--mode grpo` so that the
+How it differs from vanilla GRPO (DeepSeekMath), selectable with `--algo grpo` so that the
 report's comparison (Fig. 7) can be rerun: vanilla GRPO takes several optimiser steps on each
 rollout batch, so from the second step on the data is off-policy; it therefore uses the clipped
 surrogate min(rho * A, clip(rho, 1 - eps_low, 1 + eps_high) * A) with rho = pi_theta / pi_old
@@ -40,7 +53,24 @@ plain function, and a pool of worker processes scores a rollout batch with a per
 so one slow or pathological response never stalls the rollout. No reward ever runs Python's
 evaluation of model text: math answers go through the small arithmetic parser of section 2.
 
-Run the tests of this file: `python -m pytest tests/test_rewards.py tests/test_grpo.py`.
+One RL step here (section 13): draw this rank's prompts (the synthetic RL tasks of data.py, in
+turn, or from the easy pool); sample G responses per prompt with MiMoVL.generate(n=G) (one
+prefill and KV cache shared by the group; temperature 1, so the sampled distribution is pi
+itself); score them in the reward pool; drop uniform groups and refill; pack every
+prompt + response into rows (labels on the response) and recompute log pi by the packed training
+forward (MiMoVL.token_logprobs, under DDP through Policy.forward); one AdamW step on the loss
+above. Per-task reward, pass rate, response length, truncation rate, entropy and gradient norm
+go to the progress bar and to <out>/metrics.jsonl. `python train_rl.py` with no arguments first
+scores the SFT model on held-out prompts with real and with black images, trains on the tasks
+where the images help (there the groups carry reward signal), and ends with a before/after
+table (<out>/summary.md). Scale-out: DDP only (no FSDP2: generation needs whole weights).
+
+Outputs (--out, default runs/rl): final/ (the RL model, a Hugging Face folder that
+`python mimovl.py --model runs/rl/final` chats with), reward_model/, checkpoints/step-N/,
+metrics.jsonl, eval.jsonl (--eval-every), eval_sft.json, summary.md.
+
+Tests: tests/test_rewards.py, tests/test_grpo.py (rewards, pool, loss math), tests/test_rl.py
+(the loop through a tiny model: loss by hand, ratio 1, learning, reward model, resume, torchrun).
 
 Sections:
   1. Reading the answer out of a response (think block, size bound, \\boxed{})
@@ -50,21 +80,43 @@ Sections:
   5. The reward pool (Reward-as-a-Service)
   6. GRPO math: group advantages and the policy loss
   7. Sampling: dynamic sampling and the easy pool
+  8. Prompts: the RL prompt stream and the held-out sets
+  9. Rollouts: G responses per prompt from one prefill, scored by the reward pool
+ 10. The update: packed rows, log-probs from the training forward, the optimiser step
+ 11. The Bradley-Terry reward model (--train-rm)
+ 12. Evaluation: held-out reward per task, the no-image baseline, the before/after table
+ 13. The RL run
+ 14. On-policy vs vanilla GRPO (--compare) and the main job (--all)
+ 15. Command line
 """
 
+import argparse
+import contextlib
 import json
 import math
 import multiprocessing as mp
 import multiprocessing.connection
+import os
 import random
 import re
+import shutil
 import signal
+import sys
 import time
 import unicodedata
 from collections import deque
+from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 
+import numpy as np
 import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+import data
+import train_pretrain as tp
+from mimovl import MiMoVL
 
 
 # -----------------------------------------------------------------------------
@@ -657,6 +709,27 @@ def temporal_iou_reward(response, ground_truth, /, **meta):
     return iou, {"tiou": iou, "parsed": 1.0}
 
 
+def choice_reward(response, ground_truth, /, **meta):
+    """1 if the chosen option (the \\boxed{} content, else the first letter/number token of the
+    answer: "2", "(B)", "Image 2" reads as its last token) equals the ground-truth option."""
+    truth = str(ground_truth).strip().strip("()").casefold()
+    if not truth or len(truth) > 16:
+        raise ValueError(f"choice ground truth must be a short option such as 'B' or '2', "
+                         f"got {ground_truth!r}")
+    text = answer_part(response)
+    boxed = last_boxed(text)
+    if boxed is not None:
+        text = boxed
+    options = re.findall(r"[A-Za-z0-9]+", text[:64])
+    # "Image 2" / "Option B": a leading word names the option; otherwise the first token decides
+    pred = None
+    if options:
+        pred = options[1] if len(options) >= 2 and options[0].casefold() in (
+            "image", "option", "answer", "choice") else options[0]
+    ok = pred is not None and pred.casefold() == truth
+    return float(ok), {"correct": float(ok), "pred": pred}
+
+
 # The Bradley-Terry reward model lives in the training process (it is a model on the
 # accelerator); train_rl registers a scoring function once it is loaded.
 _reward_model = None
@@ -693,8 +766,30 @@ REWARDS = {
     "point": point_reward,             # point in box
     "ocr": ocr_reward,
     "video_ground": temporal_iou_reward,
+    "choice": choice_reward,           # multiple choice (which image has more ...)
     "preference": preference_reward,   # the Bradley-Terry reward model
 }
+
+# data.py names the reward of each synthetic RL prompt in its `reward` field; the router tag for
+# each of those names. A prompt without a `reward` is open-ended: the reward model scores it.
+DATA_REWARDS = {"count": "count", "giou": "ground", "point_in_box": "point", "ocr": "ocr",
+                "math": "math", "tiou": "video_ground", "choice": "choice",
+                "reward_model": "preference"}
+
+
+def reward_tag(prompt):
+    """The router tag of an RL prompt (a data.py sample): from its `reward` field."""
+    name = prompt.get("reward", "reward_model")
+    return DATA_REWARDS.get(name, name)
+
+
+# What counts as "passed" for the pass-rate metric: binary rewards must be 1; GIoU mapped to
+# [0, 1] passes at GIoU >= 0.5 (0.75), temporal IoU at 0.5, a reward-model score at 0.5.
+PASS_AT = {"ground": 0.75, "video_ground": 0.5, "preference": 0.5}
+
+
+def passed(tag, reward):
+    return reward >= PASS_AT.get(tag, 1.0) - 1e-9
 
 
 def register_reward(task, fn):
@@ -1012,3 +1107,1193 @@ class EasyPool:
             return True
         self.easy.pop(k, None)
         return False
+
+
+# -----------------------------------------------------------------------------
+# 8. Prompts: the RL prompt stream and the held-out sets
+# -----------------------------------------------------------------------------
+# An RL prompt is a data.py sample without its answer turn: {"task", "messages" (ending with the
+# user turn), "answer" (ground truth), "reward" (which reward scores it)} plus an "id" that the
+# easy pool and the checkpoints use (prompts hold images, so a checkpoint stores only ids).
+
+def rl_prompt(task, index, split="train", seed=0):
+    """Prompt `index` of `task` in `split`, reproducible from these four values alone."""
+    s = data.make_sample(task, index, split, seed)
+    s["messages"] = s["messages"][:-1]
+    s.setdefault("reward", "reward_model")
+    s["id"] = f"{split}/{task}/{index}"
+    return s
+
+
+def prompt_from_id(prompt_id, seed=0):
+    split, task, index = prompt_id.split("/")
+    return rl_prompt(task, int(index), split, seed)
+
+
+class PromptStream:
+    """This rank's endless stream of training prompts: global position k holds task
+    tasks[k % n] (the tasks in turn, so every batch mixes them evenly), index k // n; rank r
+    reads positions r, r + world, r + 2 world, ... `position` (per rank) is all a resume needs."""
+
+    def __init__(self, tasks, seed=0, rank=0, world_size=1, position=0):
+        if not tasks:
+            raise ValueError("no RL tasks to train on")
+        self.tasks, self.seed, self.rank, self.world_size = list(tasks), seed, rank, world_size
+        self.position = position
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        k = self.position * self.world_size + self.rank
+        self.position += 1
+        return rl_prompt(self.tasks[k % len(self.tasks)], k // len(self.tasks), "train", self.seed)
+
+
+def heldout_prompts(tasks, n, seed=0):
+    """n held-out prompts per task (data's held-out split: never seen in training)."""
+    return [rl_prompt(task, i, "heldout", seed) for task in tasks for i in range(n)]
+
+
+def has_media(prompt):
+    return any(isinstance(m["content"], list) and any(
+        it.get("type") in ("image", "video") for it in m["content"]) for m in prompt["messages"])
+
+
+# -----------------------------------------------------------------------------
+# 9. Rollouts: G responses per prompt from one prefill, scored by the reward pool
+# -----------------------------------------------------------------------------
+
+VISION_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw",
+               "second_per_grid_ts")
+
+
+@dataclass
+class Response:
+    ids: list               # response token ids, ending with the stop token if the model stopped
+    logprobs: list          # log pi_old(id) of each, as the sampler computed them
+    text: str               # decoded, without the stop token
+    truncated: bool         # ran into max_new_tokens before a stop token
+    reward: float = 0.0
+    components: dict = field(default_factory=dict)
+    trainable: bool = True  # False: a stand-in for an empty response (nothing to learn from)
+
+
+@dataclass
+class Group:
+    """One prompt and its G responses: the unit of the advantage (and of dynamic sampling)."""
+    prompt: dict
+    encoded: dict           # the prompt's input_ids (L,) and vision tensors (encode_prompt)
+    responses: list
+    from_easy: bool = False
+    padding: bool = False   # kept only so that every rank joins every update: no token counts
+
+    @property
+    def rewards(self):
+        return [r.reward for r in self.responses]
+
+    @property
+    def task(self):
+        return self.prompt["task"]
+
+
+def encode_prompt(processor, prompt):
+    """Chat template + placeholder expansion + pixels of one prompt, ready for generation."""
+    enc = processor([prompt["messages"]])
+    return {"input_ids": enc["input_ids"][0], **{k: enc[k] for k in VISION_KEYS if k in enc}}
+
+
+def collate_prompts(encoded, pad_id):
+    """Left-pad encoded prompts into one generation batch (B, L) (prompts end together, where
+    generation starts); vision tensors are concatenated in prompt order."""
+    length = max(len(e["input_ids"]) for e in encoded)
+    ids = torch.full((len(encoded), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(encoded), length), dtype=torch.long)
+    for b, e in enumerate(encoded):
+        ids[b, length - len(e["input_ids"]):] = e["input_ids"]
+        mask[b, length - len(e["input_ids"]):] = 1
+    out = {"input_ids": ids, "attention_mask": mask}
+    for k in VISION_KEYS:
+        parts = [e[k] for e in encoded if k in e]
+        if parts:
+            out[k] = torch.cat(parts)
+    return out
+
+
+def response_budget(task, max_new_tokens=None):
+    """Tokens a response may have: --max-new-tokens, else the evaluation's budget of the task."""
+    return max_new_tokens or tp.MAX_NEW_TOKENS.get(task, 64)
+
+
+@torch.no_grad()
+def sample_groups(model, processor, prompts, group_size, temperature=1.0, top_p=1.0,
+                  max_new_tokens=None, seed=0, max_rows=128, autocast=None):
+    """Sample `group_size` responses for every prompt with model.generate(n=G): the G samples of
+    a prompt share one prefill and its KV cache. Prompts are generated task by task (each task
+    has its own response budget) in calls of at most max_rows // G prompts. -> [Group]."""
+    model.eval()
+    encoded = [encode_prompt(processor, p) for p in prompts]
+    by_task = {}
+    for i, p in enumerate(prompts):
+        by_task.setdefault(p["task"], []).append(i)
+    per_call = max(1, max_rows // group_size)
+    stops = set(processor.eos_token_ids)
+    # a sampled image/video placeholder cannot be fed back to the training forward (it would
+    # claim pixels that do not exist): the response ends before it, counted as truncated
+    placeholders = {processor.image_token_id, processor.video_token_id}
+    groups, call = [None] * len(prompts), 0
+    for task, idx in by_task.items():
+        for a in range(0, len(idx), per_call):
+            chunk = idx[a:a + per_call]
+            batch = {k: v.to(model.device)
+                     for k, v in collate_prompts([encoded[i] for i in chunk],
+                                                 processor.pad_token_id).items()}
+            with autocast or contextlib.nullcontext():
+                tokens, logprobs = model.generate(
+                    **batch, max_new_tokens=response_budget(task, max_new_tokens),
+                    temperature=temperature, top_p=top_p, seed=seed * 7919 + call,
+                    stop_token_ids=processor.eos_token_ids, n=group_size, return_logprobs=True)
+            call += 1
+            tokens, logprobs = tokens.cpu().tolist(), logprobs.float().cpu().tolist()
+            for j, i in enumerate(chunk):
+                responses = []
+                for row in range(j * group_size, (j + 1) * group_size):
+                    ids, lps = tokens[row], logprobs[row]
+                    end = next((t for t, x in enumerate(ids) if x in stops or x in placeholders),
+                               len(ids))
+                    stopped = end < len(ids) and ids[end] in stops
+                    n = end + 1 if stopped else end                      # keep the stop token
+                    text = processor.decode(ids[:end], skip_special_tokens=True)
+                    if n == 0:       # a placeholder came first: a one-token stand-in, not trained
+                        responses.append(Response([processor.eos_token_id], [0.0], "", True,
+                                                  trainable=False))
+                    else:
+                        responses.append(Response(ids[:n], lps[:n], text, not stopped))
+                groups[i] = Group(prompts[i], encoded[i], responses)
+    return groups
+
+
+def score_groups(groups, pool):
+    """Fill every response's reward and components through the reward pool (Reward-as-a-Service).
+    Rewards scored in this process (the reward model) also get the prompt, to judge against."""
+    items = []
+    for g in groups:
+        tag = reward_tag(g.prompt)
+        meta = {"messages": g.prompt["messages"]} if tag in pool.inline_tasks else {}
+        items += [(tag, r.text, g.prompt["answer"], meta) for r in g.responses]
+    results = iter(pool.score(items))
+    for g in groups:
+        for r in g.responses:
+            r.reward, r.components = next(results)
+    return groups
+
+
+@dataclass
+class RLConfig:
+    """The knobs of the rollout and the update (the command line fills them)."""
+    algo: str = "onpolicy"          # "onpolicy" (MiMo-VL) or "grpo" (vanilla, clipped)
+    group_size: int = 8             # G responses per prompt
+    prompts_per_rank: int = 8       # groups per rollout batch on each rank
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_new_tokens: int = None      # None: each task's evaluation budget
+    updates_per_batch: int = 1      # optimiser steps per rollout batch (on-policy: exactly 1)
+    eps_low: float = 0.2
+    eps_high: float = 0.28
+    kl_beta: float = 0.0
+    dynamic_sampling: bool = True
+    max_refills: int = 2            # extra sampling rounds to refill dropped groups
+    max_tokens: int = 4096          # tokens per packed row of the update
+    max_rows: int = 128             # sequences per generate call (G per prompt)
+    grad_clip: float = 1.0
+
+    def validate(self):
+        if self.algo not in ("onpolicy", "grpo"):
+            raise ValueError(f"--algo must be onpolicy or grpo, got {self.algo!r}")
+        if self.algo == "onpolicy" and self.updates_per_batch != 1:
+            raise ValueError("--algo onpolicy takes exactly one optimiser step per rollout batch "
+                             f"(--updates-per-batch 1), got {self.updates_per_batch}; use --algo grpo")
+        if self.group_size < 2:
+            raise ValueError(f"--group-size must be >= 2 (advantages compare responses within a "
+                             f"group), got {self.group_size}")
+        if self.prompts_per_rank < self.updates_per_batch:
+            raise ValueError(f"each rank needs at least one prompt per update: --prompts-per-step / "
+                             f"ranks = {self.prompts_per_rank} < --updates-per-batch "
+                             f"{self.updates_per_batch}")
+        return self
+
+
+def collect_groups(model, processor, stream, easy_pool, pool, cfg, seed=0, autocast=None):
+    """This rank's groups for one rollout batch -> (kept, sampled).
+
+    Prompts come from the stream or, with probability easy_pool.prob, from the easy pool. With
+    dynamic sampling, groups whose rewards are all equal (zero advantage: no gradient) are
+    dropped and new prompts are drawn, at most cfg.max_refills more times. `sampled` is every
+    group scored (the metrics describe what the policy does, not only what is kept). If fewer
+    than cfg.updates_per_batch groups survive, dropped groups are added as padding (no token
+    counts), so that every rank joins every (DDP) update."""
+    kept, dropped, sampled = [], [], []
+    rounds = 1 + (cfg.max_refills if cfg.dynamic_sampling else 0)
+    for attempt in range(rounds):
+        need = cfg.prompts_per_rank - len(kept)
+        if need <= 0:
+            break
+        draws = [easy_pool.draw(stream) for _ in range(need)]
+        groups = sample_groups(model, processor, [p for p, _ in draws], cfg.group_size,
+                               cfg.temperature, cfg.top_p, cfg.max_new_tokens,
+                               seed * 31 + attempt, cfg.max_rows, autocast)
+        score_groups(groups, pool)
+        for g, (_, from_easy) in zip(groups, draws):
+            g.from_easy = from_easy
+            easy_pool.update(g.prompt, g.rewards)
+        sampled += groups
+        if cfg.dynamic_sampling:
+            k, d = dynamic_sampling_filter(groups)
+            kept, dropped = kept + k, dropped + d
+        else:
+            kept += groups
+    while len(kept) < cfg.updates_per_batch:
+        g = dropped.pop()
+        g.padding = True
+        kept.append(g)
+    return kept, sampled
+
+
+# -----------------------------------------------------------------------------
+# 10. The update: packed rows, log-probs from the training forward, the optimiser step
+# -----------------------------------------------------------------------------
+
+class Policy(MiMoVL):
+    """MiMoVL whose forward() can also return per-token log-probs (MiMoVL.token_logprobs).
+    DDP hooks its gradient all-reduce into forward(), so the RL update has to go through it."""
+
+    def forward(self, input_ids, labels=None, token_logprobs=False, with_entropy=False, **inputs):
+        if token_logprobs:
+            return self.token_logprobs(input_ids, labels, with_entropy=with_entropy, **inputs)
+        return super().forward(input_ids, labels=labels, **inputs)
+
+
+def pack_rows(groups, advantages, max_tokens=4096, processor=None):
+    """Rows of the update: each response as its own document `prompt + response` (labels on the
+    response tokens, including the stop token) packed with others of the same task into (1, T)
+    rows with cu_seqlens (data.best_fit_pack / collate_packed), as in pre-training. Besides the
+    packing keys each row has, aligned with input_ids: `adv` (the response's advantage on its
+    tokens), `old` (the sampler's log-probs) and `mask` (tokens that count: the responses of
+    non-padding groups). Rows are ordered by task. With `processor` (DDP) a row without pixels
+    gets a dummy image (train_pretrain.add_dummy_image) so every ViT parameter gets a gradient."""
+    by_task = {}
+    for g, adv in zip(groups, advantages):
+        p = g.encoded["input_ids"]
+        vision = {k: g.encoded[k] for k in VISION_KEYS if k in g.encoded}
+        for r, a in zip(g.responses, adv.tolist()):
+            ids = torch.cat([p, torch.tensor(r.ids, dtype=p.dtype)])
+            labels = torch.full_like(ids, data.IGNORE_INDEX)
+            labels[len(p):] = ids[len(p):]
+            seq = {"input_ids": ids, "labels": labels, "task": g.task, **vision,
+                   "adv": torch.zeros(len(ids)), "old": torch.zeros(len(ids)),
+                   "mask": torch.zeros(len(ids))}
+            seq["adv"][len(p):] = a
+            seq["old"][len(p):] = torch.tensor(r.logprobs)
+            seq["mask"][len(p):] = 0.0 if g.padding or not r.trainable else 1.0
+            by_task.setdefault(g.task, []).append(seq)
+    rows = []
+    for task, seqs in by_task.items():
+        lengths = [len(s["input_ids"]) for s in seqs]
+        for idx in data.best_fit_pack(lengths, max(max_tokens, max(lengths))):
+            part = [seqs[i] for i in idx]
+            row = data.collate_packed(part)
+            for k in ("adv", "old", "mask"):
+                row[k] = torch.cat([s[k] for s in part])[None]
+            if processor is not None:
+                n = row["input_ids"].shape[1]
+                row = tp.add_dummy_image(row, processor)
+                extra = row["input_ids"].shape[1] - n
+                for k in ("adv", "old", "mask"):
+                    row[k] = torch.cat([row[k], torch.zeros(1, extra)], dim=1)
+            row["task"] = task
+            rows.append(row)
+    return rows
+
+
+def row_logprobs(model, row, device, with_entropy=False):
+    """log pi of the row's labelled tokens (1, T) [and their entropies] by the packed training
+    forward (Policy.forward -> MiMoVL.token_logprobs)."""
+    return model(row["input_ids"].to(device), labels=row["labels"].to(device), token_logprobs=True,
+                 with_entropy=with_entropy, cu_seqlens=row["cu_seqlens"].to(device),
+                 **tp._vision_kwargs(row, device))
+
+
+def _all_reduce(values, compute):
+    t = torch.tensor(values, dtype=torch.float64)
+    if compute.distributed:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def policy_update(wrapped, optimizer, groups, cfg, compute, processor=None, ref_model=None):
+    """One rollout batch -> cfg.updates_per_batch optimiser steps (on-policy: exactly one).
+
+    Advantages within each group; the batch (this rank's groups) is split into the updates'
+    mini-batches; every mini-batch's loss is normalised by its number of response tokens over
+    all ranks (token-level normalisation), so micro-batching and ranks do not change the
+    gradient. vanilla GRPO needs pi_old: the training forward's log-probs before the first step
+    (the sampler's own log-probs differ by numerics: KV cache, batching); the on-policy update
+    only logs how far the sampler's log-probs are from the training forward's.
+    Returns a dict of metrics (per task: entropy, grad_norm)."""
+    model = tp.unwrap(wrapped)
+    device = compute.device
+    model.train()
+    adv = group_advantages([g.rewards for g in groups]).float()              # (n_groups, G)
+    chunks = [list(c) for c in np.array_split(np.arange(len(groups)), cfg.updates_per_batch)]
+    minibatches = [pack_rows([groups[i] for i in c], adv[c], cfg.max_tokens,
+                             processor if compute.distributed else None) for c in chunks]
+    if cfg.algo == "grpo" or cfg.kl_beta > 0:
+        with torch.no_grad(), compute.autocast():
+            for rows in minibatches:
+                for row in rows:
+                    if cfg.algo == "grpo":
+                        row["old"] = row_logprobs(model, row, device).float().cpu()
+                    if cfg.kl_beta > 0:
+                        row["ref"] = row_logprobs(ref_model, row, device).float().cpu()
+
+    params = [p for p in wrapped.parameters() if p.requires_grad]
+    per_task_norms = not compute.distributed       # a rank's own gradients are only its share
+    sums = {}                                      # metric -> summed over tokens (first update)
+    task_sums = {}                                 # task -> [entropy sum, tokens, grad_norm^2]
+    step_metrics = []
+    for u, rows in enumerate(minibatches):
+        n_local = sum(float(r["mask"].sum()) for r in rows)
+        (n_total,) = _all_reduce([n_local], compute)
+        if n_total == 0:                           # nothing to learn from on any rank
+            continue
+        # DDP averages gradients over ranks: scale so the sum over ranks / n_total is the loss
+        n_norm = n_total / compute.world_size
+        snapshot = None
+        for i, row in enumerate(rows):
+            last = i == len(rows) - 1
+            with tp.grad_sync(wrapped, last), compute.autocast():
+                lp, ent = row_logprobs(wrapped, row, device, with_entropy=True)
+                lp = lp.float()
+                mask = row["mask"].to(device)
+                loss, m = policy_loss(lp, row["old"].to(device), row["adv"].to(device), mask,
+                                      cfg.algo, cfg.eps_low, cfg.eps_high, cfg.kl_beta,
+                                      row["ref"].to(device) if "ref" in row else None,
+                                      n_tokens=n_norm)
+                loss.backward()
+            n_row = float(mask.sum())
+            for k in ("ratio_mean", "clip_frac", "kl", "logprob_diff"):
+                if k in m:
+                    sums[(u, k)] = sums.get((u, k), 0.0) + m[k] * n_row
+            sums[(u, "loss")] = sums.get((u, "loss"), 0.0) + m["loss"] * n_norm
+            if u == 0:
+                t = task_sums.setdefault(row["task"], [0.0, 0.0, 0.0])
+                t[0] += float((ent.detach().float() * mask).sum())
+                t[1] += n_row
+            next_task = rows[i + 1]["task"] if not last else None
+            if per_task_norms and u == 0 and next_task != row["task"]:
+                # the norm of this task's contribution to the accumulated gradient
+                sq, snapshot_new = 0.0, []
+                for j, p in enumerate(params):
+                    g = p.grad if p.grad is not None else torch.zeros_like(p)
+                    d = g - snapshot[j] if snapshot is not None else g
+                    sq += float(d.float().pow(2).sum())
+                    snapshot_new.append(g.detach().clone())
+                snapshot = snapshot_new
+                task_sums[row["task"]][2] += sq
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        if not math.isfinite(float(norm)):
+            optimizer.zero_grad(set_to_none=True)
+            raise FloatingPointError(f"the gradient norm is {float(norm)}: the update is skipped "
+                                     "and training stops; lower --lr")
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        keys = sorted({k for uu, k in sums if uu == u})
+        reduced = _all_reduce([sums[(u, k)] for k in keys], compute)
+        step_metrics.append({"grad_norm": float(norm),
+                             **{k: v / n_total for k, v in zip(keys, reduced)}})
+
+    out = {"updates": len(step_metrics), "tasks": {}}
+    if step_metrics:
+        out.update({k: v for k, v in step_metrics[0].items()})          # the first update
+        if len(step_metrics) > 1:                                       # vanilla: the last one
+            out.update({f"last_{k}": v for k, v in step_metrics[-1].items()})
+    for task, (ent_sum, n, sq) in task_sums.items():
+        out["tasks"][task] = {"entropy": ent_sum / max(n, 1)}
+        if per_task_norms:
+            out["tasks"][task]["grad_norm"] = math.sqrt(sq)
+    return out
+
+
+# -----------------------------------------------------------------------------
+# 11. The Bradley-Terry reward model (train_rl.py --train-rm)
+# -----------------------------------------------------------------------------
+# The report trains two BT reward models, text-only and multimodal (on MiMo-VL-7B). Here: one,
+# the SFT model's backbone with a scalar head on the final hidden state of the last token,
+# trained on data.py's preference pairs (a prompt, a chosen and a rejected response) with
+#     L = -log sigmoid(r(prompt, chosen) - r(prompt, rejected)),
+# then queried through the reward router ("preference" task) with score sigmoid(r) in [0, 1].
+
+class RewardModel(nn.Module):
+    def __init__(self, backbone):
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(backbone.cfg.text.hidden_size, 1)
+        nn.init.zeros_(self.head.weight)            # every response starts at score 0
+        nn.init.zeros_(self.head.bias)
+        if not backbone.cfg.text.tie_word_embeddings:
+            backbone.lm_head.weight.requires_grad_(False)   # unused (DDP needs every used param)
+
+    def forward(self, input_ids, attention_mask=None, **vision):
+        """(B, L) left-padded conversations (+ pixels) -> (B,) Bradley-Terry logits."""
+        x, pos, cu, _, _ = self.backbone.embed(input_ids, attention_mask, **vision)
+        h = self.backbone.model(x, pos, cu)                           # (T, D), packed
+        last = h[cu[1:].long() - 1]                                   # (B, D) last token of each
+        return self.head(last).squeeze(-1).float()
+
+
+def pair_batch(pairs, processor):
+    """Preference pairs -> one batch of 2B conversations: the chosen ones, then the rejected."""
+    convs = [p["messages"] + [{"role": "assistant", "content": p[k]}]
+             for k in ("chosen", "rejected") for p in pairs]
+    return processor(convs, add_generation_prompt=False)
+
+
+@torch.no_grad()
+def reward_model_accuracy(rm, processor, pairs, compute, batch_size=32):
+    """Fraction of pairs with r(chosen) > r(rejected), overall and per source task."""
+    rm.eval()
+    right = {}
+    for a in range(0, len(pairs), batch_size):
+        part = pairs[a:a + batch_size]
+        batch = {k: v.to(compute.device) for k, v in pair_batch(part, processor).items()}
+        with compute.autocast():
+            s = rm(**batch)
+        for p, ok in zip(part, (s[:len(part)] > s[len(part):]).tolist()):
+            right.setdefault(p.get("source_task", "all"), []).append(float(ok))
+    every = sum(right.values(), [])
+    return {"accuracy": sum(every) / max(len(every), 1),
+            **{f"accuracy_{k}": sum(v) / len(v) for k, v in sorted(right.items())}}
+
+
+def load_reward_model(path, device="cpu"):
+    """A reward model folder (--train-rm's output) -> (RewardModel in eval mode, record)."""
+    from safetensors.torch import load_file
+    head_file = os.path.join(path, "extra.safetensors")
+    if not os.path.isfile(head_file):
+        raise FileNotFoundError(f"{path} is not a reward model folder (no extra.safetensors with "
+                                "the scalar head); train one with `python train_rl.py --train-rm`")
+    rm = RewardModel(MiMoVL.from_pretrained(path, dtype=torch.float32, progress=False))
+    rm.head.load_state_dict({k[len("head."):]: v for k, v in load_file(head_file).items()})
+    with open(os.path.join(path, "pretrain_stage.json")) as f:
+        record = json.load(f)
+    return rm.to(device).eval(), record
+
+
+def reward_model_scorer(rm, processor, compute):
+    """The router's "preference" reward: sigmoid of the BT logit of (prompt, response)."""
+    @torch.no_grad()
+    def score(response, ground_truth, messages=None, **meta):
+        if messages is None:
+            raise ValueError("the reward model needs the prompt: pass meta {'messages': ...}")
+        batch = processor([list(messages) + [{"role": "assistant", "content": response}]],
+                          add_generation_prompt=False)
+        with compute.autocast():
+            logit = float(rm(**{k: v.to(compute.device) for k, v in batch.items()})[0])
+        return 1.0 / (1.0 + math.exp(-max(-60.0, min(60.0, logit)))), {"rm_logit": logit}
+    return score
+
+
+def fit_reward_model(wrapped, optimizer, processor, pairs_at, stage, compute, desc="reward model"):
+    """Bradley-Terry training: for step in range(stage.steps), this rank's pairs_at(step) (a list
+    of {"messages", "chosen", "rejected"}), loss -log sigmoid(r_chosen - r_rejected), clipped
+    AdamW step with the warm-up + cosine schedule of `stage` (train_pretrain.lr_at)."""
+    from tqdm import tqdm
+    rm = tp.unwrap(wrapped)
+    params = [p for p in wrapped.parameters() if p.requires_grad]
+    bar = tqdm(range(stage.steps), desc=desc, disable=not compute.master, dynamic_ncols=True,
+               mininterval=2, file=sys.stdout)
+    for step in bar:
+        rm.train()
+        pairs = pairs_at(step)
+        for g in optimizer.param_groups:
+            g["lr"] = tp.lr_at(step, stage)
+        batch = {k: v.to(compute.device) for k, v in pair_batch(pairs, processor).items()}
+        with compute.autocast():
+            s = wrapped(**batch)
+        margin = s[:len(pairs)] - s[len(pairs):]
+        loss = -F.logsigmoid(margin).mean()
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        bar.set_postfix_str(f"loss {loss.item():.3f} acc {(margin > 0).float().mean().item():.2f} "
+                            f"gn {float(norm):.2f}")
+    bar.close()
+
+
+def save_reward_model(path, wrapped, processor, record, compute):
+    """The backbone as a Hugging Face folder + the head in extra.safetensors (all ranks call)."""
+    state = tp.full_state(wrapped)
+    if compute.master:
+        backbone = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+        head = {k: v for k, v in state.items() if k.startswith("head.")}
+        tp.save_stage_folder(path, backbone, tp.unwrap(wrapped).backbone.cfg, processor, record,
+                             extra=head)
+    compute.barrier()
+
+
+def train_reward_model(args, compute):
+    """--train-rm: fine-tune the SFT model into a BT reward model; writes <out>/reward_model."""
+    sft = check_sft(args.sft)
+    processor = data.Processor.from_pretrained(sft)
+    torch.manual_seed(args.seed)
+    rm = RewardModel(MiMoVL.from_pretrained(sft, dtype=torch.float32, progress=False))
+    rm.to(compute.device)
+    wrapped = tp.wrap_model(rm, compute)
+    stage = tp.Stage("rm", "Bradley-Terry reward model", ("vit", "projector", "llm"), args.rm_lr,
+                     args.rm_lr / 10, max(1, args.rm_steps // 10), args.rm_steps, 0,
+                     args.rm_batch, "data.py preference pairs", "BT reward models (SPEC §6.4)")
+    opt = tp.build_optimizer(wrapped, stage.lr, 0.0, (0.9, 0.95), compute.device)
+    heldout = [data.make_sample("preference", i, "heldout", args.seed)
+               for i in range(compute.rank, args.rm_eval_n, compute.world_size)]
+
+    def accuracy():
+        acc = reward_model_accuracy(rm, processor, heldout, compute)
+        keys = sorted(acc)
+        vals = _all_reduce([acc[k] * len(heldout) for k in keys] + [len(heldout)], compute)
+        return {k: v / vals[-1] for k, v in zip(keys, vals[:-1])}
+
+    t0 = time.perf_counter()
+    before = accuracy()
+    compute.print(f"reward model: held-out pair accuracy before training {before['accuracy']:.3f} "
+                  f"(chance 0.5; {args.rm_eval_n} pairs)")
+    per_rank = max(1, args.rm_batch // compute.world_size)
+
+    def pairs_at(step):
+        first = (step * compute.world_size + compute.rank) * per_rank
+        return [data.make_sample("preference", i, "train", args.seed)
+                for i in range(first, first + per_rank)]
+
+    fit_reward_model(wrapped, opt, processor, pairs_at, stage, compute)
+    after = accuracy()
+    record = {"stage": "reward_model", "started_from": sft, "steps": stage.steps,
+              "heldout_pairs": args.rm_eval_n, "before": before, "after": after,
+              "minutes": round((time.perf_counter() - t0) / 60, 2)}
+    path = os.path.join(args.out, "reward_model")
+    save_reward_model(path, wrapped, processor, record, compute)
+    lines = ["| held-out preference pairs | before | after |", "|---|---|---|"]
+    for k in sorted(after):
+        lines.append(f"| {k.replace('accuracy_', '').replace('accuracy', 'all')} | "
+                     f"{before.get(k, float('nan')):.3f} | {after[k]:.3f} |")
+    compute.print("reward model: pair accuracy (r(chosen) > r(rejected)) on held-out pairs\n"
+                  + "\n".join(lines) + f"\nwrote {path} ({record['minutes']} min)")
+    return record
+
+
+# -----------------------------------------------------------------------------
+# 12. Evaluation: held-out reward per task, the no-image baseline, the before/after table
+# -----------------------------------------------------------------------------
+
+def evaluate_rewards(model, processor, prompts, compute, pool, batch_size=32, blank=False):
+    """Greedy responses (train_pretrain.generate_answers, each task's response budget) to the
+    held-out prompts, scored by the reward router -> ({task: {reward, pass, length, n}}, records).
+    Each rank answers its share. blank=True blacks out every image and video first (the
+    no-image baseline; text-only prompts are skipped); responses are still judged against the
+    real prompt and ground truth."""
+    mine = prompts[compute.rank::compute.world_size]
+    if blank:
+        mine = [p for p in mine if has_media(p)]
+    samples = [tp.blank_sample(p) for p in mine] if blank else mine
+    responses = tp.generate_answers(model, processor, samples, batch_size,
+                                    autocast=compute.autocast()) if samples else []
+    items = [(reward_tag(p), r, p["answer"],
+              {"messages": p["messages"]} if reward_tag(p) in pool.inline_tasks else {})
+             for p, r in zip(mine, responses)]
+    records = [{"task": p["task"], "reward": rw, "pass": float(passed(it[0], rw)),
+                "length": len(processor.encode(r)), "response": r, "answer": p["answer"]}
+               for p, r, it, (rw, _) in zip(mine, responses, items, pool.score(items))]
+    records = sum(tp._gather(records, compute), [])
+    return summarise_rewards(records), records
+
+
+def summarise_rewards(records):
+    by = {}
+    for r in records:
+        by.setdefault(r["task"], []).append(r)
+    return {task: {"reward": sum(r["reward"] for r in rs) / len(rs),
+                   "pass": sum(r["pass"] for r in rs) / len(rs),
+                   "length": sum(r["length"] for r in rs) / len(rs), "n": len(rs)}
+            for task, rs in by.items()}
+
+
+def select_tasks(sft, blank, min_gain=0.02):
+    """The tasks RL can improve: the SFT model's held-out reward beats its no-image baseline by
+    min_gain (the answer uses the image, so groups carry signal); text-only tasks: a reward in
+    (min_gain, 1 - min_gain). Returns (tasks, {task: why})."""
+    tasks, why = [], {}
+    for task, m in sft.items():
+        if task in blank:
+            ok = m["reward"] > blank[task]["reward"] + min_gain
+            why[task] = f"SFT {m['reward']:.3f} vs no-image {blank[task]['reward']:.3f}"
+        else:
+            ok = min_gain < m["reward"] < 1 - min_gain
+            why[task] = f"text only, SFT {m['reward']:.3f}"
+        if ok:
+            tasks.append(task)
+    return tasks, why
+
+
+def mean_reward(res, tasks):
+    vals = [res[t]["reward"] for t in tasks if t in res]
+    return sum(vals) / len(vals) if vals else float("nan")
+
+
+def results_table(sft, rl, blank, trained):
+    """Markdown: per task the held-out reward / pass rate / response length before and after."""
+    lines = ["| task | reward | SFT | RL | change | SFT pass | RL pass | SFT len | RL len "
+             "| no-image (SFT) | trained |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for task in sft:
+        s, r = sft[task], rl.get(task)
+        b = blank.get(task)
+        tag = DATA_REWARDS.get(rl_tag_of(task), "?")
+        rl_cells = (f"{r['reward']:.3f} | {r['reward'] - s['reward']:+.3f} | {s['pass']:.2f} | "
+                    f"{r['pass']:.2f} | {s['length']:.0f} | {r['length']:.0f}") if r else \
+            f"- | - | {s['pass']:.2f} | - | {s['length']:.0f} | -"
+        lines.append(f"| {task} | {tag} | {s['reward']:.3f} | {rl_cells} | "
+                     f"{'-' if b is None else format(b['reward'], '.3f')} | "
+                     f"{'yes' if task in trained else 'no'} |")
+    if trained:
+        lines.append(f"| **mean over trained tasks** | | {mean_reward(sft, trained):.3f} | "
+                     f"{mean_reward(rl, trained):.3f} | "
+                     f"{mean_reward(rl, trained) - mean_reward(sft, trained):+.3f} | | | | | | |")
+    return "\n".join(lines)
+
+
+def rl_tag_of(task):
+    """The data reward name of a task (its prompts all share it)."""
+    return data.make_sample(task, 0, "heldout", 0, render=False).get("reward", "reward_model")
+
+
+# -----------------------------------------------------------------------------
+# 13. The RL run
+# -----------------------------------------------------------------------------
+
+def default_sft():
+    return os.path.join(tp.build_parser().get_default("out"), "stage4")
+
+
+def check_sft(path):
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise SystemExit(f"no SFT model at {path}: RL starts from the stage-4 output of "
+                         "pre-training. Run `python train_pretrain.py` first (it writes "
+                         f"{default_sft()}), or pass --sft DIR.")
+    return path
+
+
+def rl_config(args, compute):
+    per_rank = args.prompts_per_step // compute.world_size
+    if per_rank * compute.world_size != args.prompts_per_step:
+        raise SystemExit(f"--prompts-per-step {args.prompts_per_step} must be a multiple of the "
+                         f"number of processes ({compute.world_size})")
+    updates = args.updates_per_batch or (1 if args.algo == "onpolicy" else 4)
+    try:
+        return RLConfig(args.algo, args.group_size, per_rank, args.temperature, args.top_p,
+                        args.max_new_tokens, updates, args.eps_low, args.eps_high, args.kl_beta,
+                        not args.no_dynamic_sampling, args.max_refills, args.max_tokens,
+                        args.gen_rows, args.grad_clip).validate()
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def step_records(groups):
+    return [{"task": g.task, "reward": r.reward, "pass": float(passed(reward_tag(g.prompt), r.reward)),
+             "length": len(r.ids), "truncated": float(r.truncated)}
+            for g in groups for r in g.responses]
+
+
+def step_metrics(records):
+    out = {}
+    for task, m in summarise_rewards(records).items():
+        rs = [r for r in records if r["task"] == task]
+        out[task] = {**m, "truncated": sum(r["truncated"] for r in rs) / len(rs)}
+    return out
+
+
+def print_debug(groups, compute, n_groups=2, n_responses=3):
+    for g in groups[:n_groups]:
+        question = next((it["text"] for it in reversed(g.prompt["messages"][-1]["content"])
+                         if it.get("type") == "text"), "") \
+            if isinstance(g.prompt["messages"][-1]["content"], list) else g.prompt["messages"][-1]["content"]
+        compute.print(f"\n[debug] {g.task} ({reward_tag(g.prompt)}) {question!r} -> truth "
+                      f"{g.prompt['answer']!r}; rewards {[round(x, 2) for x in g.rewards]}")
+        for r in g.responses[:n_responses]:
+            comps = {k: v for k, v in r.components.items() if k != "extracted_by"}
+            compute.print(f"    {r.reward:.2f} {'(truncated) ' if r.truncated else ''}{r.text!r:.120} "
+                          f"{json.dumps(comps, default=str)[:160]}")
+
+
+def _log(path, record, compute):
+    if compute.master:
+        with open(path, "a") as f:
+            f.write(json.dumps(record, default=float) + "\n")
+
+
+def setup_rewards(args, compute, processor, tasks):
+    """The reward pool, and the reward model when one is available (--rm): registered for the
+    "preference" task. Tasks scored by a missing reward model are dropped, with a note."""
+    pool = RewardPool(num_workers=args.reward_workers, timeout_s=args.reward_timeout)
+    rm_path = args.rm
+    if rm_path == "auto":
+        rm_path = os.path.join(args.out, "reward_model")
+        rm_path = rm_path if os.path.isfile(os.path.join(rm_path, "extra.safetensors")) else None
+    elif rm_path == "none":
+        rm_path = None
+    if rm_path:
+        rm, record = load_reward_model(rm_path, compute.device)
+        register_reward_model(reward_model_scorer(rm, processor, compute))
+        acc = record.get("after", {}).get("accuracy", float("nan"))
+        compute.print(f"reward model: {rm_path} (held-out pair accuracy {acc:.3f}) scores the "
+                      "open-ended tasks")
+    else:
+        register_reward_model(None)
+        rm_tasks = [t for t in tasks if DATA_REWARDS.get(rl_tag_of(t)) == "preference"]
+        if rm_tasks:
+            compute.print(f"no reward model ({os.path.join(args.out, 'reward_model')} not found): "
+                          f"skipping {', '.join(rm_tasks)}; train one with `python train_rl.py "
+                          "--train-rm` for the full MORL mix")
+            tasks = [t for t in tasks if t not in rm_tasks]
+    return pool, tasks
+
+
+def baseline_eval(args, compute, processor, pool, eval_tasks, path):
+    """The SFT model's held-out rewards with real and with black images, cached in `path`."""
+    key = {"sft": os.path.abspath(args.sft), "tasks": eval_tasks, "n": args.eval_n,
+           "seed": args.seed, "rm": args.rm}
+    if os.path.isfile(path):
+        with open(path) as f:
+            cached = json.load(f)
+        if cached.get("key") == key:
+            return cached
+    model = MiMoVL.from_pretrained(args.sft, dtype=torch.float32, device=compute.device,
+                                   progress=False).eval()
+    prompts = heldout_prompts(eval_tasks, args.eval_n, args.seed)
+    t0 = time.perf_counter()
+    sft, _ = evaluate_rewards(model, processor, prompts, compute, pool, args.eval_batch)
+    blank, _ = evaluate_rewards(model, processor, prompts, compute, pool, args.eval_batch, blank=True)
+    res = {"key": key, "sft": sft, "blank": blank, "seconds": round(time.perf_counter() - t0, 1)}
+    if compute.master:
+        with open(path, "w") as f:
+            json.dump(res, f, indent=1)
+    del model
+    return res
+
+
+def run_rl(args, compute):
+    """The MORL run: SFT baseline -> RL steps -> final folder -> before/after table."""
+    from tqdm import tqdm
+    check_sft(args.sft)
+    os.makedirs(args.out, exist_ok=True)
+    final = os.path.join(args.out, "final")
+    if args.resume and os.path.isfile(os.path.join(final, "rl.json")):
+        with open(os.path.join(final, "rl.json")) as f:
+            done = json.load(f)
+        compute.print(f"{final} is finished (--resume): nothing to do\n\n{done['table']}")
+        return done
+    t_start = time.perf_counter()
+    processor = data.Processor.from_pretrained(args.sft)
+    all_tasks = list(data.RL_TASKS) if args.tasks == "auto" else args.tasks.split(",")
+    for t in all_tasks:
+        if t not in data.TASKS:
+            raise SystemExit(f"--tasks: unknown task {t!r}; RL tasks are {', '.join(data.RL_TASKS)}")
+    pool, eval_tasks = setup_rewards(args, compute, processor, all_tasks)
+    try:
+        return _run_rl(args, compute, processor, pool, eval_tasks, final, t_start, tqdm)
+    finally:
+        pool.close()
+
+
+def _run_rl(args, compute, processor, pool, eval_tasks, final, t_start, tqdm):
+    base = baseline_eval(args, compute, processor, pool, eval_tasks,
+                         os.path.join(args.out, "eval_sft.json"))
+    if args.tasks == "auto":
+        tasks, why = select_tasks(base["sft"], base["blank"], args.min_gain)
+        compute.print("task selection (RL needs reward signal: the SFT model must beat its "
+                      "no-image baseline):\n" + "\n".join(
+                          f"  {'train' if t in tasks else 'skip '} {t:<16} {why[t]}" for t in why))
+        if not tasks:
+            raise SystemExit("no task has reward signal: the SFT model is no better than with "
+                             "black images anywhere. Train the SFT model longer "
+                             "(train_pretrain.py --scale) or name tasks with --tasks.")
+    else:
+        tasks = eval_tasks
+    cfg = rl_config(args, compute)
+
+    ckpt_root = os.path.join(args.out, "checkpoints")
+    resume_from = (tp.list_checkpoints(ckpt_root) or [None])[-1] if args.resume else None
+    if not args.resume and compute.master:
+        shutil.rmtree(ckpt_root, ignore_errors=True)
+        for name in ("metrics.jsonl", "eval.jsonl"):
+            if os.path.exists(os.path.join(args.out, name)):
+                os.remove(os.path.join(args.out, name))
+    compute.barrier()
+    policy = Policy.from_pretrained(resume_from or args.sft, dtype=torch.float32, progress=False)
+    tp.set_trainable(policy, ("vit", "projector", "llm"))
+    policy.to(compute.device)
+    ref_model = None
+    if cfg.kl_beta > 0:
+        ref_model = Policy.from_pretrained(args.sft, dtype=torch.float32, device=compute.device,
+                                           progress=False).eval().requires_grad_(False)
+    wrapped = tp.wrap_model(policy, compute)
+    opt = tp.build_optimizer(wrapped, args.lr, args.weight_decay, (0.9, 0.999), compute.device)
+    stage = tp.Stage("rl", "MORL", ("vit", "projector", "llm"), args.lr, args.lr, args.warmup,
+                     args.steps, 0, args.prompts_per_step, "RL prompts", "SPEC §6.4")
+    step, loader = 0, {}
+    if resume_from:
+        step, loader, ts = tp.load_training_state(resume_from, wrapped, opt, compute)
+        tasks = ts.get("tasks", tasks)
+        compute.print(f"resuming from {resume_from} (step {step})")
+    stream = PromptStream(tasks, args.seed, compute.rank, compute.world_size, loader.get("position", 0))
+    easy = EasyPool(args.easy_prob, seed=args.seed * 1000 + compute.rank)
+    if loader.get("easy") is not None:
+        easy.easy = {k: prompt_from_id(k, args.seed) for k in loader["easy"]}
+        s = loader["easy_rng"]
+        easy.rng.setstate((s[0], tuple(s[1]), s[2]))
+    compute.print(f"\n=== MORL ({cfg.algo}{', KL %g' % cfg.kl_beta if cfg.kl_beta else ''}): "
+                  f"{args.steps} steps x {args.prompts_per_step} prompts x G={cfg.group_size}, "
+                  f"lr {args.lr:g}, {cfg.updates_per_batch} optimiser step(s) per rollout batch; "
+                  f"tasks: {', '.join(tasks)}")
+
+    metrics_path = os.path.join(args.out, "metrics.jsonl")
+    curve_prompts = heldout_prompts(tasks, args.eval_n, args.seed) if args.eval_every else None
+    bar = tqdm(total=args.steps, initial=step, desc="rl", disable=not compute.master,
+               dynamic_ncols=True, mininterval=1, file=sys.stdout)
+    seen = loader.get("prompts_seen", 0)
+    while step < args.steps:
+        lr = tp.lr_at(step, stage)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        t0 = time.perf_counter()
+        kept, sampled = collect_groups(policy, processor, stream, easy, pool, cfg,
+                                       seed=args.seed * 1_000_003 + step * 1009 + compute.rank,
+                                       autocast=compute.autocast())
+        t1 = time.perf_counter()
+        upd = policy_update(wrapped, opt, kept, cfg, compute,
+                            processor if compute.distributed else None, ref_model)
+        t2 = time.perf_counter()
+        step += 1
+        records = sum(tp._gather(step_records(sampled), compute), [])
+        counts = _all_reduce([len(sampled), sum(not g.padding for g in kept), len(easy),
+                              sum(g.from_easy for g in sampled)], compute)
+        seen += int(counts[1]) * cfg.group_size
+        per_task = step_metrics(records)
+        for task, m in upd.pop("tasks").items():
+            per_task.setdefault(task, {}).update(m)
+        rec = {"step": step, "lr": lr, "reward": sum(r["reward"] for r in records) / len(records),
+               "pass": sum(r["pass"] for r in records) / len(records),
+               "length": sum(r["length"] for r in records) / len(records),
+               "truncated": sum(r["truncated"] for r in records) / len(records),
+               "sampled_groups": int(counts[0]), "kept_groups": int(counts[1]),
+               "easy_pool": int(counts[2]), "from_easy": int(counts[3]),
+               "responses_trained": seen, **upd, "tasks": per_task,
+               "rollout_s": round(t1 - t0, 2), "update_s": round(t2 - t1, 2), "time": time.time()}
+        _log(metrics_path, rec, compute)
+        bar.update(1)
+        bar.set_postfix_str(f"r {rec['reward']:.2f} " + " ".join(
+            f"{t[:6]} {m['reward']:.2f}" for t, m in sorted(per_task.items())) +
+            f" | len {rec['length']:.0f} H " + "{:.2f}".format(
+                sum(m.get("entropy", 0) for m in per_task.values()) / max(len(per_task), 1)) +
+            f" gn {upd.get('grad_norm', 0):.2f} kept {rec['kept_groups']}/{rec['sampled_groups']}")
+        if args.debug:
+            print_debug(sampled, compute)
+        if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
+            res, _ = evaluate_rewards(policy, processor, curve_prompts, compute, pool, args.eval_batch)
+            _log(os.path.join(args.out, "eval.jsonl"),
+                 {"step": step, "responses_trained": seen, "tasks": res}, compute)
+            bar.write(f"step {step}: held-out reward " + " ".join(
+                f"{t} {m['reward']:.3f}" for t, m in res.items()))
+        if args.save_every and step % args.save_every == 0 and step < args.steps:
+            state = {"position": stream.position, "easy": list(easy.easy),
+                     "easy_rng": easy.rng.getstate(), "prompts_seen": seen}
+            tp.save_training_state(ckpt_root, step, wrapped, opt, policy.cfg, processor, state,
+                                   compute, args.keep_last, {"stage": "rl", "tasks": tasks})
+        if args.debug_stop_after and step == args.debug_stop_after:
+            bar.close()
+            compute.print(f"stopping after step {step} (--debug-stop-after)")
+            raise SystemExit(3)
+    bar.close()
+    train_minutes = (time.perf_counter() - t_start) / 60
+
+    # --- the RL model: folder, held-out rewards, the before/after table ---------------------
+    state = tp.full_state(wrapped)
+    record = {"stage": "rl", "algo": cfg.algo, "steps": args.steps, "tasks": tasks,
+              "started_from": os.path.abspath(args.sft), "config": asdict(cfg),
+              "args": vars(args)}
+    if compute.master:
+        tp.save_stage_folder(final + ".partial", state, policy.cfg, processor, record)
+    compute.barrier()
+    prompts = heldout_prompts(eval_tasks, args.eval_n, args.seed)
+    after, recs = evaluate_rewards(policy, processor, prompts, compute, pool, args.eval_batch)
+    table = results_table(base["sft"], after, base["blank"], tasks)
+    minutes = (time.perf_counter() - t_start) / 60
+    done = {"tasks": tasks, "sft": base["sft"], "rl": after, "blank": base["blank"],
+            "mean_sft": mean_reward(base["sft"], tasks), "mean_rl": mean_reward(after, tasks),
+            "table": table, "minutes": round(minutes, 2), "train_minutes": round(train_minutes, 2),
+            "examples": {r["task"]: {"response": r["response"], "answer": r["answer"]}
+                         for r in recs}}
+    if compute.master:
+        with open(os.path.join(final + ".partial", "rl.json"), "w") as f:
+            json.dump(done, f, indent=1, default=str)
+        tp._commit_dir(final + ".partial", final)
+        with open(os.path.join(args.out, "summary.md"), "w") as f:
+            f.write(f"MORL ({cfg.algo}), {args.steps} steps, held-out reward ({args.eval_n} "
+                    f"prompts per task, greedy), {minutes:.1f} min\n\n{table}\n")
+    compute.print(f"\nheld-out reward before (SFT) and after MORL ({args.eval_n} prompts per task, "
+                  f"greedy; no-image = the SFT model given black images):\n{table}\n"
+                  f"\nwrote {final}; {minutes:.1f} min in all")
+    return done
+
+
+# -----------------------------------------------------------------------------
+# 14. On-policy vs vanilla GRPO (--compare) and the main job (--all)
+# -----------------------------------------------------------------------------
+
+def compare_algorithms(args, compute):
+    """--compare: the report's Fig. 7 at small scale. The same SFT model, prompts and number of
+    rollout batches on the reasoning task, once with the on-policy update (one step per batch)
+    and once with vanilla GRPO (--updates-per-batch steps per batch, clipped ratio); held-out
+    reward every --eval-every steps, printed side by side."""
+    curves = {}
+    for algo in ("onpolicy", "grpo"):
+        a = argparse.Namespace(**vars(args))
+        a.algo, a.out, a.rm = algo, os.path.join(args.out, algo), "none"
+        a.tasks = "text_math" if args.tasks == "auto" else args.tasks
+        a.eval_every = args.eval_every or max(1, args.steps // 6)
+        run_rl(a, compute)
+        with open(os.path.join(a.out, "eval.jsonl")) as f:
+            curves[algo] = [json.loads(line) for line in f]
+        with open(os.path.join(a.out, "eval_sft.json")) as f:
+            sft = json.load(f)["sft"]
+        curves[algo].insert(0, {"step": 0, "responses_trained": 0, "tasks": sft})
+    lines = ["| step | responses trained (on-policy / vanilla) | on-policy reward | vanilla GRPO reward |",
+             "|---|---|---|---|"]
+    for on, va in zip(curves["onpolicy"], curves["grpo"]):
+        lines.append(f"| {on['step']} | {on['responses_trained']} / {va['responses_trained']} | "
+                     f"{mean_reward(on['tasks'], list(on['tasks'])):.3f} | "
+                     f"{mean_reward(va['tasks'], list(va['tasks'])):.3f} |")
+    table = "\n".join(lines)
+    if compute.master:
+        with open(os.path.join(args.out, "compare.md"), "w") as f:
+            f.write(table + "\n")
+    compute.print("\non-policy (1 step per rollout batch) vs vanilla GRPO (clipped, several steps "
+                  f"per batch): mean held-out reward\n{table}")
+    return curves
+
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+# (name, expected seconds on 2 free CPU cores): the ETA of the main job's progress bar
+MAIN_JOB_PHASES = (("pre-training, stages 0-4", 1200), ("reward model", 120), ("MORL", 540),
+                   ("chat", 30))
+
+
+def _child_progress(text, phase):
+    """Fraction of a child's work done, read from the last tqdm bar in its output."""
+    bars = re.findall(r"(stage [\w-]+|reward model|rl):\s+\d+%\|[^|\n\r]*\|\s*(\d+)/(\d+)", text)
+    if not bars:
+        return 0.0
+    name, n, total = bars[-1]
+    if phase == 0 and name.startswith("stage "):      # pre-training: its stages in order
+        steps = {k: s.steps for k, s in tp.STAGES.items()}
+        key = name[len("stage "):]
+        if key in steps:
+            before = sum(steps[k] for k in tp.STAGE_ORDER[:tp.STAGE_ORDER.index(key)])
+            return (before + int(n)) / sum(steps.values())
+    return int(n) / max(int(total), 1)
+
+
+def _run_phase(cmd, log_path, bar, base, weight, phase):
+    """Run one phase as a child process (its output to log_path); move the job's bar as the
+    child's own progress bars move."""
+    import subprocess
+    with open(log_path, "w") as log:
+        log.write("$ " + " ".join(cmd) + "\n")
+        log.flush()
+        child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=os.getcwd(),
+                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        while child.poll() is None:
+            time.sleep(1.0)
+            with open(log_path, errors="replace") as f:
+                f.seek(max(0, os.path.getsize(log_path) - 20000))
+                tail = f.read()
+            frac = min(0.99, _child_progress(tail, phase))
+            bar.n = min(base + frac * weight, bar.total)
+            last = [x for x in re.split(r"[\r\n]", tail) if x.strip()]
+            bar.set_postfix_str((last[-1].strip() if last else "")[:70], refresh=False)
+            bar.refresh()
+    if child.returncode != 0:
+        bar.close()
+        with open(log_path, errors="replace") as f:
+            tail = f.read()[-3000:]
+        raise SystemExit(f"\n{tail}\n\nERROR: `{' '.join(cmd)}` failed (exit {child.returncode}); "
+                         f"its full output is in {log_path}")
+
+
+def main_job(args):
+    """--all: the whole small-scale reproduction from nothing, with one progress bar and ETA:
+    pre-training stages 0-4 -> reward model -> MORL -> evaluation tables -> a chat answer from
+    the CLI about a freshly generated synthetic image. Rerunning continues where it stopped."""
+    from tqdm import tqdm
+    t0 = time.perf_counter()
+    pre_out = tp.build_parser().get_default("out")
+    sft = os.path.join(pre_out, "stage4")
+    os.makedirs(args.out, exist_ok=True)
+    py = sys.executable
+    common = ["--seed", str(args.seed)] + (["--threads", str(args.threads)] if args.threads else [])
+    cmds = [
+        [py, os.path.join(HERE, "train_pretrain.py"), "--out", pre_out, "--resume"] + common,
+        [py, os.path.join(HERE, "train_rl.py"), "--train-rm", "--sft", sft, "--out", args.out,
+         "--resume"] + common,
+        [py, os.path.join(HERE, "train_rl.py"), "--sft", sft, "--out", args.out, "--resume"] + common,
+    ]
+    total = sum(w for _, w in MAIN_JOB_PHASES)
+    print(f"main job: {len(MAIN_JOB_PHASES)} phases, about {total / 60:.0f} min on 2 CPU cores; "
+          f"logs in {args.out}/main-*.log", flush=True)
+    bar = tqdm(total=total, desc="main job", file=sys.stdout, dynamic_ncols=True,
+               bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining} {postfix}")
+    base = 0
+    for phase, (cmd, (name, weight)) in enumerate(zip(cmds, MAIN_JOB_PHASES)):
+        bar.set_description(f"main job [{phase + 1}/{len(MAIN_JOB_PHASES)} {name}]")
+        _run_phase(cmd, os.path.join(args.out, f"main-{phase + 1}.log"), bar, base, weight, phase)
+        base += weight
+        bar.n = base
+        bar.refresh()
+
+    # --- chat: ask the final model about an image it has never seen ---------------------------
+    bar.set_description(f"main job [4/4 chat]")
+    sample = data.make_sample("count", 7, "heldout", args.seed + 1)
+    image_path = os.path.join(args.out, "chat_image.png")
+    sample["messages"][0]["content"][0]["image"].save(image_path)
+    question = sample["messages"][0]["content"][1]["text"]
+    final = os.path.join(args.out, "final")
+    cmd = [py, os.path.join(HERE, "mimovl.py"), "--model", final, "--image", image_path,
+           "--max-new-tokens", "64", question]
+    _run_phase(cmd, os.path.join(args.out, "main-4.log"), bar, base, MAIN_JOB_PHASES[-1][1], 3)
+    bar.n = total
+    bar.close()
+    with open(os.path.join(args.out, "main-4.log")) as f:
+        answer = [x for x in f.read().splitlines()[1:] if not x.startswith("loading ")]
+    minutes = (time.perf_counter() - t0) / 60
+
+    def read(path):
+        return open(path).read().strip() if os.path.isfile(path) else f"({path} missing)"
+    print("\n=== pre-training: held-out results after each stage\n" +
+          read(os.path.join(pre_out, "summary.md")))
+    print("\n=== reward model\n" + read(os.path.join(args.out, "reward_model", "pretrain_stage.json")))
+    print("\n=== MORL: held-out reward before and after\n" + read(os.path.join(args.out, "summary.md")))
+    print(f"\n=== chat\n$ python mimovl.py --model {final} --image {image_path} \"{question}\"\n"
+          + "\n".join(answer) + f"\n(ground truth: {sample['answer']})")
+    print(f"\nmain job done in {minutes:.1f} min")
+    return minutes
+
+
+# -----------------------------------------------------------------------------
+# 15. Command line
+# -----------------------------------------------------------------------------
+
+def build_parser():
+    p = argparse.ArgumentParser(description="MORL: mixed on-policy RL (SPEC §6.4)",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("what to run")
+    g.add_argument("--sft", default=default_sft(), help="the SFT model (pre-training stage 4 folder)")
+    g.add_argument("--out", default="runs/rl", help="output folder")
+    g.add_argument("--train-rm", action="store_true",
+                   help="train the Bradley-Terry reward model into <out>/reward_model, then stop")
+    g.add_argument("--rm", default="auto", help="reward model folder for the open-ended tasks; "
+                   "auto = <out>/reward_model if it exists; none = no reward model")
+    g.add_argument("--compare", action="store_true",
+                   help="on-policy vs vanilla GRPO on the reasoning task (report Fig. 7)")
+    g.add_argument("--all", action="store_true",
+                   help="the main job: pre-training, reward model, MORL, tables and a chat answer")
+    g.add_argument("--resume", action="store_true", help="continue from the last checkpoint in <out>")
+
+    g = p.add_argument_group("tasks")
+    g.add_argument("--tasks", default="auto", help="comma list of data.RL_TASKS, or auto: the "
+                   "tasks where the SFT model beats its no-image baseline")
+    g.add_argument("--min-gain", type=float, default=0.02,
+                   help="auto: the SFT reward must beat the no-image reward by this much")
+
+    g = p.add_argument_group("algorithm")
+    g.add_argument("--algo", default="onpolicy", choices=("onpolicy", "grpo"),
+                   help="onpolicy: MiMo-VL's update (1 optimiser step per batch, no clipping); "
+                        "grpo: vanilla (several clipped steps per batch)")
+    g.add_argument("--steps", type=int, default=40, help="rollout batches")
+    g.add_argument("--prompts-per-step", type=int, default=16, help="groups per batch, all ranks")
+    g.add_argument("--group-size", type=int, default=8, help="G responses per prompt")
+    g.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (constant after warm-up)")
+    g.add_argument("--warmup", type=int, default=3, help="warm-up steps")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this")
+    g.add_argument("--updates-per-batch", type=int, default=None,
+                   help="optimiser steps per rollout batch (mini-batches); onpolicy: 1, grpo: 4")
+    g.add_argument("--eps-low", type=float, default=0.2, help="grpo: lower clip of the ratio")
+    g.add_argument("--eps-high", type=float, default=0.28, help="grpo: upper clip (clip-higher)")
+    g.add_argument("--kl-beta", type=float, default=0.0, help="KL penalty to the frozen SFT model")
+    g.add_argument("--temperature", type=float, default=1.0, help="rollout sampling temperature")
+    g.add_argument("--top-p", type=float, default=1.0, help="rollout nucleus sampling")
+    g.add_argument("--max-new-tokens", type=int, default=None,
+                   help="response budget (default: each task's evaluation budget)")
+    g.add_argument("--no-dynamic-sampling", action="store_true",
+                   help="keep groups whose rewards are all equal")
+    g.add_argument("--max-refills", type=int, default=2, help="dynamic sampling: refill rounds")
+    g.add_argument("--easy-prob", type=float, default=0.1,
+                   help="probability of drawing from the easy pool (prompts solved by every sample)")
+
+    g = p.add_argument_group("rewards")
+    g.add_argument("--reward-workers", type=int, default=2, help="reward worker processes (0: inline)")
+    g.add_argument("--reward-timeout", type=float, default=10.0, help="seconds per reward")
+    g.add_argument("--rm-steps", type=int, default=120, help="--train-rm: optimiser steps")
+    g.add_argument("--rm-batch", type=int, default=16, help="--train-rm: pairs per step")
+    g.add_argument("--rm-lr", type=float, default=1e-4, help="--train-rm: peak learning rate")
+    g.add_argument("--rm-eval-n", type=int, default=200, help="--train-rm: held-out pairs")
+
+    g = p.add_argument_group("compute")
+    g.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    g.add_argument("--precision", default="auto", help="bf16 (autocast), fp32, or auto")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    g.add_argument("--max-tokens", type=int, default=4096, help="tokens per packed row of the update")
+    g.add_argument("--gen-rows", type=int, default=128, help="sequences per generate call")
+    g.add_argument("--seed", type=int, default=0)
+
+    g = p.add_argument_group("checkpoints, evaluation, debugging")
+    g.add_argument("--save-every", type=int, default=20, help="save training state every N steps")
+    g.add_argument("--keep-last", type=int, default=2, help="training states kept")
+    g.add_argument("--eval-n", type=int, default=32, help="held-out prompts per task")
+    g.add_argument("--eval-batch", type=int, default=64, help="prompts per evaluation batch")
+    g.add_argument("--eval-every", type=int, default=0, help="held-out reward every N steps (a curve)")
+    g.add_argument("--debug", action="store_true", help="print a few rollouts with rewards each step")
+    g.add_argument("--debug-stop-after", type=int, default=0, help="exit with code 3 after this step")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.all:
+        return main_job(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    compute = tp.compute_init(args.device, args.precision)
+    try:
+        if args.train_rm:
+            if args.resume and os.path.isfile(os.path.join(args.out, "reward_model", "extra.safetensors")):
+                compute.print(f"{args.out}/reward_model exists (--resume): skipping")
+                return None
+            return train_reward_model(args, compute)
+        if args.compare:
+            return compare_algorithms(args, compute)
+        return run_rl(args, compute)
+    finally:
+        if compute.distributed:
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
