@@ -8,6 +8,8 @@ bench.py — how fast, and how right, the hot paths are.
                                                     # this so the GPU script cannot rot; numbers meaningless)
     python bench.py --compile-sm90                  # any machine: compile every kernel for Hopper, report
                                                     # registers / spills / shared memory (CI runs this)
+    python bench.py --cpu --budget-s 3000           # this CPU (2 threads): our engine vs transformers 4.57
+    python bench.py --cpu --dry                     # tiny shapes: checks the CPU group runs (CI runs this)
 
 GPU group (one function per benchmark below; every peer is optional: a missing or failing one is
 reported in its row, never fatal):
@@ -720,6 +722,310 @@ TARGETS = [("lm_", "fwd", "x_vs_varlen_attn", 1.15), ("lm_", "fwd", "tflops", 40
            ("vit_", "fwd+bwd", "x_vs_best_sdpa", 1.0)]
 
 
+# -----------------------------------------------------------------------------
+# CPU group (--cpu): our engine against transformers 4.57 on the same weights and inputs.
+# Runs are interleaved (ours, theirs, ours, theirs, ...) and the speed-up is the median of the
+# per-pair ratios, so a neighbour process slowing the machine for a while hits both sides.
+
+def cpu_ceilings(bench):
+    """What this CPU can do at all: bf16 / fp32 matmul GFLOP/s and memory copy GB/s."""
+    n = 512 if bench.dry else 2048
+    out = {}
+    for name, dt in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        a, b = torch.randn(n, n, dtype=dt), torch.randn(n, n, dtype=dt)
+        a @ b
+        t0, reps = time.perf_counter(), 5
+        for _ in range(reps):
+            a @ b
+        out[name] = 2 * n ** 3 * reps / (time.perf_counter() - t0) / 1e9
+    x = torch.ones((16 if bench.dry else 256) * 2 ** 20, dtype=torch.uint8)
+    y = torch.empty_like(x)
+    y.copy_(x)
+    t0, reps = time.perf_counter(), 10
+    for _ in range(reps):
+        y.copy_(x)
+    out["copy_gbs"] = 2 * x.numel() * reps / (time.perf_counter() - t0) / 1e9   # read + write
+    bench.cpu_ceilings = out
+    bench.record(section="cpu", case="ceilings", impl="torch", note=json.dumps(
+        {"matmul_bf16_gflops": round(out["bf16"], 1), "matmul_fp32_gflops": round(out["fp32"], 1),
+         "copy_gbs": round(out["copy_gbs"], 1), "threads": torch.get_num_threads()}))
+
+
+def paired_models(cfg, dtype=torch.bfloat16, seed=0):
+    """Our model with random weights, and transformers' Qwen2_5_VLForConditionalGeneration built on
+    the meta device and given clones of the very same tensors (fast: no random init of 2 B
+    parameters; the clones keep packing ours from touching theirs)."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers.models.qwen2_5_vl import modeling_qwen2_5_vl as hfm
+
+    from mimovl import MiMoVL
+    torch.manual_seed(seed)
+    with torch.device("meta"):
+        ours = MiMoVL(cfg)
+    ours = ours.to_empty(device="cpu").to(dtype)
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            p.fill_(1.0) if name.endswith(("norm.weight", "layernorm.weight", "norm1.weight", "norm2.weight",
+                                           "ln_q.weight")) else p.normal_(0, 0.02)
+    d = cfg.to_hf_dict()
+    hcfg = Qwen2_5_VLConfig(**{k: v for k, v in d.items() if k != "architectures"})
+    for c in (hcfg, hcfg.text_config, hcfg.vision_config):
+        c._attn_implementation = "sdpa"
+    with torch.device("meta"):
+        hf = Qwen2_5_VLForConditionalGeneration(hcfg)
+    state = {}
+    for k, v in ours.state_dict().items():
+        k = "model." + k if k.startswith("visual.") else k
+        k = "model.language_model." + k[len("model."):] if k.startswith("model.") and not k.startswith("model.visual.") else k
+        state[k] = v.clone()
+    hf.load_state_dict(state, assign=True, strict=True)
+    # non-persistent rotary buffers were created on the meta device: rebuild them
+    hf.model.language_model.rotary_emb = hfm.Qwen2_5_VLRotaryEmbedding(config=hcfg.text_config)
+    vc = hcfg.vision_config
+    hf.model.visual.rotary_pos_emb = hfm.Qwen2_5_VisionRotaryEmbedding(vc.hidden_size // vc.num_heads // 2)
+    hf.generation_config.pad_token_id = 0
+    return ours.eval(), hf.eval()
+
+
+def _paired_runs(ours_fn, hf_fn, repeats):
+    ours_fn(), hf_fn()                                   # warm-up
+    return [(ours_fn(), hf_fn()) for _ in range(repeats)]
+
+
+def _cpu_dtype():
+    from mimovl import default_dtype
+    return default_dtype("cpu")
+
+
+def _frac(value, ceiling):
+    return round(value / ceiling, 3) if ceiling else None
+
+
+def bench_cpu_generate(bench):
+    """Prefill time and decode tokens/s: real-width MiMo-7B layers (4 of 36, 4096 wide, vocab
+    151,680) in bf16 where the CPU has it, our engine (weights packed for oneDNN) vs
+    transformers' generate."""
+    from kernels import pack_linear_weights_for_cpu
+    from mimovl import MiMoVLConfig
+    cfg = MiMoVLConfig.preset("tiny" if bench.dry else "mimo-vl-7b")
+    if not bench.dry:
+        cfg.text.num_hidden_layers = 4
+        cfg.vision.depth, cfg.vision.fullatt_block_indexes = 1, [0]
+    dtype = _cpu_dtype()
+    ours, hf = paired_models(cfg, dtype)
+    packed = pack_linear_weights_for_cpu(ours) if dtype == torch.bfloat16 else 0
+    prompt, new = (32, 8) if bench.dry else (512, 32)
+    ids = torch.randint(20, cfg.text.vocab_size, (1, prompt))
+    mask = torch.ones_like(ids)
+
+    def ours_run():
+        t0 = time.perf_counter()
+        steps = ours.stream_generate(ids, max_new_tokens=new, stop_token_ids=[])
+        next(steps)
+        t1 = time.perf_counter()
+        for _ in steps:
+            pass
+        return t1 - t0, (new - 1) / (time.perf_counter() - t1)
+
+    def hf_run():  # prefill = a one-token generate; decode = the rest of a full generate
+        t0 = time.perf_counter()
+        hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=1, do_sample=False, eos_token_id=None)
+        t1 = time.perf_counter()
+        hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False, eos_token_id=None)
+        t2 = time.perf_counter()
+        return t1 - t0, (new - 1) / max((t2 - t1) - (t1 - t0), 1e-9)
+
+    with torch.inference_mode():
+        pairs = _paired_runs(ours_run, hf_run, 1 if bench.dry else 3)
+    c = getattr(bench, "cpu_ceilings", {})
+    weight_bytes = sum(p.numel() * p.element_size() for n, p in hf.named_parameters()
+                       if "visual" not in n and "embed_tokens" not in n)
+    pre_flops = 2 * prompt * weight_bytes / (2 if dtype == torch.bfloat16 else 4)
+    for name, idx, better in (("prefill", 0, "lower"), ("decode", 1, "higher")):
+        o = statistics.median(p[0][idx] for p in pairs)
+        h = statistics.median(p[1][idx] for p in pairs)
+        ratio = statistics.median((p[1][idx] / p[0][idx]) if idx == 0 else (p[0][idx] / p[1][idx]) for p in pairs)
+        extra = {"speedup": round(ratio, 3), "ours": round(o * 1e3 if idx == 0 else o, 3),
+                 "transformers": round(h * 1e3 if idx == 0 else h, 3),
+                 "unit": "ms" if idx == 0 else "tokens/s", "layers": cfg.text.num_hidden_layers,
+                 "dtype": str(dtype), "packed_linears": packed}
+        if idx == 0:
+            extra["frac_matmul_ceiling"] = _frac(pre_flops / o / 1e9, c.get("bf16" if dtype == torch.bfloat16 else "fp32"))
+        else:
+            extra["frac_memory_ceiling"] = _frac(weight_bytes * o / 1e9, c.get("copy_gbs") and c["copy_gbs"] / 2)
+        bench.record(section="cpu", case=f"lm_{name}_{prompt}tok", impl="ours_vs_transformers", **extra)
+
+
+def bench_cpu_vit(bench):
+    """The full MiMo-VL ViT (32 blocks, 1280 wide) on one 448x448 image: ours vs transformers'
+    vision tower, forward, same weights."""
+    from kernels import pack_linear_weights_for_cpu
+    from mimovl import MiMoVLConfig
+    cfg = MiMoVLConfig.preset("tiny" if bench.dry else "mimo-vl-7b")
+    cfg.text.num_hidden_layers = 1
+    dtype = _cpu_dtype()
+    ours, hf = paired_models(cfg, dtype)
+    packed = pack_linear_weights_for_cpu(ours) if dtype == torch.bfloat16 else 0
+    side = 224 if bench.dry else 448
+    grid = torch.tensor([[1, side // 14, side // 14]])
+    pv = torch.randn(int(grid.prod()), 1176, dtype=dtype)
+
+    def timed(fn):
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+    with torch.inference_mode():
+        pairs = _paired_runs(lambda: timed(lambda: ours.visual(pv, grid)),
+                             lambda: timed(lambda: hf.model.visual(pv, grid_thw=grid)), 1 if bench.dry else 3)
+        err = (ours.visual(pv, grid).float() - hf.model.visual(pv, grid_thw=grid).float()).abs().max().item()
+    o, h = statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)
+    params = sum(p.numel() for p in hf.model.visual.parameters())
+    flops = 2 * pv.shape[0] * params
+    bench.record(section="cpu", case=f"vit_{side}px", impl="ours_vs_transformers", ms=o * 1e3, err=err,
+                 speedup=round(statistics.median(p[1] / p[0] for p in pairs), 3), transformers_ms=round(h * 1e3, 1),
+                 frac_matmul_ceiling=_frac(flops / o / 1e9, getattr(bench, "cpu_ceilings", {}).get(
+                     "bf16" if dtype == torch.bfloat16 else "fp32")), dtype=str(dtype), packed_linears=packed)
+
+
+def bench_cpu_load_rss(bench):
+    """Peak resident memory of a fresh process while MiMoVL.from_pretrained loads a ~1 GB bf16
+    checkpoint in 4 shards, every weight touched afterwards: at most the model plus one shard
+    (then the official 16.6 GB model loads on a 24 GB machine)."""
+    import subprocess
+    import tempfile
+    import textwrap
+
+    import mimovl
+    from mimovl import MiMoVL, MiMoVLConfig
+    cfg = MiMoVLConfig.preset("tiny")
+    t = cfg.text
+    t.hidden_size, t.intermediate_size, t.num_attention_heads, t.num_key_value_heads = 1024, 2816, 8, 2
+    t.vocab_size, t.mrope_section = 32000, [16, 24, 24]
+    cfg.vision.out_hidden_size = 1024
+    per_layer = 2 * 1024 * 1024 + 2 * 256 * 1024 + 3 * 1024 * 2816
+    target = 0.05e9 if bench.dry else 1.0e9
+    t.num_hidden_layers = max(1, round((target / 2 - 2 * 32000 * 1024) / per_layer))
+    with tempfile.TemporaryDirectory() as tmp:
+        with torch.device("meta"):
+            model = MiMoVL(cfg)
+        model = model.to_empty(device="cpu").to(torch.bfloat16)
+        for p in model.parameters():
+            p.data.normal_(0, 0.02)
+        size = sum(p.numel() * p.element_size() for p in model.parameters())
+        model.save_pretrained(tmp, max_shard_bytes=int(size / 4 * 1.05))
+        del model
+        shards = [os.path.getsize(os.path.join(tmp, f)) for f in os.listdir(tmp) if f.endswith(".safetensors")]
+        code = textwrap.dedent(f"""
+            import torch
+            from mimovl import MiMoVL
+            def hwm():  # this process's peak resident set (ru_maxrss would include the parent's)
+                for line in open("/proc/self/status"):
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) * 1024
+            base = hwm()
+            m = MiMoVL.from_pretrained({tmp!r}, dtype=torch.bfloat16, progress=False)
+            for p in m.parameters():   # touch every weight: lazily mapped pages become resident
+                p.sum()
+            print(base, hwm())
+        """)
+        env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.abspath(mimovl.__file__)))
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+        if out.returncode:
+            raise RuntimeError(out.stderr[-2000:])
+        base, peak = map(int, out.stdout.split())
+    budget = size + max(shards)
+    bench.record(section="cpu", case="load_rss_4_shards", impl="ours", ok=peak - base <= budget,
+                 note=f"peak {(peak - base) / 1e6:.0f} MB over the {base / 1e6:.0f} MB interpreter; "
+                      f"model {size / 1e6:.0f} MB, largest of {len(shards)} shards {max(shards) / 1e6:.0f} MB, "
+                      f"budget model + shard {budget / 1e6:.0f} MB")
+
+
+def bench_cpu_loader(bench):
+    """Samples/s the packed loader makes vs samples/s a tiny-preset training step consumes."""
+    import data
+    from mimovl import MiMoVL, MiMoVLConfig
+    with __import__("tempfile").TemporaryDirectory() as tmp:
+        data.train_tokenizer(tmp, n_samples=500)
+        processor = data.Processor.from_pretrained(tmp)
+    max_tokens = 512 if bench.dry else 2048
+    loader = data.PackedLoader(data.SyntheticDataset(3), processor, max_tokens=max_tokens, chunk_size=64)
+    made = data.loader_throughput(loader, n_rows=3 if bench.dry else 30)
+    torch.manual_seed(0)
+    model = MiMoVL(MiMoVLConfig.preset("tiny"))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    rows = iter(loader)
+    dtype = _cpu_dtype()
+    n_samples, t0, steps = 0, time.perf_counter(), 2 if bench.dry else 5
+    for _ in range(steps):
+        row = next(rows)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            loss = model(row["input_ids"], labels=row["labels"], cu_seqlens=row["cu_seqlens"],
+                         **{k: row[k] for k in ("pixel_values", "image_grid_thw", "pixel_values_videos",
+                                                "video_grid_thw", "second_per_grid_ts") if row.get(k) is not None}).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        n_samples += len(row["cu_seqlens"]) - 1
+    consumed = n_samples / (time.perf_counter() - t0)
+    bench.record(section="cpu", case=f"loader_{max_tokens}tok", impl="data.PackedLoader",
+                 ok=made["samples_per_s"] > consumed,
+                 note=f"loader {made['samples_per_s']:.0f} samples/s vs training step {consumed:.1f} samples/s "
+                      f"(tiny preset, {dtype})")
+
+
+def bench_cpu_train_step(bench):
+    """Training tokens/s of our forward+backward+AdamW step vs the same step on transformers'
+    Qwen2_5_VLForConditionalGeneration: tiny preset, the same batch (4 rows of 256 tokens with a
+    224-px image each), the same dtype policy (bf16 autocast where the CPU has bf16)."""
+    from mimovl import MiMoVLConfig
+    cfg = MiMoVLConfig.preset("tiny")
+    ours, hf = paired_models(cfg, torch.float32)
+    ours.train(), hf.train()
+    B, L, side = (2, 96, 112) if bench.dry else (4, 256, 224)
+    n_img = (side // 28) ** 2
+    ids = torch.randint(20, cfg.text.vocab_size, (B, L))
+    ids[:, 4] = cfg.vision_start_token_id
+    ids[:, 5:5 + n_img] = cfg.image_token_id
+    ids[:, 5 + n_img] = cfg.vision_end_token_id
+    labels = ids.clone()
+    labels[:, :6 + n_img] = -100
+    grid = torch.tensor([[1, side // 14, side // 14]] * B)
+    pv = torch.randn(int(grid.prod(-1).sum()), 1176)
+    autocast = _cpu_dtype() == torch.bfloat16
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-4) for m in (ours, hf)]
+
+    def step(model, opt, hf_call):
+        t0 = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = model(input_ids=ids, labels=labels, pixel_values=pv, image_grid_thw=grid) if hf_call else \
+                model(ids, labels=labels, pixel_values=pv, image_grid_thw=grid)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad()
+        return B * L / (time.perf_counter() - t0)
+
+    pairs = _paired_runs(lambda: step(ours, opts[0], False), lambda: step(hf, opts[1], True), 2 if bench.dry else 5)
+    bench.record(section="cpu", case=f"train_step_{B}x{L}", impl="ours_vs_transformers",
+                 speedup=round(statistics.median(o / h for o, h in pairs), 3),
+                 ours_tokens_per_s=round(statistics.median(o for o, _ in pairs), 1),
+                 transformers_tokens_per_s=round(statistics.median(h for _, h in pairs), 1),
+                 note="tiny preset, bf16 autocast" if autocast else "tiny preset, fp32")
+
+
+def run_cpu(bench, args):
+    torch.set_num_threads(args.threads)
+    for fn in (cpu_ceilings, bench_cpu_generate, bench_cpu_vit, bench_cpu_train_step, bench_cpu_loader,
+               bench_cpu_load_rss):
+        if bench.time_left() <= 0:
+            bench.record(section="cpu", case=fn.__name__, impl="skipped", note="--budget-s exhausted")
+            continue
+        try:
+            fn(bench)
+        except Exception as exc:  # one broken section must not hide the others
+            bench.record(section="cpu", case=fn.__name__, impl="error", ok=False, note=_describe(exc))
+
+
 def report_targets(bench):
     """One row per target and case: the measured value against the target."""
     for prefix, pass_, metric, target in TARGETS:
@@ -747,6 +1053,8 @@ def main():
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     # --- benchmark groups ---
     parser.add_argument("--gpu", action="store_true", help="kernels on one CUDA GPU (see the module docstring)")
+    parser.add_argument("--cpu", action="store_true",
+                        help="our engine vs transformers on this CPU: generation, ViT, training step, loader, load memory")
     parser.add_argument("--compile-sm90", action="store_true",
                         help="compile every kernel for Hopper (no GPU needed) and report registers/spills")
     # --- options ---
@@ -757,9 +1065,12 @@ def main():
                         help="stop starting new measurements after this many seconds (default 270)")
     parser.add_argument("--sweep", action="store_true", help="also time alternative attention block sizes")
     parser.add_argument("--no-flex", action="store_true", help="skip FlexAttention (slow to compile)")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads for --cpu (default 2)")
     args = parser.parse_args()
-    if not (args.gpu or args.compile_sm90):
-        parser.error("choose a benchmark group: --gpu or --compile-sm90")
+    if not (args.gpu or args.compile_sm90 or args.cpu):
+        parser.error("choose a benchmark group: --cpu, --gpu or --compile-sm90")
+    if args.cpu and args.gpu:
+        parser.error("run --cpu and --gpu separately")
     if args.compile_sm90 and args.gpu and args.dry:
         parser.error("--compile-sm90 needs the Triton compiler, --gpu --dry its interpreter: run them separately")
 
@@ -783,7 +1094,9 @@ def main():
         bench_compile_sm90(bench)
     if args.gpu:
         run_gpu(bench, args)
-    bad = [r for r in bench.rows if r.get("ok") is False and r.get("impl") == "triton"]
+    if args.cpu:
+        run_cpu(bench, args)
+    bad = [r for r in bench.rows if r.get("ok") is False and r.get("impl") in ("triton", "error")]
     print(f"\n{len(bench.rows)} rows -> {args.out}" + (f"; {len(bad)} Triton rows failed the accuracy rule"
                                                        if bad else ""))
     return 1 if bad else 0
