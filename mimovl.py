@@ -31,8 +31,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-from kernels import apply_rotary, linear_cross_entropy, swiglu, varlen_attention
-from vit import RMSNorm, VisionConfig, VisionTransformer
+from kernels import apply_rotary, linear_cross_entropy, varlen_attention
+from vit import MLP, RMSNorm, VisionConfig, VisionTransformer
 
 
 # -----------------------------------------------------------------------------
@@ -311,24 +311,13 @@ class Attention(nn.Module):
                                 causal=True, scale=self.hd ** -0.5)
 
 
-class MLP(nn.Module):
-    def __init__(self, cfg: TextConfig):
-        super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-
-    def forward(self, x):
-        return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
-
-
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, bias=False)
 
     def forward(self, x, cos, sin, cu_seqlens, max_seqlen, cache=None, layer=0):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, cu_seqlens, max_seqlen, cache, layer)

@@ -186,12 +186,14 @@ class VisionAttention(nn.Module):
         return self.proj(o.reshape(n, -1))
 
 
-class VisionMLP(nn.Module):
-    def __init__(self, cfg):
+class MLP(nn.Module):
+    """SwiGLU MLP, down(silu(gate(x)) * up(x)): with biases in the ViT, without in the LM."""
+
+    def __init__(self, dim, hidden, bias):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=True)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=True)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=True)
+        self.gate_proj = nn.Linear(dim, hidden, bias=bias)
+        self.up_proj = nn.Linear(dim, hidden, bias=bias)
+        self.down_proj = nn.Linear(hidden, dim, bias=bias)
 
     def forward(self, x):
         return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
@@ -203,7 +205,7 @@ class VisionBlock(nn.Module):
         self.norm1 = RMSNorm(cfg.hidden_size, eps=1e-6)
         self.attn = VisionAttention(cfg)
         self.norm2 = RMSNorm(cfg.hidden_size, eps=1e-6)
-        self.mlp = VisionMLP(cfg)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size, bias=True)
 
     def forward(self, x, cu_seqlens, max_seqlen, cos, sin):
         x = x + self.attn(self.norm1(x), cu_seqlens, max_seqlen, cos, sin)
