@@ -1,0 +1,1531 @@
+"""
+train_pretrain.py — MiMo-VL's four pre-training stages (SPEC.md §6.1-§6.3), runnable from a
+2-core laptop to many GPUs with plain PyTorch and torch.distributed.
+
+    # the small-scale reproduction: stage 0 + stages 1-4 on the tiny preset, one CPU (~20 min)
+    python train_pretrain.py
+    # one GPU: a wider model trained 4x longer (grounding is learned too)
+    python train_pretrain.py --device cuda --scale 4 --out runs/pretrain-s4
+    # 8 GPUs on one node (DDP for small models; --fsdp shards every block with FSDP2)
+    torchrun --standalone --nproc_per_node 8 train_pretrain.py --scale 16 --out runs/pretrain-s16
+    torchrun --standalone --nproc_per_node 8 train_pretrain.py --init path/to/Qwen2.5-VL-7B-Instruct \\
+        --recipe paper --fsdp --grad-checkpointing --stage 1 --steps 2000
+    # several nodes (run on every node, NODE = 0..N-1; the data are read per rank, shared disk for --out)
+    torchrun --nnodes 4 --node_rank $NODE --nproc_per_node 8 --rdzv_backend c10d \\
+        --rdzv_endpoint $MASTER_HOST:29500 train_pretrain.py --init ... --recipe paper --fsdp
+    # continue an interrupted run exactly where it stopped / run some stages
+    python train_pretrain.py --resume
+    python train_pretrain.py --stage 3,4 --no-reasoning-data --from runs/pretrain/stage2 --out runs/ablation
+    # score a checkpoint on any JSONL file whose lines carry an `answer` (SPEC §6.5)
+    python train_pretrain.py --eval-only runs/pretrain/stage4 --eval-jsonl my_benchmark.jsonl
+
+The recipe (SPEC §6.3, MiMo-VL report Table 1): a pretrained ViT (Qwen2.5-ViT) and a pretrained
+LM (MiMo-7B-Base) joined by a freshly initialised MLP projector (`model.visual.merger`), then
+
+    stage 1  projector warm-up            projector only       image-caption pairs      LR 1e-3
+    stage 2  vision-language alignment    ViT + projector      + interleaved data       LR 1e-4 -> 1e-5
+    stage 3  general multimodal           everything           + OCR, grounding, video,  LR 1e-5
+                                                                 counting, reasoning
+    stage 4  long-context SFT             everything           + long/high-res data,     LR 2.5e-5
+                                                                 much more long reasoning
+
+each stage starting from the previous stage's output. `--init DIR` takes the two towers from any
+Qwen2.5-VL-format checkpoint and re-initialises the projector, as the paper does. From scratch
+there are no pretrained towers, so a stage 0 makes tiny ones first: `0-lm` trains the LM on the
+synthetic text corpus, `0-vit` trains the ViT to classify every 28-px cell of synthetic scenes
+through a small temporary head (measured: with random towers a projector-only stage 1 learns
+colour but not shape). The tiny values in STAGES below are ours, chosen so that each stage
+learns within minutes on a CPU (../shared/SMALL-SCALE-NOTES.md); PAPER_STAGES are the paper's.
+
+Output (`--out`, default runs/pretrain):
+    tokenizer/            the from-scratch BPE tokenizer (data.train_tokenizer)
+    stage0-lm/ stage0-vit/ stage1/ ... stage4/
+                          Hugging Face folders (config.json, model.safetensors, tokenizer.json,
+                          chat template, preprocessor and generation configs), loadable by
+                          MiMoVL.from_pretrained and Qwen2_5_VLForConditionalGeneration
+    checkpoints/<stage>/step-NNNNNN/   resumable training state (safetensors + JSON)
+    metrics.jsonl  eval.jsonl  summary.md
+
+Sections: 1 stage table · 2 compute_init and precision · 3 the model: init, freezing, wrapping
+· 4 optimiser and schedule · 5 checkpoints · 6 evaluation and scorers · 7 data streams ·
+8 the training loop · 9 command line. Tests: tests/test_pretrain.py.
+"""
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import random
+import re
+import shutil
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, replace
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+import data
+from mimovl import MiMoVL, MiMoVLConfig
+
+
+# -----------------------------------------------------------------------------
+# 1. The stage table (SPEC §6.3)
+
+@dataclass
+class Stage:
+    key: str            # "0-lm", "0-vit", "1" .. "4"
+    purpose: str
+    trainable: tuple    # parts of the model (PARTS) that get gradients
+    lr: float           # peak learning rate, reached after `warmup` steps
+    min_lr: float       # the cosine decay ends here
+    warmup: int         # optimiser steps of linear warm-up
+    steps: int          # optimiser steps
+    seq_len: int        # tokens per packed row (the paper's sequence length)
+    rows: int           # packed rows per optimiser step, all ranks together (0-vit: images)
+    data: str           # what the stage trains on (the mixtures live in data.STAGE_MIXTURES)
+    paper: str          # the paper's setting for this stage
+
+
+# Tiny-scale values. Learning rates: 3e-4 got a tiny model off the no-image plateau where 1e-3
+# kept it there (SMALL-SCALE-NOTES.md); the projector-only stage keeps the paper's 1e-3, since
+# a small randomly initialised MLP between two frozen towers tolerates it. Stage 4 doubles the
+# row length (long-context packing) and, as the paper, raises the LR above stage 3's.
+STAGES = {
+    "0-lm": Stage("0-lm", "LM pre-training (stands in for MiMo-7B-Base)", ("llm",),
+                  1e-3, 1e-4, 20, 200, 2048, 1, "synthetic text: documents, text scenes, word problems",
+                  "none: MiMo-7B-Base is pretrained"),
+    "0-vit": Stage("0-vit", "ViT pre-training (stands in for Qwen2.5-ViT)", ("vit", "projector"),
+                   1e-3, 1e-4, 20, 150, 0, 32, "synthetic scenes, the class of every 28-px cell",
+                   "none: Qwen2.5-ViT is pretrained"),
+    "1": Stage("1", "projector warm-up", ("projector",),
+               1e-3, 1e-4, 20, 150, 2048, 1, "captions", "projector only, LR 1e-3, 300 B tokens, 8K"),
+    "2": Stage("2", "vision-language alignment", ("vit", "projector"),
+               3e-4, 3e-5, 20, 250, 2048, 1, "+ interleaved", "ViT + projector, LR 1e-4 -> 1e-5, 167 B, 8K"),
+    "3": Stage("3", "general multimodal pre-training", ("vit", "projector", "llm"),
+               3e-4, 3e-5, 30, 700, 2048, 1, "+ OCR, grounding, counting, video, reasoning, text",
+               "all, LR 1e-5, 1.4 T, 8K"),
+    "4": Stage("4", "long-context SFT", ("vit", "projector", "llm"),
+               4e-4, 4e-5, 20, 200, 4096, 1, "+ long and high-res data, more long reasoning",
+               "all, LR 2.5e-5, 550 B, 32K"),
+}
+
+# The paper's values for a 7B model started with --init (steps: tokens / (rows x seq_len) at a
+# global batch of 2 M tokens; in practice set --steps for the budget you have).
+PAPER_STAGES = {
+    "1": replace(STAGES["1"], lr=1e-3, min_lr=1e-3, warmup=1000, steps=143_000, seq_len=8192, rows=256),
+    "2": replace(STAGES["2"], lr=1e-4, min_lr=1e-5, warmup=1000, steps=80_000, seq_len=8192, rows=256),
+    "3": replace(STAGES["3"], lr=1e-5, min_lr=1e-5, warmup=1000, steps=668_000, seq_len=8192, rows=256),
+    "4": replace(STAGES["4"], lr=2.5e-5, min_lr=2.5e-5, warmup=1000, steps=262_000, seq_len=32768, rows=64),
+}
+STAGE_ORDER = ("0-lm", "0-vit", "1", "2", "3", "4")
+
+
+def stage_table(stages):
+    lines = ["stage  trainable            lr       -> min_lr   warmup  steps  seq_len  rows  data",
+             "-----  -------------------  --------------------  ------  -----  -------  ----  ----"]
+    for s in stages:
+        lines.append(f"{s.key:<6} {'+'.join(s.trainable):<20} {s.lr:<8.2g} -> {s.min_lr:<8.2g}  "
+                     f"{s.warmup:>6}  {s.steps:>5}  {s.seq_len:>7}  {s.rows:>4}  {s.data}")
+    return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
+# 2. compute_init: one entry point for CPU, one GPU and torchrun; the precision policy
+
+@dataclass
+class Compute:
+    device: torch.device
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    amp_dtype: torch.dtype = None    # torch.bfloat16 (autocast) or None (fp32)
+    backend: str = None              # "gloo" / "nccl" under torchrun
+
+    @property
+    def distributed(self):
+        return self.world_size > 1
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def barrier(self):
+        if self.distributed:
+            dist.barrier()
+
+    def print(self, *a, **kw):
+        if self.master:
+            print(*a, **kw, flush=True)
+
+
+def cpu_has_native_bf16():
+    """True when the CPU has bf16 matrix instructions (x86 avx512_bf16 / AMX). Without them bf16
+    matmuls are emulated and slower than fp32 (MACHINE-NOTES.md)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(f.read().split())
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def compute_init(device="auto", precision="auto", quiet=False):
+    """Start torch.distributed when launched by torchrun (gloo on CPU, NCCL on GPU), pick this
+    rank's device and the precision: bf16 autocast on GPUs and on CPUs with native bf16, fp32
+    otherwise (printed either way)."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device!r}: use cpu, cuda or auto")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda but torch sees no GPU (torch.cuda.is_available() is False)")
+    rank, local_rank, world = 0, 0, 1
+    backend = None
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:       # launched by torchrun
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device == "cuda":
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    if world > 1 or "RANK" in os.environ:
+        backend = "nccl" if device == "cuda" else "gloo"
+        if not dist.is_initialized():
+            dist.init_process_group(backend, **({"device_id": dev} if device == "cuda" else {}))
+
+    if precision == "auto":
+        native = (torch.cuda.is_bf16_supported() if device == "cuda" else cpu_has_native_bf16())
+        precision = "bf16" if native else "fp32"
+        why = ("the GPU supports bf16" if device == "cuda" else
+               "the CPU has avx512_bf16/amx" if native else "the CPU has no native bf16")
+    else:
+        why = "--precision"
+    if precision not in ("bf16", "fp32"):
+        raise ValueError(f"--precision {precision!r}: use bf16, fp32 or auto")
+    c = Compute(dev, rank, local_rank, world, torch.bfloat16 if precision == "bf16" else None, backend)
+    if not quiet:
+        c.print(f"compute: {world} process(es) on {device}" + (f" ({backend})" if backend else "") +
+                f" | precision: {'bf16 autocast, fp32 master weights' if c.amp_dtype else 'fp32'} ({why})")
+    return c
+
+
+def all_reduce_sum(x, compute):
+    if compute.distributed:
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
+
+
+# -----------------------------------------------------------------------------
+# 3. The model: configs, initialisation, freezing, wrapping
+
+# Every parameter belongs to exactly one part (tested): the stages freeze and train parts.
+PARTS = {
+    "vit": ("visual.patch_embed.", "visual.blocks."),
+    "projector": ("visual.merger.",),
+    "llm": ("model.", "lm_head."),
+}
+
+
+def part_of(name):
+    for part, prefixes in PARTS.items():
+        if name.startswith(prefixes):
+            return part
+    raise ValueError(f"parameter {name} belongs to no part of {list(PARTS)}")
+
+
+def set_trainable(model, parts):
+    """requires_grad = True exactly on the parameters of `parts`; returns the trainable count."""
+    for p in parts:
+        if p not in PARTS:
+            raise ValueError(f"unknown model part {p!r}; choose from {', '.join(PARTS)}")
+    n = 0
+    for name, p in model.named_parameters():
+        p.requires_grad_(part_of(name) in parts)
+        n += p.numel() if p.requires_grad else 0
+    return n
+
+
+def reinit_projector(model):
+    """A fresh projector, as the paper's stage 1 starts with (SPEC §6.1)."""
+    merger = model.visual.merger
+    merger.apply(MiMoVL._init_weights)
+    nn.init.ones_(merger.ln_q.weight)
+
+
+def tiny_config(scale=1):
+    """The tiny preset, widened for --scale >= 3 (w = round(sqrt(scale)) heads per head of the
+    tiny model; head_dim stays 64 so mrope_section [8, 12, 12] still sums to head_dim / 2)."""
+    cfg = MiMoVLConfig.preset("tiny")
+    w = max(1, round(scale ** 0.5))
+    if w == 1:
+        return cfg
+    t, v = cfg.text, cfg.vision
+    t.num_attention_heads, t.num_key_value_heads = 4 * w, 2 * w
+    t.hidden_size = 64 * t.num_attention_heads
+    t.intermediate_size = 16 * round(2.6875 * t.hidden_size / 16)
+    t.num_hidden_layers = 4 + 2 * (w - 1)
+    v.num_heads, v.hidden_size = 2 * w, 128 * w
+    v.intermediate_size = 2 * v.hidden_size
+    v.depth = 4 + 2 * (w - 1)
+    v.fullatt_block_indexes = list(range(1, v.depth, 2))
+    v.out_hidden_size = t.hidden_size
+    return cfg.validate()
+
+
+class CellClassifier(nn.Module):
+    """Stage 0-vit's objective: the class of every 28-px cell (data.CELL_CLASSES) from the merged
+    visual token that covers it. The head is temporary: stage 1 drops it and re-initialises the
+    merger, keeping only what the ViT blocks learned."""
+
+    def __init__(self, model, n_classes):
+        super().__init__()
+        self.model = model
+        self.head = nn.Linear(model.cfg.vision.out_hidden_size, n_classes)
+
+    def forward(self, pixel_values, grid_thw, cell_labels):
+        feats = self.model.visual(pixel_values, grid_thw)          # (n_cells, D), raster order
+        logits = self.head(feats).float()                          # (n_cells, n_classes)
+        loss = F.cross_entropy(logits, cell_labels)
+        return loss, (logits.argmax(-1) == cell_labels).sum()
+
+
+def wrap_model(trainee, compute, fsdp=False):
+    """DDP (a full replica per rank) for small models; FSDP2 (`fully_shard` every ViT block, LM
+    layer, the projector, the patch and token embeddings, then the root) for large ones, with bf16
+    compute and fp32 gradient reduction. Single process: the module itself."""
+    if not compute.distributed:
+        return trainee
+    if fsdp:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        mp = MixedPrecisionPolicy(param_dtype=compute.amp_dtype, reduce_dtype=torch.float32)
+        model = trainee.model if isinstance(trainee, CellClassifier) else trainee
+        units = [*model.visual.blocks, model.visual.merger, model.visual.patch_embed,
+                 *model.model.layers, model.model.embed_tokens]
+        for m in units:
+            fully_shard(m, mp_policy=mp)
+        # lm_head stays in the root unit: the loss reads lm_head.weight directly
+        fully_shard(trainee, mp_policy=mp)
+        return trainee
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    ids = [compute.device.index] if compute.device.type == "cuda" else None
+    return DDP(trainee, device_ids=ids)
+
+
+def unwrap(wrapped):
+    return wrapped.module if hasattr(wrapped, "module") else wrapped
+
+
+def grad_sync(wrapped, sync):
+    """Skip the gradient all-reduce on all but the last micro-batch of a step."""
+    if hasattr(wrapped, "no_sync"):                              # DDP
+        return contextlib.nullcontext() if sync else wrapped.no_sync()
+    if hasattr(wrapped, "set_requires_gradient_sync"):          # FSDP2
+        wrapped.set_requires_gradient_sync(sync)
+    return contextlib.nullcontext()
+
+
+def memory_estimate_gib(cfg, world_size, seq_len, trainable_fraction=1.0):
+    """Rough per-GPU memory of a stage under FSDP2 with gradient checkpointing: fp32 master
+    weights (4 B), fp32 grads and AdamW moments (12 B per trainable parameter) sharded over
+    world_size, plus bf16 activations at layer boundaries (2 B x seq x hidden x layers) and
+    one layer's working set (~16 B x seq x intermediate). An estimate, not a measurement."""
+    with torch.device("meta"):
+        n = sum(p.numel() for p in MiMoVL(cfg).parameters())
+    t = cfg.text
+    states = (4 * n + 12 * n * trainable_fraction) / world_size
+    acts = 2 * seq_len * t.hidden_size * t.num_hidden_layers + 16 * seq_len * t.intermediate_size
+    logits = 4 * seq_len * t.vocab_size / 4           # chunked CE holds a quarter of fp32 logits
+    return (states + acts + logits) / 2 ** 30
+
+
+# -----------------------------------------------------------------------------
+# 4. Optimiser and schedule
+
+def build_optimizer(trainee, lr, weight_decay, betas, device):
+    """AdamW over the trainable parameters; no weight decay on biases, norms and embeddings.
+    Fused kernel on GPU."""
+    decay, no_decay = [], []
+    for name, p in trainee.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 and "embed_tokens" not in name else no_decay).append(p)
+    groups = [g for g in ({"params": decay, "weight_decay": weight_decay},
+                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    if not groups:
+        raise ValueError("no trainable parameters in this stage; check --trainable")
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=1e-8,
+                             fused=device.type == "cuda" or None)
+
+
+def lr_at(step, stage):
+    """Linear warm-up to stage.lr, then cosine decay to stage.min_lr at the last step.
+    `step` counts optimiser steps already taken (0 for the first)."""
+    if step < stage.warmup:
+        return stage.lr * (step + 1) / stage.warmup
+    progress = min(1.0, (step - stage.warmup) / max(1, stage.steps - stage.warmup))
+    return stage.min_lr + 0.5 * (stage.lr - stage.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+# -----------------------------------------------------------------------------
+# 5. Checkpoints: HF stage folders and resumable training state (safetensors + JSON, atomic)
+
+def _atomic_dir(final):
+    """A fresh temporary folder beside `final`; `_commit_dir` renames it into place."""
+    tmp = f"{final}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    return tmp
+
+
+def _commit_dir(tmp, final):
+    """Replace `final` by `tmp` with renames only: a crash leaves either the old or the new
+    folder under the real name, never a half-written one."""
+    old = None
+    if os.path.exists(final):
+        old = f"{final}.old-{os.getpid()}"
+        os.rename(final, old)
+    os.rename(tmp, final)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_json(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+
+
+def full_state(wrapped):
+    """The full (unsharded) model and optimiser-free state dict on rank 0, CPU tensors, FQNs
+    without DDP's `module.` prefix; other ranks get {}. Works for plain, DDP and FSDP2 models."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def split_state(state, trainee):
+    """-> (MiMoVL weights, extra weights such as the 0-vit head)."""
+    if isinstance(unwrap(trainee), CellClassifier):
+        model = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+        extra = {k: v for k, v in state.items() if not k.startswith("model.")}
+        return model, extra
+    return state, {}
+
+
+def write_model(path, state, cfg, dtype=None):
+    """Save a MiMoVL state dict with MiMoVL.save_pretrained (config.json + safetensors)."""
+    with torch.device("meta"):
+        m = MiMoVL(cfg)
+    state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v) for k, v in state.items()}
+    if cfg.text.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+        m.lm_head.weight = nn.Parameter(torch.empty(0))             # re-tied below
+    missing, unexpected = m.load_state_dict(state, strict=False, assign=True)
+    missing = [k for k in missing if not (cfg.text.tie_word_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise RuntimeError(f"internal error: state does not match the model: missing {missing}, "
+                           f"unexpected {unexpected}")
+    if cfg.text.tie_word_embeddings:
+        m.lm_head.weight = m.model.embed_tokens.weight
+    m.save_pretrained(path)
+
+
+def save_stage_folder(path, state, cfg, processor, record, dtype=None, extra=None):
+    """A stage's output: a Hugging Face folder (weights, config, tokenizer, chat template,
+    preprocessor and generation configs) plus pretrain_stage.json, written atomically. `extra`
+    (the 0-vit head) goes to extra.safetensors, which loaders of the model ignore."""
+    from safetensors.torch import save_file
+    tmp = _atomic_dir(path)
+    write_model(tmp, state, cfg, dtype)
+    if extra:
+        save_file({k: v.contiguous() for k, v in extra.items()}, os.path.join(tmp, "extra.safetensors"))
+    processor.save_pretrained(tmp)
+    _write_json(os.path.join(tmp, "generation_config.json"),
+                {"eos_token_id": processor.eos_token_ids, "pad_token_id": processor.pad_token_id,
+                 "bos_token_id": cfg.bos_token_id, "do_sample": False})
+    _write_json(os.path.join(tmp, "pretrain_stage.json"), record)
+    _commit_dir(tmp, path)
+
+
+def _rng_state(compute):
+    s = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if compute.device.type == "cuda":
+        s["cuda"] = torch.cuda.get_rng_state(compute.device)
+    return s
+
+
+def _set_rng_state(s, compute):
+    torch.set_rng_state(s["torch"])
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    if "cuda" in s and compute.device.type == "cuda":
+        torch.cuda.set_rng_state(s["cuda"], compute.device)
+
+
+def _gather(obj, compute):
+    if not compute.distributed:
+        return [obj]
+    out = [None] * compute.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def save_training_state(root, step, wrapped, optimizer, cfg, processor, loader_state, compute,
+                        keep_last, meta):
+    """checkpoints/<stage>/step-NNNNNN/: the model (HF folder, fp32), extra.safetensors (e.g. the
+    0-vit head), optimizer.safetensors (AdamW moments keyed by parameter name), rng.safetensors
+    (torch/CUDA generator states of every rank) and trainer_state.json (step, optimiser groups,
+    data position and Python/NumPy RNG of every rank). All ranks call this (FSDP gathers)."""
+    from safetensors.torch import save_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    state = full_state(wrapped)
+    osd = get_optimizer_state_dict(wrapped, optimizer,
+                                   options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    rngs = _gather(_rng_state(compute), compute)
+    loaders = _gather(loader_state, compute)
+    if compute.master:
+        final = os.path.join(root, f"step-{step:06d}")
+        tmp = _atomic_dir(final)
+        model_state, extra = split_state(state, wrapped)
+        write_model(tmp, model_state, cfg)
+        if extra:
+            save_file({k: v.contiguous() for k, v in extra.items()}, os.path.join(tmp, "extra.safetensors"))
+        opt_tensors = {f"{name}::{k}": v.detach().cpu().contiguous()
+                       for name, st in osd["state"].items() for k, v in st.items()}
+        save_file(opt_tensors, os.path.join(tmp, "optimizer.safetensors"))
+        rng_tensors = {}
+        for r, s in enumerate(rngs):
+            rng_tensors[f"rank{r}.torch"] = s["torch"]
+            if "cuda" in s:
+                rng_tensors[f"rank{r}.cuda"] = s["cuda"]
+        save_file(rng_tensors, os.path.join(tmp, "rng.safetensors"))
+        groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()}
+                  for g in osd["param_groups"]]
+        _write_json(os.path.join(tmp, "trainer_state.json"), {
+            "step": step, "world_size": compute.world_size, "param_groups": groups,
+            "loader": loaders,
+            "python_rng": [[s["python"][0], list(s["python"][1]), s["python"][2]] for s in rngs],
+            "numpy_rng": [[s["numpy"][0], s["numpy"][1].tolist(), *s["numpy"][2:]] for s in rngs],
+            **meta})
+        processor.save_pretrained(tmp)          # so an intermediate checkpoint is a usable folder
+        _commit_dir(tmp, final)
+        for old in list_checkpoints(root)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    compute.barrier()
+
+
+def list_checkpoints(root):
+    if not os.path.isdir(root):
+        return []
+    steps = sorted(d for d in os.listdir(root) if re.fullmatch(r"step-\d{6}", d))
+    return [os.path.join(root, d) for d in steps]
+
+
+def load_training_state(path, wrapped, optimizer, compute):
+    """Restore optimiser, RNG and return (step, this rank's loader state, trainer_state). The
+    model weights were loaded from `path` before wrapping (see run_stage)."""
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    with open(os.path.join(path, "trainer_state.json")) as f:
+        ts = json.load(f)
+    if ts["world_size"] != compute.world_size:
+        raise SystemExit(f"cannot resume {path}: it was written by {ts['world_size']} process(es), "
+                         f"this run has {compute.world_size}. Resume with the same number of "
+                         "processes (each rank's data position is saved), or start the stage "
+                         "again from the previous stage's folder without --resume.")
+    tensors = load_file(os.path.join(path, "optimizer.safetensors"))
+    state = {}
+    for key, v in tensors.items():
+        name, k = key.rsplit("::", 1)
+        state.setdefault(name, {})[k] = v
+    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in ts["param_groups"]]
+    set_optimizer_state_dict(wrapped, optimizer, {"state": state, "param_groups": groups},
+                             options=StateDictOptions(full_state_dict=True))
+    r = compute.rank
+    rng = load_file(os.path.join(path, "rng.safetensors"))
+    py = ts["python_rng"][r]
+    npy = ts["numpy_rng"][r]
+    s = {"torch": rng[f"rank{r}.torch"], "python": (py[0], tuple(py[1]), py[2]),
+         "numpy": (npy[0], np.array(npy[1], dtype=np.uint32), *npy[2:])}
+    if f"rank{r}.cuda" in rng:
+        s["cuda"] = rng[f"rank{r}.cuda"]
+    _set_rng_state(s, compute)
+    return ts["step"], ts["loader"][r], ts
+
+
+# -----------------------------------------------------------------------------
+# 6. Evaluation: greedy answers on held-out tasks, scorers, baselines (SPEC §6.5)
+#
+# A scorer takes the model's full response and the ground truth and returns a dict of metrics
+# in [0, 1]. The answer is read from the response as MiMo-VL writes it: after any
+# <think>...</think>, and inside the last \boxed{...} when there is one. Box convention:
+# [x1, y1, x2, y2] absolute pixels of the image the model sees, x2/y2 exclusive (data.py).
+
+def final_answer(response):
+    """The answer part of a response: after </think>, the content of the last \\boxed{}."""
+    _, answer = data.split_thinking(response)
+    i = answer.rfind("\\boxed{")
+    if i >= 0:
+        depth, j = 0, i + len("\\boxed{")
+        for k in range(j, len(answer)):
+            depth += {"{": 1, "}": -1}.get(answer[k], 0)
+            if depth < 0:
+                return answer[j:k].strip()
+    return answer.strip()
+
+
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
+def _normalise(text):
+    return " ".join(str(text).split()).casefold()
+
+
+def score_exact(response, answer):
+    """Exact match after whitespace normalisation and case folding (OCR, captions)."""
+    return {"acc": float(_normalise(final_answer(response)) == _normalise(answer))}
+
+
+def score_numeric(response, answer):
+    """The first number of the answer equals the ground truth (counting, arithmetic)."""
+    m = _NUMBER.search(final_answer(response))
+    truth = float(answer)
+    return {"acc": float(m is not None and abs(float(m.group()) - truth) <= 1e-6 * max(1.0, abs(truth)))}
+
+
+def score_choice(response, answer):
+    """The first option token of the answer (a letter or a number) equals the ground truth."""
+    m = re.search(r"[A-Za-z0-9]+", final_answer(response))
+    return {"acc": float(m is not None and m.group().casefold() == str(answer).strip().casefold())}
+
+
+def box_iou(a, b):
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def parse_box(text):
+    """The first [x1, y1, x2, y2] in a response (Qwen JSON `"bbox_2d": [...]` or a bare list)."""
+    m = re.search(r"\[\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)\s*,"
+                  r"\s*(-?\d+(?:\.\d+)?)\s*\]", text)
+    return [float(x) for x in m.groups()] if m else None
+
+
+def score_box(response, answer):
+    """Grounding: IoU of the first predicted box with the ground-truth box; Acc@0.5."""
+    box = parse_box(data.split_thinking(response)[1])
+    iou = box_iou(box, [float(x) for x in answer]) if box else 0.0
+    return {"acc@0.5": float(iou >= 0.5), "iou": iou}
+
+
+def score_point(response, answer):
+    """Pointing: the first [x, y] falls inside the ground-truth box."""
+    m = re.search(r"\[\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)\s*\]", data.split_thinking(response)[1])
+    if not m:
+        return {"acc": 0.0}
+    x, y = float(m.group(1)), float(m.group(2))
+    x1, y1, x2, y2 = (float(v) for v in answer)
+    return {"acc": float(x1 <= x < x2 and y1 <= y < y2)}
+
+
+def _seconds(mmss):
+    m, s = mmss.split(":")
+    return 60 * int(m) + int(s)
+
+
+def parse_span(text):
+    m = re.search(r"\[\s*(\d+:\d{1,2})\s*,\s*(\d+:\d{1,2})\s*\]", text)
+    return (_seconds(m.group(1)), _seconds(m.group(2))) if m else None
+
+
+def score_span(response, answer):
+    """Temporal grounding: IoU of the predicted [mm:ss,mm:ss] with the truth (seconds or text)."""
+    pred = parse_span(data.split_thinking(response)[1])
+    truth = parse_span(answer) if isinstance(answer, str) else tuple(float(x) for x in answer)
+    if pred is None or truth is None:
+        return {"tiou": 0.0, "acc@0.5": 0.0}
+    inter = max(0.0, min(pred[1], truth[1]) - max(pred[0], truth[0]))
+    union = max(pred[1], truth[1]) - min(pred[0], truth[0])
+    tiou = inter / union if union > 0 else 0.0
+    return {"tiou": tiou, "acc@0.5": float(tiou >= 0.5)}
+
+
+SCORERS = {"exact": score_exact, "numeric": score_numeric, "choice": score_choice,
+           "box": score_box, "point": score_point, "span": score_span}
+TASK_SCORER = {"caption": "exact", "count": "numeric", "video_count": "numeric", "ocr": "exact",
+               "visual_math": "numeric", "text_math": "numeric", "compare": "choice",
+               "ground_box": "box", "ground_point": "point", "video_grounding": "span"}
+MAX_NEW_TOKENS = {"count": 8, "video_count": 8, "compare": 8, "ocr": 16, "caption": 48,
+                  "ground_box": 48, "ground_point": 40, "video_grounding": 24,
+                  "visual_math": 112, "text_math": 128}
+
+
+def _name(sample):
+    return sample.get("eval_name", sample.get("task", "data"))
+
+
+def scorer_for(sample):
+    """A sample's scorer: its `scorer` field, else by task, else guessed from the answer."""
+    name = sample.get("scorer") or TASK_SCORER.get(sample.get("task"))
+    if name is None:
+        a = sample["answer"]
+        if isinstance(a, list) and len(a) == 4:
+            name = "box"
+        elif isinstance(a, list) and len(a) == 2 or isinstance(a, str) and parse_span(a):
+            name = "span"
+        elif isinstance(a, (int, float)) or isinstance(a, str) and _NUMBER.fullmatch(a.strip()):
+            name = "numeric"
+        elif isinstance(a, str) and re.fullmatch(r"[A-Za-z]", a.strip()):
+            name = "choice"
+        else:
+            name = "exact"
+    if name not in SCORERS:
+        raise ValueError(f"unknown scorer {name!r}; choose from {', '.join(SCORERS)}")
+    return name
+
+
+def answer_text(answer, scorer):
+    """The response that states `answer` (used for the majority-answer baseline)."""
+    if scorer == "box":
+        return json.dumps([{"bbox_2d": [int(x) for x in answer]}])
+    if scorer == "point":
+        x1, y1, x2, y2 = answer
+        return json.dumps([{"point_2d": [(x1 + x2) // 2, (y1 + y2) // 2]}])
+    if scorer == "span" and not isinstance(answer, str):
+        return "[" + ",".join(f"{int(s) // 60:02d}:{int(s) % 60:02d}" for s in answer) + "]"
+    return str(answer)
+
+
+def blank_sample(sample):
+    """The same sample with every image and every video frame black, at the same sizes."""
+    def blank(item):
+        if item.get("type") == "image" or "image" in item:
+            return {**item, "image": data.Image.new("RGB", data.load_image(item["image"]).size)}
+        if item.get("type") == "video" or "video" in item:
+            if isinstance(item["video"], np.ndarray):
+                return {**item, "video": np.zeros_like(item["video"])}
+            frames, fps = data.fetch_video(item["video"], **{k: item[k] for k in data.VIDEO_KEYS if k in item})
+            t, _, h, w = frames.shape
+            return {"type": "video", "video": [data.Image.new("RGB", (w, h))] * t, "sample_fps": fps,
+                    "resized_height": h, "resized_width": w}
+        return item
+    out = dict(sample)
+    out["messages"] = [{**m, "content": m["content"] if isinstance(m["content"], str)
+                        else [blank(i) for i in m["content"]]} for m in sample["messages"]]
+    return out
+
+
+def _prompt_of(sample):
+    """The conversation up to the answer: drop a final assistant turn if the sample has one."""
+    msgs = sample["messages"]
+    return msgs[:-1] if msgs and msgs[-1]["role"] == "assistant" else msgs
+
+
+@torch.no_grad()
+def generate_answers(model, processor, samples, batch_size=32, max_new_tokens=None, autocast=None):
+    """Greedy responses (strings) for a list of samples. Batches hold one task each, so that
+    prompts have similar lengths and a batch stops as soon as its short answers are done."""
+    model.eval()
+    responses = [None] * len(samples)
+    by_task = {}
+    for i, s in enumerate(samples):
+        by_task.setdefault(_name(s), []).append(i)
+    batches = [ids[a:a + batch_size] for ids in by_task.values() for a in range(0, len(ids), batch_size)]
+    for idx in batches:
+        batch = processor([_prompt_of(samples[i]) for i in idx])
+        n_new = max_new_tokens or max(MAX_NEW_TOKENS.get(samples[i].get("task"), 64) for i in idx)
+        kw = {k: v.to(model.device) if k.startswith("pixel") else v for k, v in batch.items()
+              if k not in ("input_ids", "attention_mask")}
+        with autocast or contextlib.nullcontext():
+            out = model.generate(batch["input_ids"].to(model.device),
+                                 attention_mask=batch["attention_mask"].to(model.device),
+                                 max_new_tokens=n_new, stop_token_ids=processor.eos_token_ids, **kw)
+        for row, i in zip(out.tolist(), idx):
+            cut = next((j for j, t in enumerate(row) if t in processor.eos_token_ids), len(row))
+            responses[i] = processor.decode(row[:cut], skip_special_tokens=True)
+    return responses
+
+
+def evaluate(model, processor, samples, batch_size=32, max_new_tokens=None, autocast=None,
+             blank=False):
+    """Score `samples` (dicts with "messages", "answer", optionally "task"/"scorer"): greedy
+    generation with model.generate, one scorer per sample (scorer_for). Returns
+    {"by_task": {task: {metric: mean, "n": count}}, "records": [per-sample dicts]}.
+    blank=True replaces every image/video by black pixels first (the no-image baseline)."""
+    if blank:
+        samples = [blank_sample(s) for s in samples]
+    responses = generate_answers(model, processor, samples, batch_size, max_new_tokens, autocast)
+    records = []
+    for s, r in zip(samples, responses):
+        name = scorer_for(s)
+        records.append({"task": _name(s), "scorer": name,
+                        "response": r, "answer": s["answer"], **SCORERS[name](r, s["answer"])})
+    return {"by_task": summarise(records), "records": records}
+
+
+def summarise(records):
+    by = {}
+    for r in records:
+        by.setdefault(r["task"], []).append(r)
+    out = {}
+    for task, rs in by.items():
+        metrics = [k for k in rs[0] if k not in ("task", "scorer", "response", "answer")]
+        out[task] = {"n": len(rs), "scorer": rs[0]["scorer"],
+                     **{m: sum(r[m] for r in rs) / len(rs) for m in metrics}}
+    return out
+
+
+def majority_baseline(samples, answers=None):
+    """Per task: the score of always giving one answer — answers[task] (e.g. the most frequent
+    answer of the training split, majority_answers) or else the most frequent answer among
+    `samples` themselves (which flatters the baseline on small sets)."""
+    by = {}
+    for s in samples:
+        by.setdefault(_name(s), []).append(s)
+    records = []
+    for task, ss in by.items():
+        scorer = scorer_for(ss[0])
+        if answers and task in answers:
+            common = answers[task]
+        else:
+            common = json.loads(Counter(json.dumps(s["answer"]) for s in ss).most_common(1)[0][0])
+        pred = answer_text(common, scorer)
+        records += [{"task": task, "scorer": scorer, **SCORERS[scorer](pred, s["answer"])} for s in ss]
+    return summarise(records)
+
+
+def majority_answers(suite, n=500, seed=0):
+    """The most frequent answer of each suite task in n training samples (not rendered)."""
+    out = {}
+    for name, task, d in suite:
+        answers = Counter(json.dumps(data.make_sample(task, i, "train", seed, d, render=False)["answer"])
+                          for i in range(n))
+        out[name] = json.loads(answers.most_common(1)[0][0])
+    return out
+
+
+@torch.no_grad()
+def caption_loss(model, processor, samples, autocast=None):
+    """Mean next-token loss on the reference answers (teacher forcing), over all answer tokens."""
+    model.eval()
+    total, count = 0.0, 0
+    for s in samples:
+        e = data.encode_sample(s, processor)
+        row = data.collate_packed([e])
+        n = int((row["labels"][:, 1:] != data.IGNORE_INDEX).sum())
+        with autocast or contextlib.nullcontext():
+            out = model(row["input_ids"].to(model.device), labels=row["labels"].to(model.device),
+                        cu_seqlens=row["cu_seqlens"].to(model.device), **_vision_kwargs(row, model.device))
+        total += float(out.loss) * n
+        count += n
+    return total / max(count, 1)
+
+
+# The held-out suite of the small-scale reproduction: (name, task, difficulty).
+EVAL_SUITE = (
+    ("caption_big", "caption", data.BIG_SHAPE),
+    ("caption", "caption", data.Difficulty()),
+    ("count", "count", data.Difficulty()),
+    ("count_224px", "count", data.LARGE),
+    ("ground_box", "ground_box", data.Difficulty()),
+    ("ocr", "ocr", data.Difficulty()),
+    ("visual_math", "visual_math", data.Difficulty()),
+    ("visual_math_long", "visual_math", data.LONG),
+    ("text_math", "text_math", data.Difficulty()),
+    ("video_grounding", "video_grounding", data.Difficulty()),
+    ("compare", "compare", data.Difficulty()),
+)
+PRIMARY_METRICS = {"exact": ("acc",), "numeric": ("acc",), "choice": ("acc",),
+                   "box": ("acc@0.5", "iou"), "point": ("acc",), "span": ("tiou", "acc@0.5")}
+TEXT_ONLY_TASKS = ("text_math",)
+
+
+def heldout_suite(n, seed=0, suite=EVAL_SUITE):
+    out = []
+    for name, task, d in suite:
+        for i in range(n):
+            s = data.make_sample(task, i, "heldout", seed, d)
+            s["eval_name"] = name
+            out.append(s)
+    return out
+
+
+def run_suite(model, processor, samples, compute, batch_size=32, majority=None):
+    """Model, majority-answer and blank-image scores on the suite, each rank scoring its share.
+    `majority`: {task: answer} (majority_answers), else the held-out samples' own mode."""
+    mine = samples[compute.rank::compute.world_size]
+    ac = compute.autocast()
+    real = evaluate(model, processor, mine, batch_size, autocast=ac)["records"]
+    with_image = [s for s in mine if s.get("eval_name", s["task"]) not in TEXT_ONLY_TASKS]
+    blank = evaluate(model, processor, with_image, batch_size, autocast=ac, blank=True)["records"]
+    captions = [s for s in mine if s["task"] == "caption"]
+    cap = [(caption_loss(model, processor, captions, ac), len(captions)),
+           (caption_loss(model, processor, [blank_sample(s) for s in captions], ac), len(captions))]
+    real = sum(_gather(real, compute), [])
+    blank = sum(_gather(blank, compute), [])
+    caps = _gather(cap, compute)
+    n_cap = sum(c[0][1] for c in caps)
+    loss = sum(c[0][0] * c[0][1] for c in caps) / max(n_cap, 1)
+    loss_blank = sum(c[1][0] * c[1][1] for c in caps) / max(n_cap, 1)
+    return {"model": summarise(real), "blank": summarise(blank), "majority": majority_baseline(samples, majority),
+            "caption_loss": loss, "caption_loss_blank": loss_blank,
+            "examples": {r["task"]: {"response": r["response"], "answer": r["answer"]}
+                         for r in real}}
+
+
+def format_results(res, title):
+    lines = [title, f"{'task':<18} {'metric':<8} {'model':>6} {'majority':>9} {'blank img':>9}   n",
+             "-" * 62]
+    for task, m in res["model"].items():
+        metrics = PRIMARY_METRICS[m["scorer"]]
+        for k in metrics:
+            maj = res["majority"].get(task, {}).get(k, float("nan"))
+            bl = res["blank"].get(task, {}).get(k)
+            lines.append(f"{task:<18} {k:<8} {m[k]:>6.3f} {maj:>9.3f} "
+                         f"{'-' if bl is None else f'{bl:.3f}':>9}   {m['n']}")
+    if "caption_loss" in res:
+        lines.append(f"{'caption':<18} {'loss':<8} {res['caption_loss']:>6.3f} {'':>9} "
+                     f"{res['caption_loss_blank']:>9.3f}")
+    return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
+# 7. Data streams
+
+def _vision_kwargs(row, device):
+    return {k: (row[k].to(device) if row.get(k) is not None else None)
+            for k in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw",
+                      "second_per_grid_ts")}
+
+
+def add_dummy_vision(row, processor, video=False):
+    """Append a 56x56 black image (and, with video=True, a 2-frame black video) as one unlabelled
+    document when the row has none. DDP and FSDP need every rank to use the same parameters in
+    every step, and FSDP2 needs every rank to call the vision tower the same number of times
+    (once for the images, once for the videos) so that the all-gathers pair up. The document adds
+    no loss and no gradient."""
+    need_image = row.get("pixel_values") is None
+    need_video = video and row.get("pixel_values_videos") is None
+    if not (need_image or need_video):
+        return row
+    tok = processor.tokenizer
+    start, end = tok.token_to_id("<|vision_start|>"), tok.token_to_id("<|vision_end|>")
+    black = data.patchify(torch.zeros(2, 3, 56, 56))[0]            # (16, 1176): 4 merged tokens
+    ids, out = [], dict(row)
+    if need_image:
+        ids += [start] + [processor.image_token_id] * 4 + [end]
+        out["pixel_values"], out["image_grid_thw"] = black, torch.tensor([[1, 4, 4]])
+    if need_video:
+        ids += [start] + [processor.video_token_id] * 4 + [end]
+        out["pixel_values_videos"], out["video_grid_thw"] = black, torch.tensor([[1, 4, 4]])
+        out["second_per_grid_ts"] = torch.tensor([1.0])
+    ids = torch.tensor(ids, dtype=row["input_ids"].dtype)[None]
+    out["input_ids"] = torch.cat([row["input_ids"], ids], dim=1)
+    out["labels"] = torch.cat([row["labels"], torch.full_like(ids, data.IGNORE_INDEX)], dim=1)
+    out["cu_seqlens"] = torch.cat([row["cu_seqlens"], row["cu_seqlens"][-1:] + ids.shape[1]])
+    return out
+
+
+class _ClassifySteps(torch.utils.data.Dataset):
+    """Item `step` = this rank's share of the 0-vit batch of that step (a pure function of the
+    step, so resuming needs only the step)."""
+
+    def __init__(self, per_rank, rank, world, seed, split="train"):
+        self.per_rank, self.rank, self.world, self.seed, self.split = per_rank, rank, world, seed, split
+
+    def __len__(self):
+        return 1 << 40
+
+    def __getitem__(self, step):
+        first = (step * self.world + self.rank) * self.per_rank
+        pvs, grids, labels = [], [], []
+        for i in range(first, first + self.per_rank):
+            s = data.classification_sample(i, self.split, self.seed)
+            pv, grid = data.preprocess_image(s["image"], resized_height=s["image"].height,
+                                             resized_width=s["image"].width)
+            pvs.append(pv)
+            grids.append(grid)
+            labels += s["cell_labels"]
+        return torch.cat(pvs), torch.tensor(grids), torch.tensor(labels)
+
+
+class _StepSampler(torch.utils.data.Sampler):
+    def __init__(self, start):
+        self.start = start
+
+    def __iter__(self):
+        return iter(range(self.start, 1 << 40))
+
+
+def classify_stream(per_rank, compute, seed, start_step, workers):
+    ds = _ClassifySteps(per_rank, compute.rank, compute.world_size, seed)
+    return iter(torch.utils.data.DataLoader(ds, batch_size=None, sampler=_StepSampler(start_step),
+                                            num_workers=workers, worker_init_fn=data._worker_init
+                                            if workers else None))
+
+
+def parse_mixture(text):
+    """'count:2,ground_box:1' -> [MixItem] with default difficulty."""
+    items = []
+    for part in text.split(","):
+        task, _, w = part.partition(":")
+        if task.strip() not in data.TASKS:
+            raise ValueError(f"--mixture: unknown task {task.strip()!r}; choose from {', '.join(sorted(data.TASKS))}")
+        items.append(data.MixItem(task.strip(), float(w or 1)))
+    return items
+
+
+# -----------------------------------------------------------------------------
+# 8. The training loop
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+@dataclass
+class Run:
+    """What every stage of one invocation shares."""
+    args: argparse.Namespace
+    compute: Compute
+    out: str
+    stages: dict            # key -> Stage (after overrides)
+
+    def stage_dir(self, key):
+        return os.path.join(self.out, f"stage{key}")
+
+    def ckpt_root(self, key):
+        return os.path.join(self.out, "checkpoints", f"stage{key}")
+
+    def log(self, name, record):
+        if self.compute.master:
+            with open(os.path.join(self.out, name), "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def start_folder(run, key, first):
+    """Where stage `key` starts: --from for the first stage of this invocation, else the previous
+    stage's folder (stage 1: stage0-vit, or --init); None = a fresh model (stage 0-lm)."""
+    a = run.args
+    if first and a.from_dir:
+        return a.from_dir
+    if key == "0-lm":
+        return None
+    if key == "1" and a.init:
+        return a.init
+    prev = STAGE_ORDER[STAGE_ORDER.index(key) - 1]
+    path = run.stage_dir(prev)
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise SystemExit(f"stage {key} starts from stage {prev}'s output {path}, which does not exist: "
+                         f"run stage {prev} first, pass --from DIR, or --init DIR (stage 1)")
+    return path
+
+
+def load_processor(run, folder):
+    """The tokenizer + chat template of `folder`, or (from scratch) the BPE trained on the
+    synthetic corpus, made once by rank 0."""
+    if folder is not None:
+        return data.Processor.from_pretrained(folder)
+    path = os.path.join(run.out, "tokenizer")
+    if run.compute.master and not os.path.isfile(os.path.join(path, "tokenizer.json")):
+        tmp = _atomic_dir(path)
+        data.train_tokenizer(tmp, vocab_size=run.args.vocab_size or 1024, seed=run.args.seed)
+        _commit_dir(tmp, path)
+    run.compute.barrier()
+    return data.Processor.from_pretrained(path)
+
+
+def fresh_model(a):
+    """A from-scratch model (stage 0-lm's start): the tiny preset (widened by --scale) or --preset."""
+    cfg = tiny_config(a.scale) if a.preset == "tiny" else MiMoVLConfig.preset(a.preset)
+    torch.manual_seed(a.seed)               # identical initial weights on every rank
+    model = MiMoVL(cfg)
+    with torch.no_grad():
+        # std-0.02 patch embeddings drown the shapes in the background; x5 made the tiny model
+        # learn images several times faster (SMALL-SCALE-NOTES.md, lesson 5)
+        model.visual.patch_embed.proj.weight.mul_(a.patch_embed_scale)
+    return model
+
+
+def run_stage(run, key, first):
+    """Train one stage, write its HF folder, evaluate it. Returns the folder."""
+    a, c = run.args, run.compute
+    stage = run.stages[key]
+    final = run.stage_dir(key)
+    ckpt_root = run.ckpt_root(key)
+    if a.resume and os.path.isfile(os.path.join(final, "pretrain_stage.json")):
+        c.print(f"stage {key}: done earlier ({final}); skipping")
+        return final
+    resume_from = (list_checkpoints(ckpt_root) or [None])[-1] if a.resume else None
+    if not a.resume and c.master:
+        shutil.rmtree(ckpt_root, ignore_errors=True)
+    c.barrier()
+
+    # --- model -----------------------------------------------------------------------------
+    src = start_folder(run, key, first)
+    processor = load_processor(run, resume_from or src)
+    if resume_from:
+        model = MiMoVL.from_pretrained(resume_from, dtype=torch.float32, progress=False)
+    elif src is None:
+        model = fresh_model(a)
+    else:
+        model = MiMoVL.from_pretrained(src, dtype=torch.float32, progress=False)
+    cfg = model.cfg
+    if processor.tokenizer.get_vocab_size() > cfg.text.vocab_size:
+        raise SystemExit(f"the tokenizer has {processor.tokenizer.get_vocab_size()} tokens, more than "
+                         f"the model's vocab_size {cfg.text.vocab_size}")
+    if key == "1" and not resume_from:
+        torch.manual_seed(a.seed + 1)
+        reinit_projector(model)              # SPEC §6.1: the projector starts random
+    n_train = set_trainable(model, stage.trainable)
+    model.visual.gradient_checkpointing = model.model.gradient_checkpointing = a.grad_checkpointing
+    if key == "0-vit":
+        torch.manual_seed(a.seed + 2)
+        trainee = CellClassifier(model, len(data.CELL_CLASSES))
+        if resume_from:
+            from safetensors.torch import load_file
+            trainee.head.load_state_dict({k[len("head."):]: v for k, v in
+                                          load_file(os.path.join(resume_from, "extra.safetensors")).items()})
+        n_train += sum(p.numel() for p in trainee.head.parameters())
+    else:
+        trainee = model
+    trainee.to(c.device).train()
+    wrapped = wrap_model(trainee, c, a.fsdp)
+    if a.compile:
+        for block in [*model.visual.blocks, *model.model.layers]:
+            block.compile(dynamic=True)
+    opt = build_optimizer(wrapped, stage.lr, a.weight_decay, (a.beta1, a.beta2), c.device)
+    step, loader_state = 0, None
+    if resume_from:
+        step, loader_state, _ = load_training_state(resume_from, wrapped, opt, c)
+        c.print(f"stage {key}: resuming from {resume_from} (step {step})")
+    n_total = sum(p.numel() for p in model.parameters())
+    c.print(f"\n=== stage {key}: {stage.purpose} — trains {'+'.join(stage.trainable)} "
+            f"({n_train / 1e6:.2f} M of {n_total / 1e6:.2f} M parameters), from "
+            f"{resume_from or src or 'scratch'}\n    {stage.steps} steps, lr {stage.lr:g} -> "
+            f"{stage.min_lr:g}, warm-up {stage.warmup}; data: {stage.data}; paper: {stage.paper}")
+
+    # --- data ------------------------------------------------------------------------------
+    per_rank = stage.rows // c.world_size
+    if per_rank * c.world_size != stage.rows or per_rank == 0:
+        raise SystemExit(f"stage {key}: --rows {stage.rows} must be a positive multiple of the "
+                         f"number of processes ({c.world_size})")
+    if key == "0-vit":
+        stream = classify_stream(per_rank, c, a.seed, step, a.workers)
+        loader = None
+    else:
+        mixture = (parse_mixture(a.mixture) if a.mixture and key not in ("0-lm",)
+                   else data.stage_mixture(0 if key == "0-lm" else int(key), not a.no_reasoning_data))
+        loader = data.PackedLoader(data.SyntheticDataset(mixture, "train", a.seed), processor,
+                                   max_tokens=stage.seq_len, chunk_size=a.chunk_size,
+                                   num_workers=a.workers, rank=c.rank, world_size=c.world_size,
+                                   seed=a.seed, on_too_long="skip")
+        if loader_state is not None:
+            loader.load_state_dict(loader_state)
+        stream = iter(loader)
+    vision_trainable = any(p.requires_grad for p in model.visual.parameters())
+
+    # --- loop ------------------------------------------------------------------------------
+    from tqdm import tqdm
+    bar = tqdm(total=stage.steps, initial=step, desc=f"stage {key}", disable=not c.master,
+               dynamic_ncols=True, mininterval=2, file=sys.stdout)
+    params = [p for p in wrapped.parameters() if p.requires_grad]
+    t_last = time.perf_counter()
+    try:
+        while step < stage.steps:
+            # LM stages: `per_rank` packed rows (micro-batches); 0-vit: one batch of per_rank images
+            micro = [next(stream) for _ in range(1 if key == "0-vit" else per_rank)]
+            lr = lr_at(step, stage)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            if key == "0-vit":
+                loss, extra = _vit_step(wrapped, micro, c, step == a.debug_nan_at_step)
+            else:
+                if vision_trainable or (a.fsdp and c.distributed and key != "0-lm"):
+                    micro = [add_dummy_vision(r, processor, video=a.fsdp and c.distributed) for r in micro]
+                loss, extra = _lm_step(wrapped, micro, c, step == a.debug_nan_at_step)
+            if not math.isfinite(loss):
+                raise NonFiniteLoss(f"stage {key}: the loss is {loss} at step {step + 1}")
+            norm = torch.nn.utils.clip_grad_norm_(params, a.grad_clip)
+            if hasattr(norm, "full_tensor"):
+                norm = norm.full_tensor()
+            if not math.isfinite(float(norm)):
+                raise NonFiniteLoss(f"stage {key}: the gradient norm is {float(norm)} at step {step + 1}")
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            now = time.perf_counter()
+            tok_s = extra.get("tokens", 0) / max(now - t_last, 1e-9)
+            t_last = now
+            rec = {"stage": key, "step": step, "loss": loss, "lr": lr, "grad_norm": float(norm),
+                   **extra, "tok_per_s": round(tok_s, 1), "time": time.time()}
+            run.log("metrics.jsonl", rec)
+            bar.set_postfix_str(f"loss {loss:.3f} lr {lr:.1e}" +
+                                (f" {tok_s:,.0f} tok/s" if key != "0-vit" else f" cell acc {extra['cell_acc']:.2f}"),
+                                refresh=False)
+            bar.update(1)
+            if a.save_every and step % a.save_every == 0 and step < stage.steps:
+                save_training_state(ckpt_root, step, wrapped, opt, cfg, processor,
+                                    loader.state_dict() if loader else {"step": step}, c,
+                                    a.keep_last, {"stage": key})
+            if a.debug_stop_after and step == a.debug_stop_after:
+                c.print(f"stopping after step {step} (--debug-stop-after)")
+                raise SystemExit(3)
+    except NonFiniteLoss as e:
+        last = (list_checkpoints(ckpt_root) or ["none (the stage had not saved one yet)"])[-1]
+        raise SystemExit(f"\nERROR: {e}. Training stopped before the optimiser step, so no bad "
+                         f"weights were written. Last good checkpoint: {last}. Lower the learning "
+                         f"rate (--lr) or raise --warmup, then rerun (with --resume to continue "
+                         f"from that checkpoint).") from None
+    finally:
+        bar.close()
+
+    # --- output ----------------------------------------------------------------------------
+    state = full_state(wrapped)
+    if c.master:
+        model_state, extra = split_state(state, wrapped)
+        record = {"stage": key, "steps": stage.steps, "stage_config": asdict(stage),
+                  "started_from": src, "args": {k: v for k, v in vars(a).items()}}
+        save_stage_folder(final, model_state, cfg, processor, record,
+                          dtype=None if a.save_dtype == "float32" else getattr(torch, a.save_dtype),
+                          extra=extra)
+    c.barrier()
+    c.print(f"stage {key}: wrote {final}")
+    del wrapped, trainee, opt, model
+    return final
+
+
+def _lm_step(wrapped, rows, c, poison):
+    """Forward/backward over this rank's rows (micro-batches). The loss is normalised by the
+    number of labelled tokens of the whole global step, so any split over ranks and micro-batches
+    gives the same gradient as one big batch."""
+    n_valid = [int((r["labels"][:, 1:] != data.IGNORE_INDEX).sum()) for r in rows]
+    counts = torch.tensor([float(sum(n_valid)), float(sum(r["input_ids"].shape[1] for r in rows))])
+    counts = all_reduce_sum(counts, c)
+    total = max(counts[0].item(), 1.0)
+    loss_sum = torch.zeros((), device=c.device)
+    for i, r in enumerate(rows):
+        with grad_sync(wrapped, i == len(rows) - 1), c.autocast():
+            out = wrapped(r["input_ids"].to(c.device), labels=r["labels"].to(c.device),
+                          cu_seqlens=r["cu_seqlens"].to(c.device), **_vision_kwargs(r, c.device))
+            loss = out.loss * (float("nan") if poison else 1.0)
+            (loss * (n_valid[i] * c.world_size / total)).backward()
+        loss_sum += loss.detach().float() * n_valid[i]
+    loss_sum = all_reduce_sum(loss_sum, c)
+    return float(loss_sum) / total, {"tokens": int(counts[1]), "labelled": int(counts[0])}
+
+
+def _vit_step(wrapped, batches, c, poison):
+    n = torch.tensor([float(sum(len(b[2]) for b in batches))])
+    total = all_reduce_sum(n, c).item()
+    loss_sum, correct = torch.zeros(()), torch.zeros(())
+    for i, (pv, grid, labels) in enumerate(batches):
+        with grad_sync(wrapped, i == len(batches) - 1), c.autocast():
+            loss, right = wrapped(pv.to(c.device), grid, labels.to(c.device))
+            loss = loss * (float("nan") if poison else 1.0)
+            (loss * (len(labels) * c.world_size / total)).backward()
+        loss_sum += loss.detach().float().cpu() * len(labels)
+        correct += right.cpu()
+    both = all_reduce_sum(torch.stack([loss_sum, correct]).to(c.device), c).cpu()
+    return float(both[0]) / total, {"cell_acc": float(both[1]) / total}
+
+
+# --- per-stage evaluation ------------------------------------------------------------------
+
+def evaluate_stage(run, key, folder, suite_cache):
+    """After stage `key`: stage 0 measures its towers (held-out text loss, cell accuracy); stages
+    1-4 run the held-out suite (model, majority answer, blank image). Printed and logged."""
+    a, c = run.args, run.compute
+    model = MiMoVL.from_pretrained(folder, dtype=torch.float32, device=c.device, progress=False).eval()
+    processor = data.Processor.from_pretrained(folder)
+    t0 = time.perf_counter()
+    if key == "0-lm":
+        ds = data.SyntheticDataset(data.stage_mixture(0), "heldout", a.seed)
+        samples = [ds[i] for i in range(c.rank, a.eval_n * 2, c.world_size)]
+        res = {"text_loss": caption_loss(model, processor, samples, c.autocast())}
+        res["text_loss"] = sum(_gather(res["text_loss"], c)) / c.world_size
+        text = f"stage 0-lm: held-out text loss {res['text_loss']:.3f} (per labelled token)"
+    elif key == "0-vit":
+        res = _eval_cells(model, folder, run)
+        text = (f"stage 0-vit: held-out cell accuracy {res['cell_acc']:.3f} "
+                f"(majority 'empty' {res['majority']:.3f}; linear head on the merged tokens)")
+    else:
+        if "suite" not in suite_cache:
+            suite_cache["suite"] = heldout_suite(a.eval_n, a.seed)
+            suite_cache["majority"] = majority_answers(EVAL_SUITE, seed=a.seed)
+        res = run_suite(model, processor, suite_cache["suite"], c, a.eval_batch, suite_cache["majority"])
+        text = format_results(res, f"stage {key}: held-out suite, {a.eval_n} items per task, greedy")
+    res["eval_seconds"] = round(time.perf_counter() - t0, 1)
+    c.print(text + f"\n(evaluation took {res['eval_seconds']} s)")
+    run.log("eval.jsonl", {"stage": key, "folder": folder, **{k: v for k, v in res.items() if k != "examples"},
+                           "examples": res.get("examples")})
+    return res
+
+
+@torch.no_grad()
+def _eval_cells(model, folder, run):
+    """0-vit: accuracy of the stage's cell-classification head (saved beside the weights as
+    extra.safetensors) on held-out scenes, beside always answering "empty"."""
+    from safetensors.torch import load_file
+    c = run.compute
+    head = nn.Linear(model.cfg.vision.out_hidden_size, len(data.CELL_CLASSES)).to(c.device)
+    head.load_state_dict({k[len("head."):]: v for k, v in
+                          load_file(os.path.join(folder, "extra.safetensors")).items()})
+    right = total = empty = 0
+    for step in range(c.rank, max(1, run.args.eval_n // 32), c.world_size):
+        pv, grid, labels = _ClassifySteps(32, 0, 1, run.args.seed, "heldout")[step]
+        with c.autocast():
+            logits = head(model.visual(pv.to(c.device), grid)).float()
+        right += int((logits.argmax(-1).cpu() == labels).sum())
+        total += len(labels)
+        empty += int((labels == 0).sum())
+    right, total, empty = all_reduce_sum(torch.tensor([right, total, empty], dtype=torch.float64), c).tolist()
+    return {"cell_acc": right / total, "majority": empty / total}
+
+
+def write_summary(run, results):
+    """One table over the stages: every metric after each stage, beside its baselines."""
+    keys = [k for k in ("1", "2", "3", "4") if k in results]
+    if not keys:
+        return None
+    last = results[keys[-1]]
+    head = "| task | metric | " + " | ".join(f"stage {k}" for k in keys) + " | majority | blank image |"
+    lines = [head, "|" + "---|" * (len(keys) + 4)]
+    for task in last["model"]:
+        for m in PRIMARY_METRICS[last["model"][task]["scorer"]]:
+            vals = [f"{results[k]['model'].get(task, {}).get(m, float('nan')):.2f}" for k in keys]
+            maj = last["majority"].get(task, {}).get(m, float("nan"))
+            bl = last["blank"].get(task, {}).get(m)
+            lines.append(f"| {task} | {m} | " + " | ".join(vals) + f" | {maj:.2f} | "
+                         f"{'-' if bl is None else f'{bl:.2f}'} |")
+    vals = [f"{results[k]['caption_loss']:.2f}" for k in keys]
+    lines.append("| caption | loss (nats) | " + " | ".join(vals) +
+                 f" | - | {last['caption_loss_blank']:.2f} |")
+    table = "\n".join(lines)
+    if run.compute.master:
+        with open(os.path.join(run.out, "summary.md"), "w") as f:
+            f.write(table + "\n")
+    return table
+
+
+# -----------------------------------------------------------------------------
+# 9. Command line
+
+def parse_stage_values(text, kind, stage_keys):
+    """'3e-4' (every selected stage) or '1:1e-3,3:2e-4' (per stage) -> {stage key: value}."""
+    if text is None:
+        return {}
+    out = {}
+    for part in text.split(","):
+        if ":" in part:
+            k, v = part.split(":", 1)
+            if k not in STAGE_ORDER:
+                raise SystemExit(f"unknown stage {k!r} in {text!r}; stages are {', '.join(STAGE_ORDER)}")
+            out[k] = kind(v)
+        else:
+            out.update({k: kind(part) for k in stage_keys})
+    return out
+
+
+def selected_stages(text, init):
+    if text == "all":
+        keys = list(STAGE_ORDER[2:] if init else STAGE_ORDER)
+    else:
+        keys = []
+        for part in text.split(","):
+            part = part.strip()
+            if part == "0":
+                keys += ["0-lm", "0-vit"]
+            elif part in STAGE_ORDER:
+                keys.append(part)
+            else:
+                raise SystemExit(f"--stage {text!r}: use all, 0, 0-lm, 0-vit, 1, 2, 3, 4 or a comma list")
+    if init and any(k.startswith("0") for k in keys):
+        raise SystemExit("--init gives pretrained towers: stage 0 (tower pre-training from scratch) "
+                         "does not apply; run stages 1-4")
+    return sorted(set(keys), key=STAGE_ORDER.index)
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="MiMo-VL pre-training, stages 0-4 (SPEC §6.3)",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("what to run")
+    g.add_argument("--stage", default="all", help="all, 0 (= 0-lm,0-vit), 0-lm, 0-vit, 1, 2, 3, 4, or a comma list")
+    g.add_argument("--out", default="runs/pretrain", help="output folder (stage folders, checkpoints, logs)")
+    g.add_argument("--resume", action="store_true",
+                   help="skip finished stages and continue the current one from its last checkpoint")
+    g.add_argument("--from", dest="from_dir", default=None,
+                   help="start the first selected stage from this HF folder instead of the previous stage's output")
+    g.add_argument("--init", default=None,
+                   help="a Qwen2.5-VL-format checkpoint: ViT and LM from there, projector re-initialised; "
+                        "skips stage 0")
+    g.add_argument("--eval-only", default=None, metavar="DIR", help="only evaluate this HF folder")
+    g.add_argument("--eval-jsonl", default=None,
+                   help="with --eval-only: score this JSONL file (lines with messages + answer) instead of the suite")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--preset", default="tiny", choices=MiMoVLConfig.PRESETS, help="architecture of a from-scratch model")
+    g.add_argument("--scale", type=float, default=1,
+                   help="quality knob: multiplies every stage's steps and (>= 3) widens the tiny model by round(sqrt(scale))")
+    g.add_argument("--patch-embed-scale", type=float, default=5.0,
+                   help="multiply the from-scratch patch-embedding init by this (SMALL-SCALE-NOTES lesson 5)")
+    g.add_argument("--vocab-size", type=int, default=None, help="BPE vocabulary bound for a from-scratch tokenizer")
+
+    g = p.add_argument_group("stage table overrides ('V' for every selected stage, or 'STAGE:V,STAGE:V')")
+    g.add_argument("--recipe", default="auto", choices=("auto", "tiny", "paper"),
+                   help="stage table: tiny (this file's STAGES) or paper (PAPER_STAGES, for --init with a 7B model); "
+                        "auto = paper when --init has an LM of hidden size >= 2048")
+    g.add_argument("--lr", default=None, help="peak learning rate")
+    g.add_argument("--min-lr", default=None, help="learning rate at the end of the cosine decay")
+    g.add_argument("--warmup", default=None, help="warm-up steps")
+    g.add_argument("--steps", default=None, help="optimiser steps")
+    g.add_argument("--seq-len", default=None, help="tokens per packed row")
+    g.add_argument("--rows", default=None, help="packed rows per optimiser step over all ranks (0-vit: images); "
+                                               "rows / world_size per rank = gradient accumulation")
+    g.add_argument("--trainable", default=None, help="parts to train, '+'-joined: vit, projector, llm")
+    g.add_argument("--mixture", default=None,
+                   help="replace the stage mixtures (stages 1-4) by 'task:weight,...' over data.TASKS")
+    g.add_argument("--no-reasoning-data", action="store_true",
+                   help="ablation: the arithmetic tasks without their chains of thought (answers only)")
+
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay on matrices")
+    g.add_argument("--beta1", type=float, default=0.9, help="AdamW beta1")
+    g.add_argument("--beta2", type=float, default=0.95, help="AdamW beta2")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm to this")
+    g.add_argument("--seed", type=int, default=0, help="model init, data and tokenizer seed")
+
+    g = p.add_argument_group("compute")
+    g.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    g.add_argument("--precision", default="auto", help="bf16 (autocast), fp32, or auto (bf16 where native)")
+    g.add_argument("--fsdp", action="store_true", help="under torchrun: FSDP2 per block instead of DDP")
+    g.add_argument("--grad-checkpointing", action="store_true", help="recompute block activations in backward")
+    g.add_argument("--compile", action="store_true", help="torch.compile every ViT block and LM layer")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    g.add_argument("--workers", type=int, default=1, help="data-loader worker processes per rank")
+    g.add_argument("--chunk-size", type=int, default=256, help="samples packed together per data chunk")
+
+    g = p.add_argument_group("checkpoints and evaluation")
+    g.add_argument("--save-every", type=int, default=100, help="save resumable training state every N steps (0: never)")
+    g.add_argument("--keep-last", type=int, default=2, help="training-state checkpoints kept per stage")
+    g.add_argument("--save-dtype", default="float32", choices=("float32", "bfloat16"), help="dtype of the stage folders")
+    g.add_argument("--eval-n", type=int, default=64, help="held-out items per task in the evaluation")
+    g.add_argument("--eval-batch", type=int, default=64, help="prompts per generation batch")
+    g.add_argument("--no-eval", action="store_true", help="skip the evaluation after each stage")
+
+    g = p.add_argument_group("debugging (used by the tests)")
+    g.add_argument("--debug-stop-after", type=int, default=0, help="exit with code 3 after this step (simulates a crash)")
+    g.add_argument("--debug-nan-at-step", type=int, default=-1, help="make the loss NaN at this step (0-based)")
+    return p
+
+
+def resolve_stages(args, keys):
+    """The stage table after --recipe, --scale and the per-field overrides."""
+    recipe = args.recipe
+    if recipe == "auto":
+        recipe = "tiny"
+        if args.init:
+            with open(os.path.join(args.init, "config.json")) as f:
+                recipe = "paper" if MiMoVLConfig.from_hf_dict(json.load(f)).text.hidden_size >= 2048 else "tiny"
+    table = {**STAGES, **(PAPER_STAGES if recipe == "paper" else {})}
+    args.recipe = recipe
+    out = {}
+    for k in STAGE_ORDER:
+        s = table[k]
+        if args.scale != 1:
+            s = replace(s, steps=max(1, round(s.steps * args.scale)))
+        out[k] = s
+    fields = {"lr": float, "min_lr": float, "warmup": int, "steps": int, "seq_len": int, "rows": int,
+              "trainable": lambda v: tuple(x for x in v.split("+") if x)}
+    for name, kind in fields.items():
+        for k, v in parse_stage_values(getattr(args, name), kind, keys).items():
+            out[k] = replace(out[k], **{name: v})
+    return out
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    compute = compute_init(args.device, args.precision)
+    os.makedirs(args.out, exist_ok=True)
+    t_start = time.perf_counter()
+
+    if args.eval_only:
+        return eval_only(args, compute)
+
+    keys = selected_stages(args.stage, args.init)
+    run = Run(args, compute, args.out, resolve_stages(args, keys))
+    compute.print(f"stages to run ({args.recipe} table):\n"
+                  + stage_table([run.stages[k] for k in keys]))
+    results, suite_cache = {}, {}
+    for i, key in enumerate(keys):
+        folder = run_stage(run, key, first=(i == 0))
+        if args.no_eval:
+            continue
+        done = _logged_eval(run, key) if args.resume else None
+        results[key] = done or evaluate_stage(run, key, folder, suite_cache)
+    table = None if args.no_eval else write_summary(run, results)
+    if table:
+        compute.print("\nheld-out results after each stage (greedy; majority = always the most "
+                      "frequent answer; blank image = the final model given black images):\n" + table)
+    compute.print(f"\ntotal time {(time.perf_counter() - t_start) / 60:.1f} min; outputs in {args.out}")
+    if compute.distributed:
+        dist.destroy_process_group()
+    return results
+
+
+def _logged_eval(run, key):
+    path = os.path.join(run.out, "eval.jsonl")
+    if not os.path.isfile(path):
+        return None
+    found = None
+    with open(path) as f:
+        for line in f:
+            rec = json.loads(line)
+            if rec.get("stage") == key:
+                found = rec
+    return found
+
+
+def eval_only(args, compute):
+    model = MiMoVL.from_pretrained(args.eval_only, dtype=torch.float32, device=compute.device,
+                                   progress=False).eval()
+    processor = data.Processor.from_pretrained(args.eval_only)
+    if args.eval_jsonl:
+        ds = data.JsonlDataset(args.eval_jsonl)
+        samples = [s for s in ds if s.get("answer") is not None]
+        if not samples:
+            raise SystemExit(f"{args.eval_jsonl}: no line has an `answer` field to score against")
+        mine = samples[compute.rank::compute.world_size]
+        res = evaluate(model, processor, mine, args.eval_batch, autocast=compute.autocast())
+        records = sum(_gather(res["records"], compute), [])
+        summary = summarise(records)
+        compute.print(f"{args.eval_jsonl}: {len(samples)} scored items")
+        for task, m in summary.items():
+            compute.print(f"  {task:<20} " + "  ".join(f"{k} {v:.3f}" if k != "n" else f"n {v}"
+                                                       for k, v in m.items()))
+        return summary
+    samples = heldout_suite(args.eval_n, args.seed)
+    res = run_suite(model, processor, samples, compute, args.eval_batch,
+                    majority_answers(EVAL_SUITE, seed=args.seed))
+    compute.print(format_results(res, f"{args.eval_only}: held-out suite, {args.eval_n} items per task"))
+    return res
+
+
+if __name__ == "__main__":
+    main()
