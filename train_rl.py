@@ -1380,7 +1380,7 @@ def pack_rows(groups, advantages, max_tokens=4096, processor=None):
     packing keys each row has, aligned with input_ids: `adv` (the response's advantage on its
     tokens), `old` (the sampler's log-probs) and `mask` (tokens that count: the responses of
     non-padding groups). Rows are ordered by task. With `processor` (DDP) a row without pixels
-    gets a dummy image (train_pretrain.add_dummy_image) so every ViT parameter gets a gradient."""
+    gets a dummy image (train_pretrain.add_dummy_vision) so every ViT parameter gets a gradient."""
     by_task = {}
     for g, adv in zip(groups, advantages):
         p = g.encoded["input_ids"]
@@ -1406,7 +1406,7 @@ def pack_rows(groups, advantages, max_tokens=4096, processor=None):
                 row[k] = torch.cat([s[k] for s in part])[None]
             if processor is not None:
                 n = row["input_ids"].shape[1]
-                row = tp.add_dummy_image(row, processor)
+                row = tp.add_dummy_vision(row, processor)
                 extra = row["input_ids"].shape[1] - n
                 for k in ("adv", "old", "mask"):
                     row[k] = torch.cat([row[k], torch.zeros(1, extra)], dim=1)
@@ -1819,11 +1819,21 @@ def step_metrics(records):
     return out
 
 
+def progress_line(rec, per_task):
+    """The progress bar's summary of a step: mean and per-task reward, then pass rate, response
+    length, truncation rate, mean entropy, gradient norm and kept/sampled groups."""
+    tasks = " ".join(f"{t[:6]} {m['reward']:.2f}" for t, m in sorted(per_task.items()))
+    entropy = [m["entropy"] for m in per_task.values() if "entropy" in m]
+    return (f"r {rec['reward']:.2f} {tasks} | pass {rec['pass']:.2f} len {rec['length']:.0f} "
+            f"trunc {rec['truncated']:.2f} H {sum(entropy) / max(len(entropy), 1):.2f} "
+            f"gn {rec.get('grad_norm', 0.0):.2f} kept {rec['kept_groups']}/{rec['sampled_groups']}")
+
+
 def print_debug(groups, compute, n_groups=2, n_responses=3):
     for g in groups[:n_groups]:
-        question = next((it["text"] for it in reversed(g.prompt["messages"][-1]["content"])
-                         if it.get("type") == "text"), "") \
-            if isinstance(g.prompt["messages"][-1]["content"], list) else g.prompt["messages"][-1]["content"]
+        content = g.prompt["messages"][-1]["content"]
+        question = content if isinstance(content, str) else " ".join(
+            it["text"] for it in content if it.get("type") == "text")
         compute.print(f"\n[debug] {g.task} ({reward_tag(g.prompt)}) {question!r} -> truth "
                       f"{g.prompt['answer']!r}; rewards {[round(x, 2) for x in g.rewards]}")
         for r in g.responses[:n_responses]:
@@ -1998,11 +2008,7 @@ def _run_rl(args, compute, processor, pool, eval_tasks, final, t_start, tqdm):
                "rollout_s": round(t1 - t0, 2), "update_s": round(t2 - t1, 2), "time": time.time()}
         _log(metrics_path, rec, compute)
         bar.update(1)
-        bar.set_postfix_str(f"r {rec['reward']:.2f} " + " ".join(
-            f"{t[:6]} {m['reward']:.2f}" for t, m in sorted(per_task.items())) +
-            f" | len {rec['length']:.0f} H " + "{:.2f}".format(
-                sum(m.get("entropy", 0) for m in per_task.values()) / max(len(per_task), 1)) +
-            f" gn {upd.get('grad_norm', 0):.2f} kept {rec['kept_groups']}/{rec['sampled_groups']}")
+        bar.set_postfix_str(progress_line(rec, per_task))
         if args.debug:
             print_debug(sampled, compute)
         if args.eval_every and (step % args.eval_every == 0 or step == args.steps):

@@ -298,3 +298,13 @@ def test_torchrun_two_processes(sft_dir, tmp_path):
     assert [r["step"] for r in records] == [1, 2]
     assert all(r["sampled_groups"] == 2 and r["updates"] == 1 for r in records)
     assert os.path.isfile(tmp_path / "ddp" / "final" / "model.safetensors")
+
+
+def test_main_job_reads_progress_from_the_child_bars():
+    steps = {k: s.steps for k, s in tp.STAGES.items()}
+    total = sum(steps.values())
+    log = ("stage 0-lm: 100%|#####| 200/200 [01:00<00:00]\n"
+           "stage 0-vit:  40%|##   | 80/200 [00:20<00:30, 4it/s]\r")
+    assert rl._child_progress(log, 0) == pytest.approx((steps["0-lm"] + 80) / total)
+    assert rl._child_progress("rl:  25%|##  | 10/40 [00:30<01:30]", 2) == 0.25
+    assert rl._child_progress("loading the model", 1) == 0.0
