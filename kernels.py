@@ -158,22 +158,29 @@ def varlen_attention_torch(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                            causal, scale):
     """Per-segment SDPA on 4-D tensors. On CPU this is the fast path: SDPA takes its fused
     kernel only for 4-D inputs, and one call with a block-diagonal mask over the whole pack was
-    measured up to 100x slower than this loop (../shared/MACHINE-NOTES.md)."""
-    n_heads, n_kv_heads = q.shape[1], k.shape[1]
+    measured up to 100x slower than a loop over segments (../shared/MACHINE-NOTES.md).
+    Consecutive segments of equal (query, key) lengths - the ViT's 64-patch windows, the rows of
+    a decoding step - are one batched call: equal packed segments are just a reshape."""
+    n_heads, n_kv_heads, hd = q.shape[1], k.shape[1], q.shape[2]
     group = n_heads // n_kv_heads
     out = torch.empty_like(q)
     cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
-    for i in range(len(cq) - 1):
-        q0, q1, k0, k1 = cq[i], cq[i + 1], ck[i], ck[i + 1]
-        if q1 == q0:
+    i, n = 0, len(cq) - 1
+    while i < n:
+        lq, lk = cq[i + 1] - cq[i], ck[i + 1] - ck[i]
+        j = i + 1                                    # run of segments i..j-1 with equal lengths
+        while j < n and cq[j + 1] - cq[j] == lq and ck[j + 1] - ck[j] == lk:
+            j += 1
+        g, q0, k0 = j - i, cq[i], ck[i]
+        i = j
+        if lq == 0:
             continue
-        qs = q[q0:q1].transpose(0, 1).unsqueeze(0)  # (1, nh, Lq, hd)
-        ks = k[k0:k1].transpose(0, 1).unsqueeze(0)  # (1, nkv, Lk, hd)
-        vs = v[k0:k1].transpose(0, 1).unsqueeze(0)
+        qs = q[q0:q0 + g * lq].view(g, lq, n_heads, hd).transpose(1, 2)      # (g, nh, Lq, hd)
+        ks = k[k0:k0 + g * lk].view(g, lk, n_kv_heads, hd).transpose(1, 2)   # (g, nkv, Lk, hd)
+        vs = v[k0:k0 + g * lk].view(g, lk, n_kv_heads, hd).transpose(1, 2)
         if group > 1:
-            ks = ks.repeat_interleave(group, dim=1)  # (1, nh, Lk, hd)
+            ks = ks.repeat_interleave(group, dim=1)  # (g, nh, Lk, hd)
             vs = vs.repeat_interleave(group, dim=1)
-        lq, lk = q1 - q0, k1 - k0
         mask, is_causal = None, False
         if causal and lq == lk:
             is_causal = True
@@ -182,8 +189,8 @@ def varlen_attention_torch(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
             rows = torch.arange(lq, device=q.device)[:, None] + (lk - lq)
             mask = torch.arange(lk, device=q.device)[None, :] <= rows  # (Lq, Lk) bool
         o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, is_causal=is_causal,
-                                           scale=scale)  # (1, nh, Lq, hd)
-        out[q0:q1] = o[0].transpose(0, 1)
+                                           scale=scale)  # (g, nh, Lq, hd)
+        out[q0:q0 + g * lq] = o.transpose(1, 2).reshape(g * lq, n_heads, hd)
     return out
 
 
