@@ -32,7 +32,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from kernels import apply_rotary, linear_cross_entropy, varlen_attention
-from vit import MLP, RMSNorm, VisionConfig, VisionTransformer
+from vit import MLP, RMSNorm, VisionConfig, VisionTransformer, fuse_linears
 
 
 # -----------------------------------------------------------------------------
@@ -269,9 +269,13 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, cu_seqlens, max_seqlen, cache=None, layer=0):
         T = x.shape[0]
-        q = self.q_proj(x).view(T, self.nh, self.hd)    # (T, nh, hd)
-        k = self.k_proj(x).view(T, self.nkv, self.hd)   # (T, nkv, hd)
-        v = self.v_proj(x).view(T, self.nkv, self.hd)
+        if hasattr(self, "qkv_proj"):                   # fused for inference (fuse_for_inference)
+            q, k, v = self.qkv_proj(x).split([self.nh * self.hd, self.nkv * self.hd, self.nkv * self.hd], -1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(T, self.nh, self.hd)                 # (T, nh, hd)
+        k = k.view(T, self.nkv, self.hd)                # (T, nkv, hd)
+        v = v.view(T, self.nkv, self.hd)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # M-RoPE, rotate-half (SPEC §4.9)
         if cache is None:
             o = varlen_attention(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
@@ -279,6 +283,12 @@ class Attention(nn.Module):
         else:
             o = self._attend_cached(q, k, v, cu_seqlens, cache, layer)
         return self.o_proj(o.reshape(T, -1))
+
+    @torch.no_grad()
+    def fuse_for_inference(self):
+        """q, k and v as one matmul; drops the separate weights (inference-only)."""
+        self.qkv_proj = fuse_linears(self.q_proj, self.k_proj, self.v_proj)
+        del self.q_proj, self.k_proj, self.v_proj
 
     def _attend_cached(self, q, k, v, cu_seqlens, cache, layer):
         """Append this step's k/v of every row to its cache row, then attend each row's new
@@ -548,6 +558,18 @@ class MiMoVL(nn.Module):
             return out
         return out, h.new_zeros(B * L, dtype=torch.float).index_put((positions,), ent).view(B, L)
 
+    def prepare_for_cpu_inference(self):
+        """Inference on a CPU: fuse q/k/v and gate/up into single matmuls and, in bf16, pack every
+        linear weight for oneDNN once (kernels.pack_linear_weights_for_cpu). Measured with
+        `python bench.py --cpu`. The model is inference-only afterwards. Returns the number of
+        packed linears (0 where the CPU / PyTorch build cannot pack)."""
+        from kernels import pack_linear_weights_for_cpu
+        for m in list(self.modules()):
+            if isinstance(m, (Attention, MLP)) and not hasattr(m, "qkv_proj") and not hasattr(m, "gate_up_proj"):
+                m.fuse_for_inference()
+        self.inference_only = True
+        return pack_linear_weights_for_cpu(self) if self.dtype == torch.bfloat16 else 0
+
     # --- generation ----------------------------------------------------------------------
 
     @torch.inference_mode()
@@ -753,8 +775,8 @@ def save_checkpoint(model, path, max_shard_bytes=5 * 1024 ** 3):
     from safetensors.torch import save_file
 
     if getattr(model, "inference_only", False):
-        raise ValueError("this model's weights were packed for CPU inference "
-                         "(kernels.pack_linear_weights_for_cpu) and cannot be saved; save the original model")
+        raise ValueError("this model was prepared for CPU inference (fused / oneDNN-packed weights) "
+                         "and cannot be saved; save the model before prepare_for_cpu_inference()")
     os.makedirs(path, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     if model.cfg.text.tie_word_embeddings:
@@ -865,10 +887,9 @@ def main(argv=None):
         dtype = _dtype_from_name(args.dtype) or default_dtype(device)
         print(f"loading {args.model} on {device} in {str(dtype).replace('torch.', '')}", file=sys.stderr)
         model = MiMoVL.from_pretrained(args.model, dtype=dtype, device=device)
-        if device == "cpu" and dtype == torch.bfloat16:
-            from kernels import pack_linear_weights_for_cpu
-            if pack_linear_weights_for_cpu(model):   # ~1.6x faster decoding (kernels.py §6)
-                print("linear weights packed for oneDNN bf16", file=sys.stderr)
+        if device == "cpu":
+            if model.prepare_for_cpu_inference():  # fused + oneDNN-packed weights (bench.py --cpu)
+                print("linear weights fused and packed for oneDNN bf16", file=sys.stderr)
         processor = Processor.from_pretrained(args.model)
         media = [{"type": "image", "image": x} for x in args.image] + \
                 [{"type": "video", "video": x} for x in args.video]

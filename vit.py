@@ -186,6 +186,18 @@ class VisionAttention(nn.Module):
         return self.proj(o.reshape(n, -1))
 
 
+def fuse_linears(*linears):
+    """One nn.Linear computing the concatenated outputs of `linears` (same input size)."""
+    first = linears[0]
+    bias = first.bias is not None
+    fused = nn.Linear(first.in_features, sum(m.out_features for m in linears), bias=bias,
+                      device=first.weight.device, dtype=first.weight.dtype)
+    fused.weight.copy_(torch.cat([m.weight for m in linears]))
+    if bias:
+        fused.bias.copy_(torch.cat([m.bias for m in linears]))
+    return fused.requires_grad_(False)
+
+
 class MLP(nn.Module):
     """SwiGLU MLP, down(silu(gate(x)) * up(x)): with biases in the ViT, without in the LM."""
 
@@ -196,7 +208,17 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=bias)
 
     def forward(self, x):
+        if hasattr(self, "gate_up_proj"):       # fused for inference (fuse_for_inference)
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+            return self.down_proj(swiglu(gate, up))
         return self.down_proj(swiglu(self.gate_proj(x), self.up_proj(x)))
+
+    @torch.no_grad()
+    def fuse_for_inference(self):
+        """gate and up as one matmul (one pass over x, one larger matrix-vector product when
+        decoding). The separate weights are dropped: the module is then inference-only."""
+        self.gate_up_proj = fuse_linears(self.gate_proj, self.up_proj)
+        del self.gate_proj, self.up_proj
 
 
 class VisionBlock(nn.Module):

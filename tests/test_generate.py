@@ -140,3 +140,21 @@ def test_token_logprobs_match_full_logits(pair):
     ref_ent[:, 1:] = -(logp.exp() * logp).sum(-1)[:, :-1]
     sel = labels != -100
     assert (ent[sel] - ref_ent[sel]).abs().max() <= 1e-4
+
+
+def test_prepare_for_cpu_inference_keeps_outputs(tmp_path):
+    """Fusing q/k/v and gate/up (and packing in bf16) changes no result: fp32 logits equal, greedy
+    tokens identical; the prepared model refuses to be saved."""
+    hf = hf_model(seed=12)
+    hf.save_pretrained(tmp_path / "hf")
+    plain, fused = MiMoVL.from_pretrained(tmp_path / "hf"), MiMoVL.from_pretrained(tmp_path / "hf")
+    assert fused.prepare_for_cpu_inference() == 0            # fp32: fused, nothing to pack
+    assert not any(n.endswith(("q_proj.weight", "gate_proj.weight")) for n, _ in fused.named_parameters())
+    ids, kw = prompt([3, ("image", (1, 8, 10)), 4], 13)
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        assert (plain(x, **kw).logits - fused(x, **kw).logits).abs().max() <= 1e-5
+    assert torch.equal(plain.generate(x, max_new_tokens=16, stop_token_ids=[], **kw),
+                       fused.generate(x, max_new_tokens=16, stop_token_ids=[], **kw))
+    with pytest.raises(ValueError, match="prepared for CPU inference"):
+        fused.save_pretrained(tmp_path / "out")

@@ -430,5 +430,5 @@ def test_cpu_packed_linear_weights(tmp_path):
     assert n == sum(isinstance(m, torch.nn.Linear) for m in model.modules())
     assert "lm_head.weight" not in dict(model.named_parameters())
     assert (got - ref).abs().max() <= 0.02 * ref.abs().max()
-    with pytest.raises(ValueError, match="packed for CPU inference"):
+    with pytest.raises(ValueError, match="prepared for CPU inference"):
         model.save_pretrained(tmp_path)
