@@ -4,7 +4,7 @@ train_pretrain.py — MiMo-VL's four pre-training stages (SPEC.md §6.1-§6.3), 
 
     # the small-scale reproduction: stage 0 + stages 1-4 on the tiny preset, one CPU (~20 min)
     python train_pretrain.py
-    # one GPU: a wider model trained 4x longer (grounding is learned too)
+    # one GPU: a 2x wider model trained 4x longer (--scale trades time for quality)
     python train_pretrain.py --device cuda --scale 4 --out runs/pretrain-s4
     # 8 GPUs on one node (DDP for small models; --fsdp shards every block with FSDP2)
     torchrun --standalone --nproc_per_node 8 train_pretrain.py --scale 16 --out runs/pretrain-s16
@@ -15,7 +15,8 @@ train_pretrain.py — MiMo-VL's four pre-training stages (SPEC.md §6.1-§6.3), 
         --rdzv_endpoint $MASTER_HOST:29500 train_pretrain.py --init ... --recipe paper --fsdp
     # continue an interrupted run exactly where it stopped / run some stages
     python train_pretrain.py --resume
-    python train_pretrain.py --stage 3,4 --no-reasoning-data --from runs/pretrain/stage2 --out runs/ablation
+    # the reasoning-data ablation: stage 4 again from the same stage-3 model, answers without CoT
+    python train_pretrain.py --stage 4 --from runs/pretrain/stage3 --no-reasoning-data --out runs/pretrain-noreason
     # score a checkpoint on any JSONL file whose lines carry an `answer` (SPEC §6.5)
     python train_pretrain.py --eval-only runs/pretrain/stage4 --eval-jsonl my_benchmark.jsonl
 
@@ -98,7 +99,7 @@ class Stage:
 # row length (long-context packing) and, as the paper, raises the LR above stage 3's.
 STAGES = {
     "0-lm": Stage("0-lm", "LM pre-training (stands in for MiMo-7B-Base)", ("llm",),
-                  1e-3, 1e-4, 20, 200, 2048, 1, "synthetic text: documents, text scenes, word problems",
+                  1e-3, 1e-4, 20, 400, 2048, 1, "synthetic text: documents, text scenes, word problems",
                   "none: MiMo-7B-Base is pretrained"),
     "0-vit": Stage("0-vit", "ViT pre-training (stands in for Qwen2.5-ViT)", ("vit", "projector"),
                    1e-3, 1e-4, 20, 150, 0, 32, "synthetic scenes, the class of every 28-px cell",
@@ -106,12 +107,12 @@ STAGES = {
     "1": Stage("1", "projector warm-up", ("projector",),
                1e-3, 1e-4, 20, 150, 2048, 1, "captions", "projector only, LR 1e-3, 300 B tokens, 8K"),
     "2": Stage("2", "vision-language alignment", ("vit", "projector"),
-               3e-4, 3e-5, 20, 250, 2048, 1, "+ interleaved", "ViT + projector, LR 1e-4 -> 1e-5, 167 B, 8K"),
+               3e-4, 3e-5, 20, 150, 2048, 1, "+ interleaved", "ViT + projector, LR 1e-4 -> 1e-5, 167 B, 8K"),
     "3": Stage("3", "general multimodal pre-training", ("vit", "projector", "llm"),
-               3e-4, 3e-5, 30, 700, 2048, 1, "+ OCR, grounding, counting, video, reasoning, text",
+               3e-4, 3e-5, 30, 800, 2048, 1, "+ OCR, grounding, counting, video, reasoning, text",
                "all, LR 1e-5, 1.4 T, 8K"),
     "4": Stage("4", "long-context SFT", ("vit", "projector", "llm"),
-               4e-4, 4e-5, 20, 200, 4096, 1, "+ long and high-res data, more long reasoning",
+               4e-4, 4e-5, 20, 250, 4096, 1, "+ long and high-res data, more long reasoning",
                "all, LR 2.5e-5, 550 B, 32K"),
 }
 
@@ -154,6 +155,12 @@ class Compute:
     @property
     def master(self):
         return self.rank == 0
+
+    @property
+    def eval_dtype(self):
+        """Weights dtype for evaluation and generation (no autocast there): bf16 on GPUs when
+        training in bf16, fp32 on CPUs (exact, and fast enough for the tiny model)."""
+        return torch.bfloat16 if self.amp_dtype and self.device.type == "cuda" else torch.float32
 
     def autocast(self):
         if self.amp_dtype is None:
@@ -219,6 +226,19 @@ def compute_init(device="auto", precision="auto", quiet=False):
         c.print(f"compute: {world} process(es) on {device}" + (f" ({backend})" if backend else "") +
                 f" | precision: {'bf16 autocast, fp32 master weights' if c.amp_dtype else 'fp32'} ({why})")
     return c
+
+
+def pick_threads(requested=None):
+    """Torch CPU threads: --threads when given; else every core this process may use, minus the
+    cores other processes keep busy (1-minute load average). Intra-op threads spin at every
+    parallel region, so on a busy machine 2 threads ran a step up to 10x slower than 1."""
+    if requested:
+        return requested, "from --threads"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", 1))          # torchrun processes here
+    n = max(1, min(cores, int(cores - load + 0.5)) // per_node)
+    return n, f"{cores} cores, load average {load:.1f}, {per_node} process(es) per node; --threads N to choose"
 
 
 def all_reduce_sum(x, compute):
@@ -737,7 +757,7 @@ def _prompt_of(sample):
 
 
 @torch.no_grad()
-def generate_answers(model, processor, samples, batch_size=32, max_new_tokens=None, autocast=None):
+def generate_answers(model, processor, samples, batch_size=32, max_new_tokens=None):
     """Greedy responses (strings) for a list of samples. Batches hold one task each, so that
     prompts have similar lengths and a batch stops as soon as its short answers are done."""
     model.eval()
@@ -751,25 +771,23 @@ def generate_answers(model, processor, samples, batch_size=32, max_new_tokens=No
         n_new = max_new_tokens or max(MAX_NEW_TOKENS.get(samples[i].get("task"), 64) for i in idx)
         kw = {k: v.to(model.device) if k.startswith("pixel") else v for k, v in batch.items()
               if k not in ("input_ids", "attention_mask")}
-        with autocast or contextlib.nullcontext():
-            out = model.generate(batch["input_ids"].to(model.device),
-                                 attention_mask=batch["attention_mask"].to(model.device),
-                                 max_new_tokens=n_new, stop_token_ids=processor.eos_token_ids, **kw)
+        out = model.generate(batch["input_ids"].to(model.device),
+                             attention_mask=batch["attention_mask"].to(model.device),
+                             max_new_tokens=n_new, stop_token_ids=processor.eos_token_ids, **kw)
         for row, i in zip(out.tolist(), idx):
             cut = next((j for j, t in enumerate(row) if t in processor.eos_token_ids), len(row))
             responses[i] = processor.decode(row[:cut], skip_special_tokens=True)
     return responses
 
 
-def evaluate(model, processor, samples, batch_size=32, max_new_tokens=None, autocast=None,
-             blank=False):
+def evaluate(model, processor, samples, batch_size=32, max_new_tokens=None, blank=False):
     """Score `samples` (dicts with "messages", "answer", optionally "task"/"scorer"): greedy
     generation with model.generate, one scorer per sample (scorer_for). Returns
     {"by_task": {task: {metric: mean, "n": count}}, "records": [per-sample dicts]}.
     blank=True replaces every image/video by black pixels first (the no-image baseline)."""
     if blank:
         samples = [blank_sample(s) for s in samples]
-    responses = generate_answers(model, processor, samples, batch_size, max_new_tokens, autocast)
+    responses = generate_answers(model, processor, samples, batch_size, max_new_tokens)
     records = []
     for s, r in zip(samples, responses):
         name = scorer_for(s)
@@ -820,20 +838,23 @@ def majority_answers(suite, n=500, seed=0):
 
 
 @torch.no_grad()
-def caption_loss(model, processor, samples, autocast=None):
-    """Mean next-token loss on the reference answers (teacher forcing), over all answer tokens."""
+def answer_loss(model, processor, samples, max_tokens=4096):
+    """Teacher-forced next-token loss on the reference answers: (sum of nats, labelled tokens).
+    The samples are packed into rows of max_tokens (packing is exact, see data.py)."""
     model.eval()
+    encoded = [data.encode_sample(s, processor) for s in samples]
     total, count = 0.0, 0
-    for s in samples:
-        e = data.encode_sample(s, processor)
-        row = data.collate_packed([e])
+    if not encoded:
+        return total, count
+    for rows in data.best_fit_pack([len(e["input_ids"]) for e in encoded],
+                                   max(max_tokens, *(len(e["input_ids"]) for e in encoded))):
+        row = data.collate_packed([encoded[i] for i in rows])
         n = int((row["labels"][:, 1:] != data.IGNORE_INDEX).sum())
-        with autocast or contextlib.nullcontext():
-            out = model(row["input_ids"].to(model.device), labels=row["labels"].to(model.device),
-                        cu_seqlens=row["cu_seqlens"].to(model.device), **_vision_kwargs(row, model.device))
+        out = model(row["input_ids"].to(model.device), labels=row["labels"].to(model.device),
+                    cu_seqlens=row["cu_seqlens"].to(model.device), **_vision_kwargs(row, model.device))
         total += float(out.loss) * n
         count += n
-    return total / max(count, 1)
+    return total, count
 
 
 # The held-out suite of the small-scale reproduction: (name, task, difficulty).
@@ -855,7 +876,15 @@ PRIMARY_METRICS = {"exact": ("acc",), "numeric": ("acc",), "choice": ("acc",),
 TEXT_ONLY_TASKS = ("text_math",)
 
 
+# Open-ended tasks measured by the loss of the reference answer (the data stages 1-2 add).
+LOSS_SUITE = (
+    ("caption", "caption", data.Difficulty()),
+    ("interleaved", "interleaved", data.Difficulty()),
+)
+
+
 def heldout_suite(n, seed=0, suite=EVAL_SUITE):
+    """n held-out samples of every (name, task, difficulty) of `suite`, tagged with eval_name."""
     out = []
     for name, task, d in suite:
         for i in range(n):
@@ -865,42 +894,40 @@ def heldout_suite(n, seed=0, suite=EVAL_SUITE):
     return out
 
 
-def run_suite(model, processor, samples, compute, batch_size=32, majority=None):
-    """Model, majority-answer and blank-image scores on the suite, each rank scoring its share.
-    `majority`: {task: answer} (majority_answers), else the held-out samples' own mode."""
-    mine = samples[compute.rank::compute.world_size]
-    ac = compute.autocast()
-    real = evaluate(model, processor, mine, batch_size, autocast=ac)["records"]
-    with_image = [s for s in mine if s.get("eval_name", s["task"]) not in TEXT_ONLY_TASKS]
-    blank = evaluate(model, processor, with_image, batch_size, autocast=ac, blank=True)["records"]
-    captions = [s for s in mine if s["task"] == "caption"]
-    cap = [(caption_loss(model, processor, captions, ac), len(captions)),
-           (caption_loss(model, processor, [blank_sample(s) for s in captions], ac), len(captions))]
-    real = sum(_gather(real, compute), [])
-    blank = sum(_gather(blank, compute), [])
-    caps = _gather(cap, compute)
-    n_cap = sum(c[0][1] for c in caps)
-    loss = sum(c[0][0] * c[0][1] for c in caps) / max(n_cap, 1)
-    loss_blank = sum(c[1][0] * c[1][1] for c in caps) / max(n_cap, 1)
-    return {"model": summarise(real), "blank": summarise(blank), "majority": majority_baseline(samples, majority),
-            "caption_loss": loss, "caption_loss_blank": loss_blank,
-            "examples": {r["task"]: {"response": r["response"], "answer": r["answer"]}
-                         for r in real}}
+def run_suite(model, processor, samples, compute, batch_size=32, majority=None, loss_samples=()):
+    """Greedy scores of the model on `samples`, beside the majority answer (`majority`: {task:
+    answer}, see majority_answers; else the samples' own mode) and the model given black images;
+    answer losses (real and blank images) on `loss_samples`. Each rank scores its share."""
+    r, w = compute.rank, compute.world_size
+    mine = samples[r::w]
+    real = evaluate(model, processor, mine, batch_size)["records"]
+    with_image = [s for s in mine if _name(s) not in TEXT_ONLY_TASKS]
+    blank = evaluate(model, processor, with_image, batch_size, blank=True)["records"]
+    real, blank = sum(_gather(real, compute), []), sum(_gather(blank, compute), [])
+    losses = {}
+    for name in dict.fromkeys(_name(s) for s in loss_samples):
+        part = [s for s in loss_samples if _name(s) == name][r::w]
+        sums = torch.tensor([*answer_loss(model, processor, part),
+                             *answer_loss(model, processor, [blank_sample(s) for s in part])],
+                            dtype=torch.float64)
+        sums = all_reduce_sum(sums.to(compute.device), compute).tolist()
+        losses[name] = {"model": sums[0] / max(sums[1], 1), "blank": sums[2] / max(sums[3], 1)}
+    return {"model": summarise(real), "blank": summarise(blank),
+            "majority": majority_baseline(samples, majority), "loss": losses,
+            "examples": {x["task"]: {"response": x["response"], "answer": x["answer"]} for x in real}}
 
 
 def format_results(res, title):
     lines = [title, f"{'task':<18} {'metric':<8} {'model':>6} {'majority':>9} {'blank img':>9}   n",
              "-" * 62]
     for task, m in res["model"].items():
-        metrics = PRIMARY_METRICS[m["scorer"]]
-        for k in metrics:
+        for k in PRIMARY_METRICS[m["scorer"]]:
             maj = res["majority"].get(task, {}).get(k, float("nan"))
             bl = res["blank"].get(task, {}).get(k)
             lines.append(f"{task:<18} {k:<8} {m[k]:>6.3f} {maj:>9.3f} "
                          f"{'-' if bl is None else f'{bl:.3f}':>9}   {m['n']}")
-    if "caption_loss" in res:
-        lines.append(f"{'caption':<18} {'loss':<8} {res['caption_loss']:>6.3f} {'':>9} "
-                     f"{res['caption_loss_blank']:>9.3f}")
+    for task, l in res.get("loss", {}).items():
+        lines.append(f"{task:<18} {'loss':<8} {l['model']:>6.3f} {'-':>9} {l['blank']:>9.3f}")
     return "\n".join(lines)
 
 
@@ -977,6 +1004,24 @@ def classify_stream(per_rank, compute, seed, start_step, workers):
     return iter(torch.utils.data.DataLoader(ds, batch_size=None, sampler=_StepSampler(start_step),
                                             num_workers=workers, worker_init_fn=data._worker_init
                                             if workers else None))
+
+
+def stage_mixture(key, args):
+    """The data of a stage: data.stage_mixture (SPEC §6.3: each stage adds data types) or
+    --mixture, plus --replay of the earlier stages' mixtures (1..k-1, equal shares). Measured:
+    without replay stage 3 erased stage 1's big-shape captions (accuracy 0.81 -> 0.00)."""
+    if key == "0-lm":
+        return data.stage_mixture(0)
+    k, reasoning = int(key), not args.no_reasoning_data
+    mix = parse_mixture(args.mixture) if args.mixture else data.stage_mixture(k, reasoning)
+    earlier = [data.stage_mixture(j, reasoning) for j in range(1, k)]
+    if not earlier or args.replay <= 0:
+        return mix
+
+    def scaled(items, share):
+        total = sum(m.weight for m in items)
+        return [replace(m, weight=m.weight / total * share) for m in items]
+    return scaled(mix, 1 - args.replay) + sum((scaled(e, args.replay / len(earlier)) for e in earlier), [])
 
 
 def parse_mixture(text):
@@ -1062,7 +1107,7 @@ def fresh_model(a):
 
 
 def run_stage(run, key, first):
-    """Train one stage, write its HF folder, evaluate it. Returns the folder."""
+    """Train one stage and write its HF folder (main() evaluates it). Returns the folder."""
     a, c = run.args, run.compute
     stage = run.stages[key]
     final = run.stage_dir(key)
@@ -1106,8 +1151,10 @@ def run_stage(run, key, first):
     trainee.to(c.device).train()
     wrapped = wrap_model(trainee, c, a.fsdp)
     if a.compile:
+        # the dense part of every block; attention stays eager: its packed varlen loop has
+        # data-dependent segment counts (and on GPU it is already one fused Triton kernel)
         for block in [*model.visual.blocks, *model.model.layers]:
-            block.compile(dynamic=True)
+            block.mlp.compile(dynamic=True)
     opt = build_optimizer(wrapped, stage.lr, a.weight_decay, (a.beta1, a.beta2), c.device)
     step, loader_state = 0, None
     if resume_from:
@@ -1118,6 +1165,9 @@ def run_stage(run, key, first):
             f"({n_train / 1e6:.2f} M of {n_total / 1e6:.2f} M parameters), from "
             f"{resume_from or src or 'scratch'}\n    {stage.steps} steps, lr {stage.lr:g} -> "
             f"{stage.min_lr:g}, warm-up {stage.warmup}; data: {stage.data}; paper: {stage.paper}")
+    if c.device.type == "cuda":
+        c.print(f"    estimated memory per GPU with FSDP2 + gradient checkpointing: "
+                f"{memory_estimate_gib(cfg, c.world_size, stage.seq_len, n_train / n_total):.1f} GiB")
 
     # --- data ------------------------------------------------------------------------------
     per_rank = stage.rows // c.world_size
@@ -1128,8 +1178,7 @@ def run_stage(run, key, first):
         stream = classify_stream(per_rank, c, a.seed, step, a.workers)
         loader = None
     else:
-        mixture = (parse_mixture(a.mixture) if a.mixture and key not in ("0-lm",)
-                   else data.stage_mixture(0 if key == "0-lm" else int(key), not a.no_reasoning_data))
+        mixture = stage_mixture(key, a)
         loader = data.PackedLoader(data.SyntheticDataset(mixture, "train", a.seed), processor,
                                    max_tokens=stage.seq_len, chunk_size=a.chunk_size,
                                    num_workers=a.workers, rank=c.rank, world_size=c.world_size,
@@ -1205,7 +1254,7 @@ def run_stage(run, key, first):
                           extra=extra)
     c.barrier()
     c.print(f"stage {key}: wrote {final}")
-    del wrapped, trainee, opt, model
+    del stream, loader, wrapped, trainee, opt, model      # frees memory and ends loader workers
     return final
 
 
@@ -1250,14 +1299,15 @@ def evaluate_stage(run, key, folder, suite_cache):
     """After stage `key`: stage 0 measures its towers (held-out text loss, cell accuracy); stages
     1-4 run the held-out suite (model, majority answer, blank image). Printed and logged."""
     a, c = run.args, run.compute
-    model = MiMoVL.from_pretrained(folder, dtype=torch.float32, device=c.device, progress=False).eval()
+    model = MiMoVL.from_pretrained(folder, dtype=c.eval_dtype, device=c.device, progress=False).eval()
     processor = data.Processor.from_pretrained(folder)
     t0 = time.perf_counter()
     if key == "0-lm":
         ds = data.SyntheticDataset(data.stage_mixture(0), "heldout", a.seed)
-        samples = [ds[i] for i in range(c.rank, a.eval_n * 2, c.world_size)]
-        res = {"text_loss": caption_loss(model, processor, samples, c.autocast())}
-        res["text_loss"] = sum(_gather(res["text_loss"], c)) / c.world_size
+        samples = [ds[i] for i in range(c.rank, a.eval_n, c.world_size)]
+        sums = all_reduce_sum(torch.tensor(answer_loss(model, processor, samples), dtype=torch.float64,
+                                           device=c.device), c).tolist()
+        res = {"text_loss": sums[0] / max(sums[1], 1)}
         text = f"stage 0-lm: held-out text loss {res['text_loss']:.3f} (per labelled token)"
     elif key == "0-vit":
         res = _eval_cells(model, folder, run)
@@ -1266,8 +1316,10 @@ def evaluate_stage(run, key, folder, suite_cache):
     else:
         if "suite" not in suite_cache:
             suite_cache["suite"] = heldout_suite(a.eval_n, a.seed)
+            suite_cache["loss"] = heldout_suite(a.eval_n, a.seed, LOSS_SUITE)
             suite_cache["majority"] = majority_answers(EVAL_SUITE, seed=a.seed)
-        res = run_suite(model, processor, suite_cache["suite"], c, a.eval_batch, suite_cache["majority"])
+        res = run_suite(model, processor, suite_cache["suite"], c, a.eval_batch, suite_cache["majority"],
+                        suite_cache["loss"])
         text = format_results(res, f"stage {key}: held-out suite, {a.eval_n} items per task, greedy")
     res["eval_seconds"] = round(time.perf_counter() - t0, 1)
     c.print(text + f"\n(evaluation took {res['eval_seconds']} s)")
@@ -1282,14 +1334,13 @@ def _eval_cells(model, folder, run):
     extra.safetensors) on held-out scenes, beside always answering "empty"."""
     from safetensors.torch import load_file
     c = run.compute
-    head = nn.Linear(model.cfg.vision.out_hidden_size, len(data.CELL_CLASSES)).to(c.device)
+    head = nn.Linear(model.cfg.vision.out_hidden_size, len(data.CELL_CLASSES)).to(c.device, model.dtype)
     head.load_state_dict({k[len("head."):]: v for k, v in
                           load_file(os.path.join(folder, "extra.safetensors")).items()})
     right = total = empty = 0
     for step in range(c.rank, max(1, run.args.eval_n // 32), c.world_size):
         pv, grid, labels = _ClassifySteps(32, 0, 1, run.args.seed, "heldout")[step]
-        with c.autocast():
-            logits = head(model.visual(pv.to(c.device), grid)).float()
+        logits = head(model.visual(pv.to(c.device, model.dtype), grid)).float()
         right += int((logits.argmax(-1).cpu() == labels).sum())
         total += len(labels)
         empty += int((labels == 0).sum())
@@ -1298,23 +1349,33 @@ def _eval_cells(model, folder, run):
 
 
 def write_summary(run, results):
-    """One table over the stages: every metric after each stage, beside its baselines."""
+    """One table over the stages: every metric after each stage, beside its baselines (those
+    of the last stage evaluated); stage 0's own measurements above it. Written to summary.md."""
     keys = [k for k in ("1", "2", "3", "4") if k in results]
     if not keys:
         return None
+
+    def cell(x):
+        return "-" if x is None or x != x else f"{x:.2f}"
     last = results[keys[-1]]
-    head = "| task | metric | " + " | ".join(f"stage {k}" for k in keys) + " | majority | blank image |"
-    lines = [head, "|" + "---|" * (len(keys) + 4)]
-    for task in last["model"]:
-        for m in PRIMARY_METRICS[last["model"][task]["scorer"]]:
-            vals = [f"{results[k]['model'].get(task, {}).get(m, float('nan')):.2f}" for k in keys]
-            maj = last["majority"].get(task, {}).get(m, float("nan"))
-            bl = last["blank"].get(task, {}).get(m)
-            lines.append(f"| {task} | {m} | " + " | ".join(vals) + f" | {maj:.2f} | "
-                         f"{'-' if bl is None else f'{bl:.2f}'} |")
-    vals = [f"{results[k]['caption_loss']:.2f}" for k in keys]
-    lines.append("| caption | loss (nats) | " + " | ".join(vals) +
-                 f" | - | {last['caption_loss_blank']:.2f} |")
+    lines = []
+    if "0-lm" in results:
+        lines.append(f"stage 0-lm: held-out text loss {results['0-lm']['text_loss']:.3f} nats/token")
+    if "0-vit" in results:
+        lines.append(f"stage 0-vit: held-out cell accuracy {results['0-vit']['cell_acc']:.3f} "
+                     f"(always 'empty': {results['0-vit']['majority']:.3f})")
+    lines += ["", "| task | metric | " + " | ".join(f"stage {k}" for k in keys) + " | majority | blank image |",
+              "|" + "---|" * (len(keys) + 4)]
+    for task, m in last["model"].items():
+        for metric in PRIMARY_METRICS[m["scorer"]]:
+            vals = [cell(results[k]["model"].get(task, {}).get(metric)) for k in keys]
+            lines.append(f"| {task} | {metric} | " + " | ".join(vals) + f" | "
+                         f"{cell(last['majority'].get(task, {}).get(metric))} | "
+                         f"{cell(last['blank'].get(task, {}).get(metric))} |")
+    for task, l in last.get("loss", {}).items():
+        lines.append(f"| {task} | loss (nats) | " +
+                     " | ".join(cell(results[k].get("loss", {}).get(task, {}).get("model")) for k in keys) +
+                     f" | - | {cell(l['blank'])} |")
     table = "\n".join(lines)
     if run.compute.master:
         with open(os.path.join(run.out, "summary.md"), "w") as f:
@@ -1399,6 +1460,8 @@ def build_parser():
     g.add_argument("--trainable", default=None, help="parts to train, '+'-joined: vit, projector, llm")
     g.add_argument("--mixture", default=None,
                    help="replace the stage mixtures (stages 1-4) by 'task:weight,...' over data.TASKS")
+    g.add_argument("--replay", type=float, default=0.1,
+                   help="fraction of each stage's data drawn from the earlier stages' mixtures (stages 2-4)")
     g.add_argument("--no-reasoning-data", action="store_true",
                    help="ablation: the arithmetic tasks without their chains of thought (answers only)")
 
@@ -1415,7 +1478,8 @@ def build_parser():
     g.add_argument("--fsdp", action="store_true", help="under torchrun: FSDP2 per block instead of DDP")
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute block activations in backward")
     g.add_argument("--compile", action="store_true", help="torch.compile every ViT block and LM layer")
-    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    g.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: the cores not kept busy by other processes)")
     g.add_argument("--workers", type=int, default=1, help="data-loader worker processes per rank")
     g.add_argument("--chunk-size", type=int, default=256, help="samples packed together per data chunk")
 
@@ -1459,9 +1523,11 @@ def resolve_stages(args, keys):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     compute = compute_init(args.device, args.precision)
+    if compute.device.type == "cpu":
+        n, why = pick_threads(args.threads)
+        torch.set_num_threads(n)
+        compute.print(f"torch CPU threads: {n} ({why})")
     os.makedirs(args.out, exist_ok=True)
     t_start = time.perf_counter()
 
@@ -1503,7 +1569,7 @@ def _logged_eval(run, key):
 
 
 def eval_only(args, compute):
-    model = MiMoVL.from_pretrained(args.eval_only, dtype=torch.float32, device=compute.device,
+    model = MiMoVL.from_pretrained(args.eval_only, dtype=compute.eval_dtype, device=compute.device,
                                    progress=False).eval()
     processor = data.Processor.from_pretrained(args.eval_only)
     if args.eval_jsonl:
@@ -1512,7 +1578,7 @@ def eval_only(args, compute):
         if not samples:
             raise SystemExit(f"{args.eval_jsonl}: no line has an `answer` field to score against")
         mine = samples[compute.rank::compute.world_size]
-        res = evaluate(model, processor, mine, args.eval_batch, autocast=compute.autocast())
+        res = evaluate(model, processor, mine, args.eval_batch)
         records = sum(_gather(res["records"], compute), [])
         summary = summarise(records)
         compute.print(f"{args.eval_jsonl}: {len(samples)} scored items")
@@ -1522,7 +1588,7 @@ def eval_only(args, compute):
         return summary
     samples = heldout_suite(args.eval_n, args.seed)
     res = run_suite(model, processor, samples, compute, args.eval_batch,
-                    majority_answers(EVAL_SUITE, seed=args.seed))
+                    majority_answers(EVAL_SUITE, seed=args.seed), heldout_suite(args.eval_n, args.seed, LOSS_SUITE))
     compute.print(format_results(res, f"{args.eval_only}: held-out suite, {args.eval_n} items per task"))
     return res
 

@@ -39,9 +39,10 @@ def losses(out, stage):
 
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory):
-    """Stage 0-lm .. 4, two steps each, every stage from the previous one's folder."""
+    """Stage 0-lm .. 4, two steps each, every stage from the previous one's folder, under bf16
+    autocast (the default precision on CPUs with native bf16; fp32 master weights)."""
     out = str(tmp_path_factory.mktemp("pretrain"))
-    tp.main(["--out", out, *FAST])
+    tp.main(["--out", out, *FAST, "--precision", "bf16"])
     return out
 
 
@@ -204,3 +205,56 @@ def test_majority_baseline_scores_the_most_frequent_answer():
     boxes = [{"task": "ground_box", "answer": b} for b in ([0, 0, 10, 10], [0, 0, 10, 10], [20, 20, 30, 30])]
     m = tp.majority_baseline(boxes)["ground_box"]
     assert m["acc@0.5"] == pytest.approx(2 / 3) and m["iou"] == pytest.approx(2 / 3)
+
+
+def test_scale_widens_the_tiny_model():
+    assert tp.tiny_config(1) == MiMoVLConfig.preset("tiny")
+    cfg = tp.tiny_config(4)                      # w = 2: twice the heads of every tower
+    assert (cfg.text.hidden_size, cfg.text.num_hidden_layers, cfg.vision.hidden_size) == (512, 6, 256)
+    assert cfg.text.head_dim == 64 and cfg.vision.head_dim == 64
+    model = MiMoVL(cfg)
+    x = torch.randint(10, 100, (1, 12))
+    assert model(x, labels=x).loss.isfinite()
+
+
+class EchoModel:
+    """Stands in for MiMoVL in evaluate(): answers each prompt with a fixed response, found by
+    the question it contains, as token ids followed by the stop token (then padding)."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, processor, responses):
+        self.processor, self.responses = processor, responses
+
+    def eval(self):
+        return self
+
+    def generate(self, input_ids, attention_mask=None, max_new_tokens=32, stop_token_ids=None, **kw):
+        rows = []
+        for ids, mask in zip(input_ids, attention_mask):
+            prompt = self.processor.decode(ids[mask.bool()])
+            response = next(r for q, r in self.responses.items() if q in prompt)
+            rows.append(self.processor.encode(response)[:max_new_tokens - 1] + [stop_token_ids[0]])
+        width = max(map(len, rows))
+        return torch.tensor([r + [stop_token_ids[0]] * (width - len(r)) for r in rows])
+
+
+def test_evaluate_scores_a_jsonl_file_end_to_end(chain):
+    """The evaluator on data/example.jsonl (images from paths, a video from a frame folder):
+    reference answers score 1 on every metric, wrong ones 0, and the blank-image pass runs."""
+    processor = data.Processor.from_pretrained(f"{chain}/stage3")
+    samples = [s for s in data.JsonlDataset(os.path.join(ROOT, "data", "example.jsonl")) if s.get("answer")]
+    question = {}
+    for s in samples:
+        user = [m for m in s["messages"] if m["role"] == "user"][-1]["content"]
+        q = user if isinstance(user, str) else [i["text"] for i in user if i.get("type") == "text"][-1]
+        question[q] = s["messages"][-1]["content"]
+    right = tp.evaluate(EchoModel(processor, question), processor, samples, batch_size=4)
+    assert len(right["records"]) == len(samples) >= 6
+    for task, m in right["by_task"].items():
+        for metric in tp.PRIMARY_METRICS[m["scorer"]]:
+            assert m[metric] == 1.0, (task, metric, right["records"])
+    wrong = tp.evaluate(EchoModel(processor, {q: "no idea" for q in question}), processor, samples,
+                        batch_size=4, blank=True)
+    for task, m in wrong["by_task"].items():
+        assert all(m[metric] == 0.0 for metric in tp.PRIMARY_METRICS[m["scorer"]]), (task, m)
