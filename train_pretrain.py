@@ -883,6 +883,17 @@ LOSS_SUITE = (
 )
 
 
+def eval_suites(names=None):
+    """(EVAL_SUITE, LOSS_SUITE) restricted to the comma-separated names of --eval-tasks."""
+    if not names:
+        return EVAL_SUITE, LOSS_SUITE
+    want = {n.strip() for n in names.split(",")}
+    known = {e[0] for e in EVAL_SUITE + LOSS_SUITE}
+    if want - known:
+        raise SystemExit(f"--eval-tasks: unknown {sorted(want - known)}; choose from {sorted(known)}")
+    return tuple(e for e in EVAL_SUITE if e[0] in want), tuple(e for e in LOSS_SUITE if e[0] in want)
+
+
 def heldout_suite(n, seed=0, suite=EVAL_SUITE):
     """n held-out samples of every (name, task, difficulty) of `suite`, tagged with eval_name."""
     out = []
@@ -1315,9 +1326,10 @@ def evaluate_stage(run, key, folder, suite_cache):
                 f"(majority 'empty' {res['majority']:.3f}; linear head on the merged tokens)")
     else:
         if "suite" not in suite_cache:
-            suite_cache["suite"] = heldout_suite(a.eval_n, a.seed)
-            suite_cache["loss"] = heldout_suite(a.eval_n, a.seed, LOSS_SUITE)
-            suite_cache["majority"] = majority_answers(EVAL_SUITE, seed=a.seed)
+            suite, losses = eval_suites(a.eval_tasks)
+            suite_cache["suite"] = heldout_suite(a.eval_n, a.seed, suite)
+            suite_cache["loss"] = heldout_suite(a.eval_n, a.seed, losses)
+            suite_cache["majority"] = majority_answers(suite, seed=a.seed)
         res = run_suite(model, processor, suite_cache["suite"], c, a.eval_batch, suite_cache["majority"],
                         suite_cache["loss"])
         text = format_results(res, f"stage {key}: held-out suite, {a.eval_n} items per task, greedy")
@@ -1489,6 +1501,8 @@ def build_parser():
     g.add_argument("--save-dtype", default="float32", choices=("float32", "bfloat16"), help="dtype of the stage folders")
     g.add_argument("--eval-n", type=int, default=64, help="held-out items per task in the evaluation")
     g.add_argument("--eval-batch", type=int, default=64, help="prompts per generation batch")
+    g.add_argument("--eval-tasks", default=None,
+                   help="comma list of suite tasks to evaluate (default: all of EVAL_SUITE and LOSS_SUITE)")
     g.add_argument("--no-eval", action="store_true", help="skip the evaluation after each stage")
 
     g = p.add_argument_group("debugging (used by the tests)")
@@ -1586,9 +1600,9 @@ def eval_only(args, compute):
             compute.print(f"  {task:<20} " + "  ".join(f"{k} {v:.3f}" if k != "n" else f"n {v}"
                                                        for k, v in m.items()))
         return summary
-    samples = heldout_suite(args.eval_n, args.seed)
-    res = run_suite(model, processor, samples, compute, args.eval_batch,
-                    majority_answers(EVAL_SUITE, seed=args.seed), heldout_suite(args.eval_n, args.seed, LOSS_SUITE))
+    suite, losses = eval_suites(args.eval_tasks)
+    res = run_suite(model, processor, heldout_suite(args.eval_n, args.seed, suite), compute, args.eval_batch,
+                    majority_answers(suite, seed=args.seed), heldout_suite(args.eval_n, args.seed, losses))
     compute.print(format_results(res, f"{args.eval_only}: held-out suite, {args.eval_n} items per task"))
     return res
 

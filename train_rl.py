@@ -1150,9 +1150,11 @@ class PromptStream:
         return rl_prompt(self.tasks[k % len(self.tasks)], k // len(self.tasks), "train", self.seed)
 
 
-def heldout_prompts(tasks, n, seed=0):
-    """n held-out prompts per task (data's held-out split: never seen in training)."""
-    return [rl_prompt(task, i, "heldout", seed) for task in tasks for i in range(n)]
+def heldout_prompts(tasks, n, seed=0, first=0):
+    """n held-out prompts per task, indices first..first+n-1 of data's held-out split (never
+    seen in training). The before/after table uses the first n; choosing the tasks to train
+    uses the next n, so that the choice does not favour tasks the SFT model got lucky on."""
+    return [rl_prompt(task, i, "heldout", seed) for task in tasks for i in range(first, first + n)]
 
 
 def has_media(prompt):
@@ -1230,7 +1232,9 @@ def sample_groups(model, processor, prompts, group_size, temperature=1.0, top_p=
                   max_new_tokens=None, seed=0, max_rows=128, autocast=None):
     """Sample `group_size` responses for every prompt with model.generate(n=G): the G samples of
     a prompt share one prefill and its KV cache. Prompts are generated task by task (each task
-    has its own response budget) in calls of at most max_rows // G prompts. -> [Group]."""
+    has its own response budget) in calls of at most max_rows // G prompts. -> [Group].
+    The RL run samples in the weights' dtype (autocast=None: fp32 master weights here), so the
+    sampled distribution is the policy's own; only the update uses the precision policy."""
     model.eval()
     encoded = [encode_prompt(processor, p) for p in prompts]
     by_task = {}
@@ -1430,6 +1434,17 @@ def _all_reduce(values, compute):
     return t.tolist()
 
 
+def _gradient_since(params, snapshot):
+    """(squared norm of the gradient accumulated since `snapshot`, a new snapshot): one task's
+    contribution to the batch gradient, for the per-task gradient norm (single process only)."""
+    sq, now = 0.0, []
+    for j, p in enumerate(params):
+        g = p.grad.detach() if p.grad is not None else torch.zeros_like(p)
+        sq += float((g - snapshot[j] if snapshot is not None else g).float().pow(2).sum())
+        now.append(g.clone())
+    return sq, now
+
+
 def policy_update(wrapped, optimizer, groups, cfg, compute, processor=None, ref_model=None):
     """One rollout batch -> cfg.updates_per_batch optimiser steps (on-policy: exactly one).
 
@@ -1489,16 +1504,8 @@ def policy_update(wrapped, optimizer, groups, cfg, compute, processor=None, ref_
                 t = task_sums.setdefault(row["task"], [0.0, 0.0, 0.0])
                 t[0] += float((ent.detach().float() * mask).sum())
                 t[1] += n_row
-            next_task = rows[i + 1]["task"] if not last else None
-            if per_task_norms and u == 0 and next_task != row["task"]:
-                # the norm of this task's contribution to the accumulated gradient
-                sq, snapshot_new = 0.0, []
-                for j, p in enumerate(params):
-                    g = p.grad if p.grad is not None else torch.zeros_like(p)
-                    d = g - snapshot[j] if snapshot is not None else g
-                    sq += float(d.float().pow(2).sum())
-                    snapshot_new.append(g.detach().clone())
-                snapshot = snapshot_new
+            if per_task_norms and u == 0 and (last or rows[i + 1]["task"] != row["task"]):
+                sq, snapshot = _gradient_since(params, snapshot)     # rows are ordered by task
                 task_sums[row["task"]][2] += sq
         norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         if not math.isfinite(float(norm)):
@@ -1560,7 +1567,8 @@ def pair_batch(pairs, processor):
 
 @torch.no_grad()
 def reward_model_accuracy(rm, processor, pairs, compute, batch_size=32):
-    """Fraction of pairs with r(chosen) > r(rejected), overall and per source task."""
+    """Fraction of pairs with r(chosen) > r(rejected) (a tie counts half), overall and per
+    source task."""
     rm.eval()
     right = {}
     for a in range(0, len(pairs), batch_size):
@@ -1568,8 +1576,9 @@ def reward_model_accuracy(rm, processor, pairs, compute, batch_size=32):
         batch = {k: v.to(compute.device) for k, v in pair_batch(part, processor).items()}
         with compute.autocast():
             s = rm(**batch)
-        for p, ok in zip(part, (s[:len(part)] > s[len(part):]).tolist()):
-            right.setdefault(p.get("source_task", "all"), []).append(float(ok))
+        margin = s[:len(part)] - s[len(part):]
+        for p, m in zip(part, margin.tolist()):
+            right.setdefault(p.get("source_task", "all"), []).append(float(m > 0) + 0.5 * (m == 0))
     every = sum(right.values(), [])
     return {"accuracy": sum(every) / max(len(every), 1),
             **{f"accuracy_{k}": sum(v) / len(v) for k, v in sorted(right.items())}}
@@ -1697,15 +1706,14 @@ def train_reward_model(args, compute):
 def evaluate_rewards(model, processor, prompts, compute, pool, batch_size=32, blank=False):
     """Greedy responses (train_pretrain.generate_answers, each task's response budget) to the
     held-out prompts, scored by the reward router -> ({task: {reward, pass, length, n}}, records).
-    Each rank answers its share. blank=True blacks out every image and video first (the
+    Each rank answers its share, in the weights' dtype (as the rollouts). blank=True blacks out every image and video first (the
     no-image baseline; text-only prompts are skipped); responses are still judged against the
     real prompt and ground truth."""
     mine = prompts[compute.rank::compute.world_size]
     if blank:
         mine = [p for p in mine if has_media(p)]
     samples = [tp.blank_sample(p) for p in mine] if blank else mine
-    responses = tp.generate_answers(model, processor, samples, batch_size,
-                                    autocast=compute.autocast()) if samples else []
+    responses = tp.generate_answers(model, processor, samples, batch_size) if samples else []
     items = [(reward_tag(p), r, p["answer"],
               {"messages": p["messages"]} if reward_tag(p) in pool.inline_tasks else {})
              for p, r in zip(mine, responses)]
@@ -1726,19 +1734,18 @@ def summarise_rewards(records):
             for task, rs in by.items()}
 
 
-def select_tasks(sft, blank, min_gain=0.02):
-    """The tasks RL can improve: the SFT model's held-out reward beats its no-image baseline by
-    min_gain (the answer uses the image, so groups carry signal); text-only tasks: a reward in
-    (min_gain, 1 - min_gain). Returns (tasks, {task: why})."""
+def select_tasks(sft, blank, min_gain=0.1):
+    """The tasks RL can improve: those where the SFT model's held-out reward beats its own
+    reward with black images by more than min_gain (it uses the image, so its groups carry
+    reward signal). Text-only tasks have no such baseline and are trained only when named
+    with --tasks. Returns (tasks, {task: why})."""
     tasks, why = [], {}
     for task, m in sft.items():
-        if task in blank:
-            ok = m["reward"] > blank[task]["reward"] + min_gain
-            why[task] = f"SFT {m['reward']:.3f} vs no-image {blank[task]['reward']:.3f}"
-        else:
-            ok = min_gain < m["reward"] < 1 - min_gain
-            why[task] = f"text only, SFT {m['reward']:.3f}"
-        if ok:
+        if task not in blank:
+            why[task] = f"text only (name it with --tasks to train it), SFT {m['reward']:.3f}"
+            continue
+        why[task] = f"SFT {m['reward']:.3f} vs no-image {blank[task]['reward']:.3f}"
+        if m["reward"] > blank[task]["reward"] + min_gain:
             tasks.append(task)
     return tasks, why
 
@@ -1822,7 +1829,8 @@ def step_metrics(records):
 def progress_line(rec, per_task):
     """The progress bar's summary of a step: mean and per-task reward, then pass rate, response
     length, truncation rate, mean entropy, gradient norm and kept/sampled groups."""
-    tasks = " ".join(f"{t[:6]} {m['reward']:.2f}" for t, m in sorted(per_task.items()))
+    short = {t: t if len(t) <= 6 else "".join(w[:3] for w in t.split("_")) for t in per_task}
+    tasks = " ".join(f"{short[t]} {m['reward']:.2f}" for t, m in sorted(per_task.items()))
     entropy = [m["entropy"] for m in per_task.values() if "entropy" in m]
     return (f"r {rec['reward']:.2f} {tasks} | pass {rec['pass']:.2f} len {rec['length']:.0f} "
             f"trunc {rec['truncated']:.2f} H {sum(entropy) / max(len(entropy), 1):.2f} "
@@ -1876,9 +1884,11 @@ def setup_rewards(args, compute, processor, tasks):
 
 
 def baseline_eval(args, compute, processor, pool, eval_tasks, path):
-    """The SFT model's held-out rewards with real and with black images, cached in `path`."""
+    """The SFT model's held-out rewards with real and with black images, on the prompts of the
+    before/after table and (--tasks auto) on the separate prompts that choose the tasks. Cached
+    in `path` (a rerun or --resume reuses it)."""
     key = {"sft": os.path.abspath(args.sft), "tasks": eval_tasks, "n": args.eval_n,
-           "seed": args.seed, "rm": args.rm}
+           "seed": args.seed, "rm": args.rm, "select": args.tasks == "auto"}
     if os.path.isfile(path):
         with open(path) as f:
             cached = json.load(f)
@@ -1886,11 +1896,16 @@ def baseline_eval(args, compute, processor, pool, eval_tasks, path):
             return cached
     model = MiMoVL.from_pretrained(args.sft, dtype=torch.float32, device=compute.device,
                                    progress=False).eval()
-    prompts = heldout_prompts(eval_tasks, args.eval_n, args.seed)
     t0 = time.perf_counter()
-    sft, _ = evaluate_rewards(model, processor, prompts, compute, pool, args.eval_batch)
-    blank, _ = evaluate_rewards(model, processor, prompts, compute, pool, args.eval_batch, blank=True)
-    res = {"key": key, "sft": sft, "blank": blank, "seconds": round(time.perf_counter() - t0, 1)}
+    res = {"key": key}
+    sets = [("", 0)] + ([("select_", args.eval_n)] if key["select"] else [])
+    for prefix, first in sets:
+        prompts = heldout_prompts(eval_tasks, args.eval_n, args.seed, first)
+        res[prefix + "sft"], _ = evaluate_rewards(model, processor, prompts, compute, pool,
+                                                  args.eval_batch)
+        res[prefix + "blank"], _ = evaluate_rewards(model, processor, prompts, compute, pool,
+                                                    args.eval_batch, blank=True)
+    res["seconds"] = round(time.perf_counter() - t0, 1)
     if compute.master:
         with open(path, "w") as f:
             json.dump(res, f, indent=1)
@@ -1926,9 +1941,10 @@ def _run_rl(args, compute, processor, pool, eval_tasks, final, t_start, tqdm):
     base = baseline_eval(args, compute, processor, pool, eval_tasks,
                          os.path.join(args.out, "eval_sft.json"))
     if args.tasks == "auto":
-        tasks, why = select_tasks(base["sft"], base["blank"], args.min_gain)
-        compute.print("task selection (RL needs reward signal: the SFT model must beat its "
-                      "no-image baseline):\n" + "\n".join(
+        tasks, why = select_tasks(base["select_sft"], base["select_blank"], args.min_gain)
+        compute.print(f"task selection on {args.eval_n} separate held-out prompts per task (RL "
+                      "needs reward signal: the SFT model must beat its no-image baseline):\n"
+                      + "\n".join(
                           f"  {'train' if t in tasks else 'skip '} {t:<16} {why[t]}" for t in why))
         if not tasks:
             raise SystemExit("no task has reward signal: the SFT model is no better than with "
@@ -1947,7 +1963,7 @@ def _run_rl(args, compute, processor, pool, eval_tasks, final, t_start, tqdm):
                 os.remove(os.path.join(args.out, name))
     compute.barrier()
     policy = Policy.from_pretrained(resume_from or args.sft, dtype=torch.float32, progress=False)
-    tp.set_trainable(policy, ("vit", "projector", "llm"))
+    tp.set_trainable(policy, tuple(x for x in args.trainable.split("+") if x))
     policy.to(compute.device)
     ref_model = None
     if cfg.kl_beta > 0:
@@ -1955,7 +1971,7 @@ def _run_rl(args, compute, processor, pool, eval_tasks, final, t_start, tqdm):
                                            progress=False).eval().requires_grad_(False)
     wrapped = tp.wrap_model(policy, compute)
     opt = tp.build_optimizer(wrapped, args.lr, args.weight_decay, (0.9, 0.999), compute.device)
-    stage = tp.Stage("rl", "MORL", ("vit", "projector", "llm"), args.lr, args.lr, args.warmup,
+    stage = tp.Stage("rl", "MORL", args.trainable.split("+"), args.lr, args.lr, args.warmup,
                      args.steps, 0, args.prompts_per_step, "RL prompts", "SPEC §6.4")
     step, loader = 0, {}
     if resume_from:
@@ -1984,8 +2000,7 @@ def _run_rl(args, compute, processor, pool, eval_tasks, final, t_start, tqdm):
             g["lr"] = lr
         t0 = time.perf_counter()
         kept, sampled = collect_groups(policy, processor, stream, easy, pool, cfg,
-                                       seed=args.seed * 1_000_003 + step * 1009 + compute.rank,
-                                       autocast=compute.autocast())
+                                       seed=args.seed * 1_000_003 + step * 1009 + compute.rank)
         t1 = time.perf_counter()
         upd = policy_update(wrapped, opt, kept, cfg, compute,
                             processor if compute.distributed else None, ref_model)
@@ -2224,7 +2239,7 @@ def build_parser():
     g = p.add_argument_group("tasks")
     g.add_argument("--tasks", default="auto", help="comma list of data.RL_TASKS, or auto: the "
                    "tasks where the SFT model beats its no-image baseline")
-    g.add_argument("--min-gain", type=float, default=0.02,
+    g.add_argument("--min-gain", type=float, default=0.1,
                    help="auto: the SFT reward must beat the no-image reward by this much")
 
     g = p.add_argument_group("algorithm")
@@ -2236,6 +2251,8 @@ def build_parser():
     g.add_argument("--group-size", type=int, default=8, help="G responses per prompt")
     g.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (constant after warm-up)")
     g.add_argument("--warmup", type=int, default=3, help="warm-up steps")
+    g.add_argument("--trainable", default="vit+projector+llm",
+                   help="parts of the policy to train, '+'-joined: vit, projector, llm")
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
     g.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm to this")
     g.add_argument("--updates-per-batch", type=int, default=None,
