@@ -63,7 +63,8 @@ above. Per-task reward, pass rate, response length, truncation rate, entropy and
 go to the progress bar and to <out>/metrics.jsonl. `python train_rl.py` with no arguments first
 scores the SFT model on held-out prompts with real and with black images, trains on the tasks
 where the images help (there the groups carry reward signal), and ends with a before/after
-table (<out>/summary.md). Scale-out: DDP only (no FSDP2: generation needs whole weights).
+table (<out>/summary.md): the held-out reward of greedy answers and avg@k, the mean reward of k
+answers sampled at the rollout temperature (the policy's expected reward, which RL maximises). Scale-out: DDP only (no FSDP2: generation needs whole weights).
 
 Outputs (--out, default runs/rl): final/ (the RL model, a Hugging Face folder that
 `python mimovl.py --model runs/rl/final` chats with), reward_model/, checkpoints/step-N/,
@@ -602,18 +603,22 @@ def _greedy_match(scores, n_truth, n_pred):
 
 
 def ground_reward(response, ground_truth, /, **meta):
-    """GIoU between predicted and ground-truth boxes mapped to [0, 1] as (GIoU + 1) / 2.
+    """GIoU between predicted and ground-truth boxes, clipped at 0: max(0, GIoU) in [0, 1].
 
-    With several boxes, predictions and truths are matched one-to-one (greedy on the mapped GIoU)
-    and the sum is divided by max(#truth, #predicted), so extra boxes are penalised. No box: 0.
+    The report does not say how GIoU in [-1, 1] is mapped to [0, 1]. We measured the obvious
+    (GIoU + 1) / 2 being gamed: a degenerate or far-too-large box scores about 0.5 whatever the
+    image shows, and a tiny policy's RL run raised that reward from 0.30 to 0.49 while its
+    Acc@0.5 fell from 0.07 to 0. Clipped at 0, a box earns reward only by overlapping the target.
+    With several boxes, predictions and truths are matched one-to-one (greedy on the reward) and
+    the sum is divided by max(#truth, #predicted), so extra boxes are penalised. No box: 0.
     """
     truth = _truth_boxes(ground_truth)
     boxes = parse_boxes(answer_part(response))
     if not boxes:
-        return 0.0, {"giou": -1.0, "parsed": 0.0}
-    scores = [[(giou(p, t) + 1.0) / 2.0 for p in boxes] for t in truth]
+        return 0.0, {"parsed": 0.0}
+    scores = [[max(0.0, giou(p, t)) for p in boxes] for t in truth]
     reward = _greedy_match(scores, len(truth), len(boxes))
-    return reward, {"giou": 2.0 * reward - 1.0, "parsed": 1.0, "n_boxes": float(len(boxes))}
+    return reward, {"parsed": 1.0, "n_boxes": float(len(boxes))}
 
 
 def point_reward(response, ground_truth, /, **meta):
@@ -783,9 +788,9 @@ def reward_tag(prompt):
     return DATA_REWARDS.get(name, name)
 
 
-# What counts as "passed" for the pass-rate metric: binary rewards must be 1; GIoU mapped to
-# [0, 1] passes at GIoU >= 0.5 (0.75), temporal IoU at 0.5, a reward-model score at 0.5.
-PASS_AT = {"ground": 0.75, "video_ground": 0.5, "preference": 0.5}
+# What counts as "passed" for the pass-rate metric: binary rewards must be 1; the clipped GIoU
+# passes at 0.5, temporal IoU at 0.5, a reward-model score at 0.5.
+PASS_AT = {"ground": 0.5, "video_ground": 0.5, "preference": 0.5}
 
 
 def passed(tag, reward):
@@ -1724,6 +1729,22 @@ def evaluate_rewards(model, processor, prompts, compute, pool, batch_size=32, bl
     return summarise_rewards(records), records
 
 
+def evaluate_sampled(model, processor, prompts, compute, pool, k, temperature=1.0, top_p=1.0,
+                     seed=0, max_rows=128):
+    """avg@k: the mean reward of k responses sampled per held-out prompt at the rollout
+    temperature -> {task: {reward, pass, length, n}}. This is the policy's expected reward, the
+    quantity RL maximises (the report's Fig. 7 plots avg@32); greedy answers can move
+    differently, so the before/after table shows both. The seed is fixed, so the SFT and RL
+    models are scored on the same prompts with the same random stream."""
+    mine = prompts[compute.rank::compute.world_size]
+    groups = sample_groups(model, processor, mine, k, temperature, top_p, seed=seed + 17 * compute.rank,
+                           max_rows=max_rows) if mine else []
+    score_groups(groups, pool)
+    records = [{"task": g.task, "reward": r.reward, "pass": float(passed(reward_tag(g.prompt), r.reward)),
+                "length": len(r.ids)} for g in groups for r in g.responses]
+    return summarise_rewards(sum(tp._gather(records, compute), []))
+
+
 def summarise_rewards(records):
     by = {}
     for r in records:
@@ -1755,24 +1776,43 @@ def mean_reward(res, tasks):
     return sum(vals) / len(vals) if vals else float("nan")
 
 
-def results_table(sft, rl, blank, trained):
-    """Markdown: per task the held-out reward / pass rate / response length before and after."""
-    lines = ["| task | reward | SFT | RL | change | SFT pass | RL pass | SFT len | RL len "
-             "| no-image (SFT) | trained |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+def results_table(sft, rl, blank, trained, sft_sampled=None, rl_sampled=None, k=0):
+    """Markdown: per task the held-out reward (greedy, and avg@k when sampled results are
+    given), pass rate and response length, before and after; the means over the trained tasks
+    and over all tasks (so interference with the untrained ones shows)."""
+    sampled = bool(sft_sampled and rl_sampled)
+    head = "| task | reward | SFT | RL | change |"
+    if sampled:
+        head += f" SFT avg@{k} | RL avg@{k} | change |"
+    head += " SFT pass | RL pass | SFT len | RL len | no-image (SFT) | trained |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+
+    def cells(a, b, task):
+        x, y = a.get(task), b.get(task)
+        if x is None or y is None:
+            return "- | - | - |"
+        return f"{x['reward']:.3f} | {y['reward']:.3f} | {y['reward'] - x['reward']:+.3f} |"
     for task in sft:
-        s, r = sft[task], rl.get(task)
-        b = blank.get(task)
+        s, r, b = sft[task], rl.get(task), blank.get(task)
         tag = DATA_REWARDS.get(rl_tag_of(task), "?")
-        rl_cells = (f"{r['reward']:.3f} | {r['reward'] - s['reward']:+.3f} | {s['pass']:.2f} | "
-                    f"{r['pass']:.2f} | {s['length']:.0f} | {r['length']:.0f}") if r else \
-            f"- | - | {s['pass']:.2f} | - | {s['length']:.0f} | -"
-        lines.append(f"| {task} | {tag} | {s['reward']:.3f} | {rl_cells} | "
-                     f"{'-' if b is None else format(b['reward'], '.3f')} | "
-                     f"{'yes' if task in trained else 'no'} |")
-    if trained:
-        lines.append(f"| **mean over trained tasks** | | {mean_reward(sft, trained):.3f} | "
-                     f"{mean_reward(rl, trained):.3f} | "
-                     f"{mean_reward(rl, trained) - mean_reward(sft, trained):+.3f} | | | | | | |")
+        row = f"| {task} | {tag} | {cells(sft, rl, task)}"
+        if sampled:
+            row += f" {cells(sft_sampled, rl_sampled, task)}"
+        row += (f" {s['pass']:.2f} | {r['pass']:.2f} | {s['length']:.0f} | {r['length']:.0f} |" if r
+                else f" {s['pass']:.2f} | - | {s['length']:.0f} | - |")
+        row += f" {'-' if b is None else format(b['reward'], '.3f')} | {'yes' if task in trained else 'no'} |"
+        lines.append(row)
+
+    def mean_cells(a, b, tasks):
+        x, y = mean_reward(a, tasks), mean_reward(b, tasks)
+        return f"{x:.3f} | {y:.3f} | {y - x:+.3f} |"
+    for name, tasks in (("trained tasks", trained), ("all tasks", list(sft))):
+        if not tasks:
+            continue
+        row = f"| **mean over {name}** | | {mean_cells(sft, rl, tasks)}"
+        if sampled:
+            row += f" {mean_cells(sft_sampled, rl_sampled, tasks)}"
+        lines.append(row + " | | | | | |")
     return "\n".join(lines)
 
 
@@ -1888,7 +1928,8 @@ def baseline_eval(args, compute, processor, pool, eval_tasks, path):
     before/after table and (--tasks auto) on the separate prompts that choose the tasks. Cached
     in `path` (a rerun or --resume reuses it)."""
     key = {"sft": os.path.abspath(args.sft), "tasks": eval_tasks, "n": args.eval_n,
-           "seed": args.seed, "rm": args.rm, "select": args.tasks == "auto"}
+           "seed": args.seed, "rm": args.rm, "select": args.tasks == "auto",
+           "samples": args.eval_samples, "temperature": args.temperature, "top_p": args.top_p}
     if os.path.isfile(path):
         with open(path) as f:
             cached = json.load(f)
@@ -1905,6 +1946,10 @@ def baseline_eval(args, compute, processor, pool, eval_tasks, path):
                                                   args.eval_batch)
         res[prefix + "blank"], _ = evaluate_rewards(model, processor, prompts, compute, pool,
                                                     args.eval_batch, blank=True)
+    if args.eval_samples:
+        res["sft_sampled"] = evaluate_sampled(
+            model, processor, heldout_prompts(eval_tasks, args.eval_n, args.seed), compute, pool,
+            args.eval_samples, args.temperature, args.top_p, args.seed, args.gen_rows)
     res["seconds"] = round(time.perf_counter() - t0, 1)
     if compute.master:
         with open(path, "w") as f:
@@ -2028,10 +2073,15 @@ def _run_rl(args, compute, processor, pool, eval_tasks, final, t_start, tqdm):
             print_debug(sampled, compute)
         if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
             res, _ = evaluate_rewards(policy, processor, curve_prompts, compute, pool, args.eval_batch)
+            res_k = evaluate_sampled(policy, processor, curve_prompts, compute, pool,
+                                     args.eval_samples, args.temperature, args.top_p, args.seed,
+                                     args.gen_rows) if args.eval_samples else None
             _log(os.path.join(args.out, "eval.jsonl"),
-                 {"step": step, "responses_trained": seen, "tasks": res}, compute)
-            bar.write(f"step {step}: held-out reward " + " ".join(
-                f"{t} {m['reward']:.3f}" for t, m in res.items()))
+                 {"step": step, "responses_trained": seen, "tasks": res, "sampled": res_k}, compute)
+            bar.write(f"step {step}: held-out reward (greedy) " + " ".join(
+                f"{t} {m['reward']:.3f}" for t, m in res.items()) + (
+                f"; avg@{args.eval_samples} " + " ".join(
+                    f"{t} {m['reward']:.3f}" for t, m in res_k.items()) if res_k else ""))
         if args.save_every and step % args.save_every == 0 and step < args.steps:
             state = {"position": stream.position, "easy": list(easy.easy),
                      "easy_rng": easy.rng.getstate(), "prompts_seen": seen}
@@ -2054,10 +2104,15 @@ def _run_rl(args, compute, processor, pool, eval_tasks, final, t_start, tqdm):
     compute.barrier()
     prompts = heldout_prompts(eval_tasks, args.eval_n, args.seed)
     after, recs = evaluate_rewards(policy, processor, prompts, compute, pool, args.eval_batch)
-    table = results_table(base["sft"], after, base["blank"], tasks)
+    after_sampled = evaluate_sampled(policy, processor, prompts, compute, pool, args.eval_samples,
+                                     args.temperature, args.top_p, args.seed, args.gen_rows) \
+        if args.eval_samples else None
+    table = results_table(base["sft"], after, base["blank"], tasks, base.get("sft_sampled"),
+                          after_sampled, args.eval_samples)
     minutes = (time.perf_counter() - t_start) / 60
     done = {"tasks": tasks, "sft": base["sft"], "rl": after, "blank": base["blank"],
             "mean_sft": mean_reward(base["sft"], tasks), "mean_rl": mean_reward(after, tasks),
+            "sft_sampled": base.get("sft_sampled"), "rl_sampled": after_sampled,
             "table": table, "minutes": round(minutes, 2), "train_minutes": round(train_minutes, 2),
             "examples": {r["task"]: {"response": r["response"], "answer": r["answer"]}
                          for r in recs}}
@@ -2082,7 +2137,7 @@ def compare_algorithms(args, compute):
     """--compare: the report's Fig. 7 at small scale. The same SFT model, prompts and number of
     rollout batches on the reasoning task, once with the on-policy update (one step per batch)
     and once with vanilla GRPO (--updates-per-batch steps per batch, clipped ratio); held-out
-    reward every --eval-every steps, printed side by side."""
+    reward (greedy and avg@k) every --eval-every steps, printed side by side."""
     curves = {}
     for algo in ("onpolicy", "grpo"):
         a = argparse.Namespace(**vars(args))
@@ -2093,14 +2148,20 @@ def compare_algorithms(args, compute):
         with open(os.path.join(a.out, "eval.jsonl")) as f:
             curves[algo] = [json.loads(line) for line in f]
         with open(os.path.join(a.out, "eval_sft.json")) as f:
-            sft = json.load(f)["sft"]
-        curves[algo].insert(0, {"step": 0, "responses_trained": 0, "tasks": sft})
-    lines = ["| step | responses trained (on-policy / vanilla) | on-policy reward | vanilla GRPO reward |",
-             "|---|---|---|---|"]
+            sft = json.load(f)
+        curves[algo].insert(0, {"step": 0, "responses_trained": 0, "tasks": sft["sft"],
+                                "sampled": sft.get("sft_sampled")})
+    k = args.eval_samples
+
+    def mean(rec, key):
+        res = rec.get(key)
+        return f"{mean_reward(res, list(res)):.3f}" if res else "-"
+    lines = ["| step | responses trained (on-policy / vanilla) | on-policy greedy | vanilla greedy "
+             f"| on-policy avg@{k} | vanilla avg@{k} |", "|---|---|---|---|---|---|"]
     for on, va in zip(curves["onpolicy"], curves["grpo"]):
         lines.append(f"| {on['step']} | {on['responses_trained']} / {va['responses_trained']} | "
-                     f"{mean_reward(on['tasks'], list(on['tasks'])):.3f} | "
-                     f"{mean_reward(va['tasks'], list(va['tasks'])):.3f} |")
+                     f"{mean(on, 'tasks')} | {mean(va, 'tasks')} | {mean(on, 'sampled')} | "
+                     f"{mean(va, 'sampled')} |")
     table = "\n".join(lines)
     if compute.master:
         with open(os.path.join(args.out, "compare.md"), "w") as f:
@@ -2289,8 +2350,11 @@ def build_parser():
     g = p.add_argument_group("checkpoints, evaluation, debugging")
     g.add_argument("--save-every", type=int, default=20, help="save training state every N steps")
     g.add_argument("--keep-last", type=int, default=2, help="training states kept")
-    g.add_argument("--eval-n", type=int, default=32, help="held-out prompts per task")
+    g.add_argument("--eval-n", type=int, default=128, help="held-out prompts per task")
     g.add_argument("--eval-batch", type=int, default=64, help="prompts per evaluation batch")
+    g.add_argument("--eval-samples", type=int, default=4,
+                   help="k of the avg@k held-out reward (k responses per prompt at the rollout "
+                        "temperature); 0: greedy only")
     g.add_argument("--eval-every", type=int, default=0, help="held-out reward every N steps (a curve)")
     g.add_argument("--debug", action="store_true", help="print a few rollouts with rewards each step")
     g.add_argument("--debug-stop-after", type=int, default=0, help="exit with code 3 after this step")

@@ -275,3 +275,20 @@ def test_toy_policy_learns_to_count(mode):
     expected_reward = sum(probs[0, a] * probs[1, b] * rl.compute_reward(
         "count", alphabet[a] + alphabet[b], 7)[0] for a in range(11) for b in range(11))
     assert expected_reward > 0.9
+
+
+def test_results_table_means_over_trained_and_all_tasks():
+    """The before/after table: per-task changes and both means, computed by hand."""
+    def res(**rewards):
+        return {t: {"reward": r, "pass": r, "length": 3.0, "n": 4} for t, r in rewards.items()}
+    sft, rl_ = res(count=0.5, ocr=0.25), res(count=0.75, ocr=0.0)
+    sft_k, rl_k = res(count=0.4, ocr=0.2), res(count=0.6, ocr=0.2)
+    table = rl.results_table(sft, rl_, res(count=0.25), ["count"], sft_k, rl_k, 4)
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in table.splitlines()[2:]}
+    assert rows["count"][:8] == ["count", "0.500", "0.750", "+0.250", "0.400", "0.600", "+0.200", "0.50"]
+    assert rows["count"][-2:] == ["0.250", "yes"]
+    assert rows["ocr"][-2:] == ["-", "no"]
+    assert rows["**mean over trained tasks**"][1:7] == ["0.500", "0.750", "+0.250", "0.400", "0.600", "+0.200"]
+    # all tasks: greedy (0.5 + 0.25) / 2 -> (0.75 + 0) / 2; avg@4 (0.4 + 0.2) / 2 -> (0.6 + 0.2) / 2
+    assert rows["**mean over all tasks**"][1:7] == ["0.375", "0.375", "+0.000", "0.300", "0.400", "+0.100"]
