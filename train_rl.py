@@ -1135,6 +1135,12 @@ def prompt_from_id(prompt_id, seed=0):
     return rl_prompt(task, int(index), split, seed)
 
 
+# Pre-training draws its training samples from index 0 upward; RL prompts start far above, so
+# the policy is trained on prompts it has never seen (on reused ones, the sampled reward rises
+# by memory while the held-out reward does not).
+FRESH = 10 ** 9
+
+
 class PromptStream:
     """This rank's endless stream of training prompts: global position k holds task
     tasks[k % n] (the tasks in turn, so every batch mixes them evenly), index k // n; rank r
@@ -1152,7 +1158,8 @@ class PromptStream:
     def __next__(self):
         k = self.position * self.world_size + self.rank
         self.position += 1
-        return rl_prompt(self.tasks[k % len(self.tasks)], k // len(self.tasks), "train", self.seed)
+        return rl_prompt(self.tasks[k % len(self.tasks)], FRESH + k // len(self.tasks), "train",
+                         self.seed)
 
 
 def heldout_prompts(tasks, n, seed=0, first=0):
