@@ -228,17 +228,37 @@ def compute_init(device="auto", precision="auto", quiet=False):
     return c
 
 
+def busy_cores(window_s=0.5):
+    """How many cores other processes keep busy right now: the machine's non-idle share of CPU
+    time over a short window (/proc/stat), times the number of cores. Unlike the 1-minute load
+    average, this does not still count a job (a pip install, say) that ended seconds ago. Falls
+    back to the load average where /proc/stat is missing."""
+    def sample():
+        with open("/proc/stat") as f:
+            ticks = [int(x) for x in f.readline().split()[1:]]
+        return sum(ticks), ticks[3] + ticks[4]                  # all, idle + iowait
+    try:
+        total0, idle0 = sample()
+        time.sleep(window_s)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    cores = os.cpu_count() or 1
+    return cores * (1.0 - (idle1 - idle0) / max(total1 - total0, 1))
+
+
 def pick_threads(requested=None):
     """Torch CPU threads: --threads when given; else every core this process may use, minus the
-    cores other processes keep busy (1-minute load average). Intra-op threads spin at every
-    parallel region, so on a busy machine 2 threads ran a step up to 10x slower than 1."""
+    cores other processes keep busy (busy_cores). Intra-op threads spin at every parallel
+    region, so on a busy machine 2 threads ran a step up to 10x slower than 1."""
     if requested:
         return requested, "from --threads"
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    busy = busy_cores()
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", 1))          # torchrun processes here
-    n = max(1, min(cores, int(cores - load + 0.5)) // per_node)
-    return n, f"{cores} cores, load average {load:.1f}, {per_node} process(es) per node; --threads N to choose"
+    n = max(1, min(cores, int(cores - busy + 0.5)) // per_node)
+    return n, (f"{cores} cores, {busy:.1f} busy with other work, {per_node} process(es) per node; "
+               "--threads N to choose")
 
 
 def all_reduce_sum(x, compute):

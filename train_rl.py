@@ -2372,9 +2372,11 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.all:
         return main_job(args)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     compute = tp.compute_init(args.device, args.precision)
+    if compute.device.type == "cpu":
+        n, why = tp.pick_threads(args.threads)
+        torch.set_num_threads(n)
+        compute.print(f"torch CPU threads: {n} ({why})")
     try:
         if args.train_rm:
             if args.resume and os.path.isfile(os.path.join(args.out, "reward_model", "extra.safetensors")):
