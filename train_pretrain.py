@@ -2,7 +2,7 @@
 train_pretrain.py — MiMo-VL's four pre-training stages (SPEC.md §6.1-§6.3), runnable from a
 2-core laptop to many GPUs with plain PyTorch and torch.distributed.
 
-    # the small-scale reproduction: stage 0 + stages 1-4 on the tiny preset, one CPU (~20 min)
+    # the small-scale reproduction: stage 0 + stages 1-4 on the tiny preset, 2 CPU cores (17 min)
     python train_pretrain.py
     # one GPU: a 2x wider model trained 4x longer (--scale trades time for quality)
     python train_pretrain.py --device cuda --scale 4 --out runs/pretrain-s4

@@ -8,7 +8,7 @@ train_rl.py — MORL, Mixed On-policy Reinforcement Learning (SPEC.md §6.4; MiM
     python train_rl.py --compare            # on-policy vs vanilla GRPO on text math (report Fig. 7)
     python train_rl.py --algo grpo --updates-per-batch 4 --kl-beta 0.01    # vanilla GRPO + KL
     python train_rl.py --resume             # continue from the last checkpoint in runs/rl
-    # the whole reproduction on a fresh machine (pre-training, reward model, MORL, tables, chat)
+    # the whole reproduction on a fresh machine: pre-training, reward model, MORL, tables, chat (24 min)
     python train_rl.py --all
     # one GPU / several processes: each rank generates its share of the prompts, DDP update
     python train_rl.py --device cuda --sft runs/pretrain-s4/stage4 --steps 200
@@ -2179,9 +2179,9 @@ def compare_algorithms(args, compute):
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# (name, expected seconds on 2 free CPU cores): the ETA of the main job's progress bar
-MAIN_JOB_PHASES = (("pre-training, stages 0-4", 1200), ("reward model", 120), ("MORL", 540),
-                   ("chat", 30))
+# (name, seconds measured on 2 free CPU cores, README): the ETA of the main job's progress bar
+MAIN_JOB_PHASES = (("pre-training, stages 0-4", 1040), ("reward model", 45), ("MORL", 310),
+                   ("chat", 10))
 
 
 def _child_progress(text, phase):
