@@ -1440,14 +1440,16 @@ def rl_prompts(n, split="train", seed=0, tasks=RL_TASKS, difficulty=None):
     """n RL prompts, tasks in turn: {"task", "messages" (ending with the user turn), "answer",
     "reward"}. `reward` names what the reward router should use: count, giou, point_in_box,
     ocr, math, tiou, choice or reward_model (captions: open-ended, scored by the reward model)."""
-    out = []
-    for i in range(n):
-        task = tasks[i % len(tasks)]
-        s = make_sample(task, i // len(tasks), split, seed, difficulty)
-        s["messages"] = s["messages"][:-1]
-        s.setdefault("reward", "reward_model")
-        out.append(s)
-    return out
+    return [rl_prompt(tasks[i % len(tasks)], i // len(tasks), split, seed, difficulty)
+            for i in range(n)]
+
+
+def rl_prompt(task, index, split="train", seed=0, difficulty=None):
+    """Sample `index` of `task` as an RL prompt: the conversation without the answer turn."""
+    s = make_sample(task, index, split, seed, difficulty)
+    s["messages"] = s["messages"][:-1]
+    s.setdefault("reward", "reward_model")
+    return s
 
 
 # -----------------------------------------------------------------------------

@@ -1122,12 +1122,9 @@ class EasyPool:
 # easy pool and the checkpoints use (prompts hold images, so a checkpoint stores only ids).
 
 def rl_prompt(task, index, split="train", seed=0):
-    """Prompt `index` of `task` in `split`, reproducible from these four values alone."""
-    s = data.make_sample(task, index, split, seed)
-    s["messages"] = s["messages"][:-1]
-    s.setdefault("reward", "reward_model")
-    s["id"] = f"{split}/{task}/{index}"
-    return s
+    """Prompt `index` of `task` in `split` (data.rl_prompt) with its id: reproducible from these
+    four values alone."""
+    return {**data.rl_prompt(task, index, split, seed), "id": f"{split}/{task}/{index}"}
 
 
 def prompt_from_id(prompt_id, seed=0):
