@@ -943,14 +943,16 @@ def bench_cpu_load_rss(bench):
 
 def bench_cpu_loader(bench):
     """Samples/s the packed loader makes vs samples/s a tiny-preset training step consumes."""
-    import data
+    import packing
+    import synthetic
     from mimovl import MiMoVL, MiMoVLConfig
+    from processor import Processor
     with __import__("tempfile").TemporaryDirectory() as tmp:
-        data.train_tokenizer(tmp, n_samples=500)
-        processor = data.Processor.from_pretrained(tmp)
+        synthetic.train_tokenizer(tmp, n_samples=500)
+        processor = Processor.from_pretrained(tmp)
     max_tokens = 512 if bench.dry else 2048
-    loader = data.PackedLoader(data.SyntheticDataset(3), processor, max_tokens=max_tokens, chunk_size=64)
-    made = data.loader_throughput(loader, n_rows=3 if bench.dry else 30)
+    loader = packing.PackedLoader(synthetic.SyntheticDataset(3), processor, max_tokens=max_tokens, chunk_size=64)
+    made = packing.loader_throughput(loader, n_rows=3 if bench.dry else 30)
     torch.manual_seed(0)
     model = MiMoVL(MiMoVLConfig.preset("tiny"))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
@@ -968,7 +970,7 @@ def bench_cpu_loader(bench):
         opt.zero_grad()
         n_samples += len(row["cu_seqlens"]) - 1
     consumed = n_samples / (time.perf_counter() - t0)
-    bench.record(section="cpu", case=f"loader_{max_tokens}tok", impl="data.PackedLoader",
+    bench.record(section="cpu", case=f"loader_{max_tokens}tok", impl="packing.PackedLoader",
                  ok=made["samples_per_s"] > consumed,
                  note=f"loader {made['samples_per_s']:.0f} samples/s vs training step {consumed:.1f} samples/s "
                       f"(tiny preset, {dtype})")

@@ -859,7 +859,7 @@ def chat_stream(model, processor, conversation, think=True, max_new_tokens=1024,
 
 def chat(model, processor, conversation, **kw):
     """(reasoning, answer): the reply split at `</think>` (SPEC §2.6)."""
-    from data import split_thinking
+    from processor import split_thinking
     return split_thinking("".join(chat_stream(model, processor, conversation, **kw)))
 
 
@@ -881,7 +881,7 @@ def main(argv=None):
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     args = p.parse_args(argv)
 
-    from data import Processor
+    from processor import Processor
     try:
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = _dtype_from_name(args.dtype) or default_dtype(device)

@@ -39,7 +39,7 @@ colour but not shape). The tiny values in STAGES below are ours, chosen so that 
 learns within minutes on a CPU (../shared/SMALL-SCALE-NOTES.md); PAPER_STAGES are the paper's.
 
 Output (`--out`, default runs/pretrain):
-    tokenizer/            the from-scratch BPE tokenizer (data.train_tokenizer)
+    tokenizer/            the from-scratch BPE tokenizer (synthetic.train_tokenizer)
     stage0-lm/ stage0-vit/ stage1/ ... stage4/
                           Hugging Face folders (config.json, model.safetensors, tokenizer.json,
                           chat template, preprocessor and generation configs), loadable by
@@ -71,8 +71,15 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-import data
+import packing
+import synthetic
 from mimovl import MiMoVL, MiMoVLConfig
+from training import (Compute, all_reduce_sum, atomic_dir, build_optimizer, commit_dir, compute_init,
+                      full_state, gather_objects, grad_sync, list_checkpoints, load_training_state, lr_at,
+                      memory_estimate_gib, pick_threads, save_stage_folder, save_training_state, unwrap,
+                      wrap_model)
+from PIL import Image
+from processor import Processor, VIDEO_KEYS, fetch_video, load_image, patchify, preprocess_image, split_thinking
 
 
 # -----------------------------------------------------------------------------
@@ -89,7 +96,7 @@ class Stage:
     steps: int          # optimiser steps
     seq_len: int        # tokens per packed row (the paper's sequence length)
     rows: int           # packed rows per optimiser step, all ranks together (0-vit: images)
-    data: str           # what the stage trains on (the mixtures live in data.STAGE_MIXTURES)
+    data: str           # what the stage trains on (the mixtures live in synthetic.STAGE_MIXTURES)
     paper: str          # the paper's setting for this stage
 
 
@@ -138,133 +145,6 @@ def stage_table(stages):
 
 # -----------------------------------------------------------------------------
 # 2. compute_init: one entry point for CPU, one GPU and torchrun; the precision policy
-
-@dataclass
-class Compute:
-    device: torch.device
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-    amp_dtype: torch.dtype = None    # torch.bfloat16 (autocast) or None (fp32)
-    backend: str = None              # "gloo" / "nccl" under torchrun
-
-    @property
-    def distributed(self):
-        return self.world_size > 1
-
-    @property
-    def master(self):
-        return self.rank == 0
-
-    @property
-    def eval_dtype(self):
-        """Weights dtype for evaluation and generation (no autocast there): bf16 on GPUs when
-        training in bf16, fp32 on CPUs (exact, and fast enough for the tiny model)."""
-        return torch.bfloat16 if self.amp_dtype and self.device.type == "cuda" else torch.float32
-
-    def autocast(self):
-        if self.amp_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
-
-    def barrier(self):
-        if self.distributed:
-            dist.barrier()
-
-    def print(self, *a, **kw):
-        if self.master:
-            print(*a, **kw, flush=True)
-
-
-def cpu_has_native_bf16():
-    """True when the CPU has bf16 matrix instructions (x86 avx512_bf16 / AMX). Without them bf16
-    matmuls are emulated and slower than fp32 (MACHINE-NOTES.md)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = set(f.read().split())
-    except OSError:
-        return False
-    return bool(flags & {"avx512_bf16", "amx_bf16"})
-
-
-def compute_init(device="auto", precision="auto", quiet=False):
-    """Start torch.distributed when launched by torchrun (gloo on CPU, NCCL on GPU), pick this
-    rank's device and the precision: bf16 autocast on GPUs and on CPUs with native bf16, fp32
-    otherwise (printed either way)."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device not in ("cpu", "cuda"):
-        raise ValueError(f"--device {device!r}: use cpu, cuda or auto")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda but torch sees no GPU (torch.cuda.is_available() is False)")
-    rank, local_rank, world = 0, 0, 1
-    backend = None
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:       # launched by torchrun
-        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    if device == "cuda":
-        torch.cuda.set_device(local_rank)
-        dev = torch.device("cuda", local_rank)
-    else:
-        dev = torch.device("cpu")
-    if world > 1 or "RANK" in os.environ:
-        backend = "nccl" if device == "cuda" else "gloo"
-        if not dist.is_initialized():
-            dist.init_process_group(backend, **({"device_id": dev} if device == "cuda" else {}))
-
-    if precision == "auto":
-        native = (torch.cuda.is_bf16_supported() if device == "cuda" else cpu_has_native_bf16())
-        precision = "bf16" if native else "fp32"
-        why = ("the GPU supports bf16" if device == "cuda" else
-               "the CPU has avx512_bf16/amx" if native else "the CPU has no native bf16")
-    else:
-        why = "--precision"
-    if precision not in ("bf16", "fp32"):
-        raise ValueError(f"--precision {precision!r}: use bf16, fp32 or auto")
-    c = Compute(dev, rank, local_rank, world, torch.bfloat16 if precision == "bf16" else None, backend)
-    if not quiet:
-        c.print(f"compute: {world} process(es) on {device}" + (f" ({backend})" if backend else "") +
-                f" | precision: {'bf16 autocast, fp32 master weights' if c.amp_dtype else 'fp32'} ({why})")
-    return c
-
-
-def busy_cores(window_s=0.5):
-    """How many cores other processes keep busy right now: the machine's non-idle share of CPU
-    time over a short window (/proc/stat), times the number of cores. Unlike the 1-minute load
-    average, this does not still count a job (a pip install, say) that ended seconds ago. Falls
-    back to the load average where /proc/stat is missing."""
-    def sample():
-        with open("/proc/stat") as f:
-            ticks = [int(x) for x in f.readline().split()[1:]]
-        return sum(ticks), ticks[3] + ticks[4]                  # all, idle + iowait
-    try:
-        total0, idle0 = sample()
-        time.sleep(window_s)
-        total1, idle1 = sample()
-    except (OSError, ValueError, IndexError):
-        return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    cores = os.cpu_count() or 1
-    return cores * (1.0 - (idle1 - idle0) / max(total1 - total0, 1))
-
-
-def pick_threads(requested=None):
-    """Torch CPU threads: --threads when given; else every core this process may use, minus the
-    cores other processes keep busy (busy_cores). Intra-op threads spin at every parallel
-    region, so on a busy machine 2 threads ran a step up to 10x slower than 1."""
-    if requested:
-        return requested, "from --threads"
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    busy = busy_cores()
-    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", 1))          # torchrun processes here
-    n = max(1, min(cores, int(cores - busy + 0.5)) // per_node)
-    return n, (f"{cores} cores, {busy:.1f} busy with other work, {per_node} process(es) per node; "
-               "--threads N to choose")
-
-
-def all_reduce_sum(x, compute):
-    if compute.distributed:
-        dist.all_reduce(x, op=dist.ReduceOp.SUM)
-    return x
 
 
 # -----------------------------------------------------------------------------
@@ -325,7 +205,7 @@ def tiny_config(scale=1):
 
 
 class CellClassifier(nn.Module):
-    """Stage 0-vit's objective: the class of every 28-px cell (data.CELL_CLASSES) from the merged
+    """Stage 0-vit's objective: the class of every 28-px cell (synthetic.CELL_CLASSES) from the merged
     visual token that covers it. The head is temporary: stage 1 drops it and re-initialises the
     merger, keeping only what the ViT blocks learned."""
 
@@ -341,116 +221,12 @@ class CellClassifier(nn.Module):
         return loss, (logits.argmax(-1) == cell_labels).sum()
 
 
-def wrap_model(trainee, compute, fsdp=False):
-    """DDP (a full replica per rank) for small models; FSDP2 (`fully_shard` every ViT block, LM
-    layer, the projector, the patch and token embeddings, then the root) for large ones, with bf16
-    compute and fp32 gradient reduction. Single process: the module itself."""
-    if not compute.distributed:
-        return trainee
-    if fsdp:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        mp = MixedPrecisionPolicy(param_dtype=compute.amp_dtype, reduce_dtype=torch.float32)
-        model = trainee.model if isinstance(trainee, CellClassifier) else trainee
-        units = [*model.visual.blocks, model.visual.merger, model.visual.patch_embed,
-                 *model.model.layers, model.model.embed_tokens]
-        for m in units:
-            fully_shard(m, mp_policy=mp)
-        # lm_head stays in the root unit: the loss reads lm_head.weight directly
-        fully_shard(trainee, mp_policy=mp)
-        return trainee
-    from torch.nn.parallel import DistributedDataParallel as DDP
-    ids = [compute.device.index] if compute.device.type == "cuda" else None
-    return DDP(trainee, device_ids=ids)
-
-
-def unwrap(wrapped):
-    return wrapped.module if hasattr(wrapped, "module") else wrapped
-
-
-def grad_sync(wrapped, sync):
-    """Skip the gradient all-reduce on all but the last micro-batch of a step."""
-    if hasattr(wrapped, "no_sync"):                              # DDP
-        return contextlib.nullcontext() if sync else wrapped.no_sync()
-    if hasattr(wrapped, "set_requires_gradient_sync"):          # FSDP2
-        wrapped.set_requires_gradient_sync(sync)
-    return contextlib.nullcontext()
-
-
-def memory_estimate_gib(cfg, world_size, seq_len, trainable_fraction=1.0):
-    """Rough per-GPU memory of a stage under FSDP2 with gradient checkpointing: fp32 master
-    weights (4 B), fp32 grads and AdamW moments (12 B per trainable parameter) sharded over
-    world_size, plus bf16 activations at layer boundaries (2 B x seq x hidden x layers) and
-    one layer's working set (~16 B x seq x intermediate). An estimate, not a measurement."""
-    with torch.device("meta"):
-        n = sum(p.numel() for p in MiMoVL(cfg).parameters())
-    t = cfg.text
-    states = (4 * n + 12 * n * trainable_fraction) / world_size
-    acts = 2 * seq_len * t.hidden_size * t.num_hidden_layers + 16 * seq_len * t.intermediate_size
-    logits = 4 * seq_len * t.vocab_size / 4           # chunked CE holds a quarter of fp32 logits
-    return (states + acts + logits) / 2 ** 30
-
-
 # -----------------------------------------------------------------------------
 # 4. Optimiser and schedule
-
-def build_optimizer(trainee, lr, weight_decay, betas, device):
-    """AdamW over the trainable parameters; no weight decay on biases, norms and embeddings.
-    Fused kernel on GPU."""
-    decay, no_decay = [], []
-    for name, p in trainee.named_parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 and "embed_tokens" not in name else no_decay).append(p)
-    groups = [g for g in ({"params": decay, "weight_decay": weight_decay},
-                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
-    if not groups:
-        raise ValueError("no trainable parameters in this stage; check --trainable")
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=1e-8,
-                             fused=device.type == "cuda" or None)
-
-
-def lr_at(step, stage):
-    """Linear warm-up to stage.lr, then cosine decay to stage.min_lr at the last step.
-    `step` counts optimiser steps already taken (0 for the first)."""
-    if step < stage.warmup:
-        return stage.lr * (step + 1) / stage.warmup
-    progress = min(1.0, (step - stage.warmup) / max(1, stage.steps - stage.warmup))
-    return stage.min_lr + 0.5 * (stage.lr - stage.min_lr) * (1 + math.cos(math.pi * progress))
 
 
 # -----------------------------------------------------------------------------
 # 5. Checkpoints: HF stage folders and resumable training state (safetensors + JSON, atomic)
-
-def _atomic_dir(final):
-    """A fresh temporary folder beside `final`; `_commit_dir` renames it into place."""
-    tmp = f"{final}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    return tmp
-
-
-def _commit_dir(tmp, final):
-    """Replace `final` by `tmp` with renames only: a crash leaves either the old or the new
-    folder under the real name, never a half-written one."""
-    old = None
-    if os.path.exists(final):
-        old = f"{final}.old-{os.getpid()}"
-        os.rename(final, old)
-    os.rename(tmp, final)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _write_json(path, obj):
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-
-
-def full_state(wrapped):
-    """The full (unsharded) model and optimiser-free state dict on rank 0, CPU tensors, FQNs
-    without DDP's `module.` prefix; other ranks get {}. Works for plain, DDP and FSDP2 models."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    return get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def split_state(state, trainee):
@@ -462,160 +238,17 @@ def split_state(state, trainee):
     return state, {}
 
 
-def write_model(path, state, cfg, dtype=None):
-    """Save a MiMoVL state dict with MiMoVL.save_pretrained (config.json + safetensors)."""
-    with torch.device("meta"):
-        m = MiMoVL(cfg)
-    state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v) for k, v in state.items()}
-    if cfg.text.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-        m.lm_head.weight = nn.Parameter(torch.empty(0))             # re-tied below
-    missing, unexpected = m.load_state_dict(state, strict=False, assign=True)
-    missing = [k for k in missing if not (cfg.text.tie_word_embeddings and k == "lm_head.weight")]
-    if missing or unexpected:
-        raise RuntimeError(f"internal error: state does not match the model: missing {missing}, "
-                           f"unexpected {unexpected}")
-    if cfg.text.tie_word_embeddings:
-        m.lm_head.weight = m.model.embed_tokens.weight
-    m.save_pretrained(path)
-
-
-def save_stage_folder(path, state, cfg, processor, record, dtype=None, extra=None):
-    """A stage's output: a Hugging Face folder (weights, config, tokenizer, chat template,
-    preprocessor and generation configs) plus pretrain_stage.json, written atomically. `extra`
-    (the 0-vit head) goes to extra.safetensors, which loaders of the model ignore."""
-    from safetensors.torch import save_file
-    tmp = _atomic_dir(path)
-    write_model(tmp, state, cfg, dtype)
-    if extra:
-        save_file({k: v.contiguous() for k, v in extra.items()}, os.path.join(tmp, "extra.safetensors"))
-    processor.save_pretrained(tmp)
-    _write_json(os.path.join(tmp, "generation_config.json"),
-                {"eos_token_id": processor.eos_token_ids, "pad_token_id": processor.pad_token_id,
-                 "bos_token_id": cfg.bos_token_id, "do_sample": False})
-    _write_json(os.path.join(tmp, "pretrain_stage.json"), record)
-    _commit_dir(tmp, path)
-
-
-def _rng_state(compute):
-    s = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-    if compute.device.type == "cuda":
-        s["cuda"] = torch.cuda.get_rng_state(compute.device)
-    return s
-
-
-def _set_rng_state(s, compute):
-    torch.set_rng_state(s["torch"])
-    random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
-    if "cuda" in s and compute.device.type == "cuda":
-        torch.cuda.set_rng_state(s["cuda"], compute.device)
-
-
-def _gather(obj, compute):
-    if not compute.distributed:
-        return [obj]
-    out = [None] * compute.world_size
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def save_training_state(root, step, wrapped, optimizer, cfg, processor, loader_state, compute,
-                        keep_last, meta):
-    """checkpoints/<stage>/step-NNNNNN/: the model (HF folder, fp32), extra.safetensors (e.g. the
-    0-vit head), optimizer.safetensors (AdamW moments keyed by parameter name), rng.safetensors
-    (torch/CUDA generator states of every rank) and trainer_state.json (step, optimiser groups,
-    data position and Python/NumPy RNG of every rank). All ranks call this (FSDP gathers)."""
-    from safetensors.torch import save_file
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-    state = full_state(wrapped)
-    osd = get_optimizer_state_dict(wrapped, optimizer,
-                                   options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    rngs = _gather(_rng_state(compute), compute)
-    loaders = _gather(loader_state, compute)
-    if compute.master:
-        final = os.path.join(root, f"step-{step:06d}")
-        tmp = _atomic_dir(final)
-        model_state, extra = split_state(state, wrapped)
-        write_model(tmp, model_state, cfg)
-        if extra:
-            save_file({k: v.contiguous() for k, v in extra.items()}, os.path.join(tmp, "extra.safetensors"))
-        opt_tensors = {f"{name}::{k}": v.detach().cpu().contiguous()
-                       for name, st in osd["state"].items() for k, v in st.items()}
-        save_file(opt_tensors, os.path.join(tmp, "optimizer.safetensors"))
-        rng_tensors = {}
-        for r, s in enumerate(rngs):
-            rng_tensors[f"rank{r}.torch"] = s["torch"]
-            if "cuda" in s:
-                rng_tensors[f"rank{r}.cuda"] = s["cuda"]
-        save_file(rng_tensors, os.path.join(tmp, "rng.safetensors"))
-        groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()}
-                  for g in osd["param_groups"]]
-        _write_json(os.path.join(tmp, "trainer_state.json"), {
-            "step": step, "world_size": compute.world_size, "param_groups": groups,
-            "loader": loaders,
-            "python_rng": [[s["python"][0], list(s["python"][1]), s["python"][2]] for s in rngs],
-            "numpy_rng": [[s["numpy"][0], s["numpy"][1].tolist(), *s["numpy"][2:]] for s in rngs],
-            **meta})
-        processor.save_pretrained(tmp)          # so an intermediate checkpoint is a usable folder
-        _commit_dir(tmp, final)
-        for old in list_checkpoints(root)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
-    compute.barrier()
-
-
-def list_checkpoints(root):
-    if not os.path.isdir(root):
-        return []
-    steps = sorted(d for d in os.listdir(root) if re.fullmatch(r"step-\d{6}", d))
-    return [os.path.join(root, d) for d in steps]
-
-
-def load_training_state(path, wrapped, optimizer, compute):
-    """Restore optimiser, RNG and return (step, this rank's loader state, trainer_state). The
-    model weights were loaded from `path` before wrapping (see run_stage)."""
-    from safetensors.torch import load_file
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    with open(os.path.join(path, "trainer_state.json")) as f:
-        ts = json.load(f)
-    if ts["world_size"] != compute.world_size:
-        raise SystemExit(f"cannot resume {path}: it was written by {ts['world_size']} process(es), "
-                         f"this run has {compute.world_size}. Resume with the same number of "
-                         "processes (each rank's data position is saved), or start the stage "
-                         "again from the previous stage's folder without --resume.")
-    tensors = load_file(os.path.join(path, "optimizer.safetensors"))
-    state = {}
-    for key, v in tensors.items():
-        name, k = key.rsplit("::", 1)
-        state.setdefault(name, {})[k] = v
-    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in ts["param_groups"]]
-    set_optimizer_state_dict(wrapped, optimizer, {"state": state, "param_groups": groups},
-                             options=StateDictOptions(full_state_dict=True))
-    r = compute.rank
-    rng = load_file(os.path.join(path, "rng.safetensors"))
-    py = ts["python_rng"][r]
-    npy = ts["numpy_rng"][r]
-    s = {"torch": rng[f"rank{r}.torch"], "python": (py[0], tuple(py[1]), py[2]),
-         "numpy": (npy[0], np.array(npy[1], dtype=np.uint32), *npy[2:])}
-    if f"rank{r}.cuda" in rng:
-        s["cuda"] = rng[f"rank{r}.cuda"]
-    _set_rng_state(s, compute)
-    return ts["step"], ts["loader"][r], ts
-
-
 # -----------------------------------------------------------------------------
 # 6. Evaluation: greedy answers on held-out tasks, scorers, baselines (SPEC §6.5)
 #
 # A scorer takes the model's full response and the ground truth and returns a dict of metrics
 # in [0, 1]. The answer is read from the response as MiMo-VL writes it: after any
 # <think>...</think>, and inside the last \boxed{...} when there is one. Box convention:
-# [x1, y1, x2, y2] absolute pixels of the image the model sees, x2/y2 exclusive (data.py).
+# [x1, y1, x2, y2] absolute pixels of the image the model sees, x2/y2 exclusive (synthetic.py).
 
 def final_answer(response):
     """The answer part of a response: after </think>, the content of the last \\boxed{}."""
-    _, answer = data.split_thinking(response)
+    _, answer = split_thinking(response)
     i = answer.rfind("\\boxed{")
     if i >= 0:
         depth, j = 0, i + len("\\boxed{")
@@ -668,14 +301,14 @@ def parse_box(text):
 
 def score_box(response, answer):
     """Grounding: IoU of the first predicted box with the ground-truth box; Acc@0.5."""
-    box = parse_box(data.split_thinking(response)[1])
+    box = parse_box(split_thinking(response)[1])
     iou = box_iou(box, [float(x) for x in answer]) if box else 0.0
     return {"acc@0.5": float(iou >= 0.5), "iou": iou}
 
 
 def score_point(response, answer):
     """Pointing: the first [x, y] falls inside the ground-truth box."""
-    m = re.search(r"\[\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)\s*\]", data.split_thinking(response)[1])
+    m = re.search(r"\[\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)\s*\]", split_thinking(response)[1])
     if not m:
         return {"acc": 0.0}
     x, y = float(m.group(1)), float(m.group(2))
@@ -695,7 +328,7 @@ def parse_span(text):
 
 def score_span(response, answer):
     """Temporal grounding: IoU of the predicted [mm:ss,mm:ss] with the truth (seconds or text)."""
-    pred = parse_span(data.split_thinking(response)[1])
+    pred = parse_span(split_thinking(response)[1])
     truth = parse_span(answer) if isinstance(answer, str) else tuple(float(x) for x in answer)
     if pred is None or truth is None:
         return {"tiou": 0.0, "acc@0.5": 0.0}
@@ -755,13 +388,13 @@ def blank_sample(sample):
     """The same sample with every image and every video frame black, at the same sizes."""
     def blank(item):
         if item.get("type") == "image" or "image" in item:
-            return {**item, "image": data.Image.new("RGB", data.load_image(item["image"]).size)}
+            return {**item, "image": Image.new("RGB", load_image(item["image"]).size)}
         if item.get("type") == "video" or "video" in item:
             if isinstance(item["video"], np.ndarray):
                 return {**item, "video": np.zeros_like(item["video"])}
-            frames, fps = data.fetch_video(item["video"], **{k: item[k] for k in data.VIDEO_KEYS if k in item})
+            frames, fps = fetch_video(item["video"], **{k: item[k] for k in VIDEO_KEYS if k in item})
             t, _, h, w = frames.shape
-            return {"type": "video", "video": [data.Image.new("RGB", (w, h))] * t, "sample_fps": fps,
+            return {"type": "video", "video": [Image.new("RGB", (w, h))] * t, "sample_fps": fps,
                     "resized_height": h, "resized_width": w}
         return item
     out = dict(sample)
@@ -851,7 +484,7 @@ def majority_answers(suite, n=500, seed=0):
     """The most frequent answer of each suite task in n training samples (not rendered)."""
     out = {}
     for name, task, d in suite:
-        answers = Counter(json.dumps(data.make_sample(task, i, "train", seed, d, render=False)["answer"])
+        answers = Counter(json.dumps(synthetic.make_sample(task, i, "train", seed, d, render=False)["answer"])
                           for i in range(n))
         out[name] = json.loads(answers.most_common(1)[0][0])
     return out
@@ -860,16 +493,16 @@ def majority_answers(suite, n=500, seed=0):
 @torch.no_grad()
 def answer_loss(model, processor, samples, max_tokens=4096):
     """Teacher-forced next-token loss on the reference answers: (sum of nats, labelled tokens).
-    The samples are packed into rows of max_tokens (packing is exact, see data.py)."""
+    The samples are packed into rows of max_tokens (packing is exact, see packing.py)."""
     model.eval()
-    encoded = [data.encode_sample(s, processor) for s in samples]
+    encoded = [packing.encode_sample(s, processor) for s in samples]
     total, count = 0.0, 0
     if not encoded:
         return total, count
-    for rows in data.best_fit_pack([len(e["input_ids"]) for e in encoded],
+    for rows in packing.best_fit_pack([len(e["input_ids"]) for e in encoded],
                                    max(max_tokens, *(len(e["input_ids"]) for e in encoded))):
-        row = data.collate_packed([encoded[i] for i in rows])
-        n = int((row["labels"][:, 1:] != data.IGNORE_INDEX).sum())
+        row = packing.collate_packed([encoded[i] for i in rows])
+        n = int((row["labels"][:, 1:] != packing.IGNORE_INDEX).sum())
         out = model(row["input_ids"].to(model.device), labels=row["labels"].to(model.device),
                     cu_seqlens=row["cu_seqlens"].to(model.device), **_vision_kwargs(row, model.device))
         total += float(out.loss) * n
@@ -879,17 +512,17 @@ def answer_loss(model, processor, samples, max_tokens=4096):
 
 # The held-out suite of the small-scale reproduction: (name, task, difficulty).
 EVAL_SUITE = (
-    ("caption_big", "caption", data.BIG_SHAPE),
-    ("caption", "caption", data.Difficulty()),
-    ("count", "count", data.Difficulty()),
-    ("count_224px", "count", data.LARGE),
-    ("ground_box", "ground_box", data.Difficulty()),
-    ("ocr", "ocr", data.Difficulty()),
-    ("visual_math", "visual_math", data.Difficulty()),
-    ("visual_math_long", "visual_math", data.LONG),
-    ("text_math", "text_math", data.Difficulty()),
-    ("video_grounding", "video_grounding", data.Difficulty()),
-    ("compare", "compare", data.Difficulty()),
+    ("caption_big", "caption", synthetic.BIG_SHAPE),
+    ("caption", "caption", synthetic.Difficulty()),
+    ("count", "count", synthetic.Difficulty()),
+    ("count_224px", "count", synthetic.LARGE),
+    ("ground_box", "ground_box", synthetic.Difficulty()),
+    ("ocr", "ocr", synthetic.Difficulty()),
+    ("visual_math", "visual_math", synthetic.Difficulty()),
+    ("visual_math_long", "visual_math", synthetic.LONG),
+    ("text_math", "text_math", synthetic.Difficulty()),
+    ("video_grounding", "video_grounding", synthetic.Difficulty()),
+    ("compare", "compare", synthetic.Difficulty()),
 )
 PRIMARY_METRICS = {"exact": ("acc",), "numeric": ("acc",), "choice": ("acc",),
                    "box": ("acc@0.5", "iou"), "point": ("acc",), "span": ("tiou", "acc@0.5")}
@@ -898,8 +531,8 @@ TEXT_ONLY_TASKS = ("text_math",)
 
 # Open-ended tasks measured by the loss of the reference answer (the data stages 1-2 add).
 LOSS_SUITE = (
-    ("caption", "caption", data.Difficulty()),
-    ("interleaved", "interleaved", data.Difficulty()),
+    ("caption", "caption", synthetic.Difficulty()),
+    ("interleaved", "interleaved", synthetic.Difficulty()),
 )
 
 
@@ -919,7 +552,7 @@ def heldout_suite(n, seed=0, suite=EVAL_SUITE):
     out = []
     for name, task, d in suite:
         for i in range(n):
-            s = data.make_sample(task, i, "heldout", seed, d)
+            s = synthetic.make_sample(task, i, "heldout", seed, d)
             s["eval_name"] = name
             out.append(s)
     return out
@@ -934,7 +567,7 @@ def run_suite(model, processor, samples, compute, batch_size=32, majority=None, 
     real = evaluate(model, processor, mine, batch_size)["records"]
     with_image = [s for s in mine if _name(s) not in TEXT_ONLY_TASKS]
     blank = evaluate(model, processor, with_image, batch_size, blank=True)["records"]
-    real, blank = sum(_gather(real, compute), []), sum(_gather(blank, compute), [])
+    real, blank = sum(gather_objects(real, compute), []), sum(gather_objects(blank, compute), [])
     losses = {}
     for name in dict.fromkeys(_name(s) for s in loss_samples):
         part = [s for s in loss_samples if _name(s) == name][r::w]
@@ -983,7 +616,7 @@ def add_dummy_vision(row, processor, video=False):
         return row
     tok = processor.tokenizer
     start, end = tok.token_to_id("<|vision_start|>"), tok.token_to_id("<|vision_end|>")
-    black = data.patchify(torch.zeros(2, 3, 56, 56))[0]            # (16, 1176): 4 merged tokens
+    black = patchify(torch.zeros(2, 3, 56, 56))[0]            # (16, 1176): 4 merged tokens
     ids, out = [], dict(row)
     if need_image:
         ids += [start] + [processor.image_token_id] * 4 + [end]
@@ -994,7 +627,7 @@ def add_dummy_vision(row, processor, video=False):
         out["second_per_grid_ts"] = torch.tensor([1.0])
     ids = torch.tensor(ids, dtype=row["input_ids"].dtype)[None]
     out["input_ids"] = torch.cat([row["input_ids"], ids], dim=1)
-    out["labels"] = torch.cat([row["labels"], torch.full_like(ids, data.IGNORE_INDEX)], dim=1)
+    out["labels"] = torch.cat([row["labels"], torch.full_like(ids, packing.IGNORE_INDEX)], dim=1)
     out["cu_seqlens"] = torch.cat([row["cu_seqlens"], row["cu_seqlens"][-1:] + ids.shape[1]])
     return out
 
@@ -1013,8 +646,8 @@ class _ClassifySteps(torch.utils.data.Dataset):
         first = (step * self.world + self.rank) * self.per_rank
         pvs, grids, labels = [], [], []
         for i in range(first, first + self.per_rank):
-            s = data.classification_sample(i, self.split, self.seed)
-            pv, grid = data.preprocess_image(s["image"], resized_height=s["image"].height,
+            s = synthetic.classification_sample(i, self.split, self.seed)
+            pv, grid = preprocess_image(s["image"], resized_height=s["image"].height,
                                              resized_width=s["image"].width)
             pvs.append(pv)
             grids.append(grid)
@@ -1033,19 +666,19 @@ class _StepSampler(torch.utils.data.Sampler):
 def classify_stream(per_rank, compute, seed, start_step, workers):
     ds = _ClassifySteps(per_rank, compute.rank, compute.world_size, seed)
     return iter(torch.utils.data.DataLoader(ds, batch_size=None, sampler=_StepSampler(start_step),
-                                            num_workers=workers, worker_init_fn=data._worker_init
+                                            num_workers=workers, worker_init_fn=packing._worker_init
                                             if workers else None))
 
 
 def stage_mixture(key, args):
-    """The data of a stage: data.stage_mixture (SPEC §6.3: each stage adds data types) or
+    """The data of a stage: synthetic.stage_mixture (SPEC §6.3: each stage adds data types) or
     --mixture, plus --replay of the earlier stages' mixtures (1..k-1, equal shares). Measured:
     without replay stage 3 erased stage 1's big-shape captions (accuracy 0.81 -> 0.00)."""
     if key == "0-lm":
-        return data.stage_mixture(0)
+        return synthetic.stage_mixture(0)
     k, reasoning = int(key), not args.no_reasoning_data
-    mix = parse_mixture(args.mixture) if args.mixture else data.stage_mixture(k, reasoning)
-    earlier = [data.stage_mixture(j, reasoning) for j in range(1, k)]
+    mix = parse_mixture(args.mixture) if args.mixture else synthetic.stage_mixture(k, reasoning)
+    earlier = [synthetic.stage_mixture(j, reasoning) for j in range(1, k)]
     if not earlier or args.replay <= 0:
         return mix
 
@@ -1060,9 +693,9 @@ def parse_mixture(text):
     items = []
     for part in text.split(","):
         task, _, w = part.partition(":")
-        if task.strip() not in data.TASKS:
-            raise ValueError(f"--mixture: unknown task {task.strip()!r}; choose from {', '.join(sorted(data.TASKS))}")
-        items.append(data.MixItem(task.strip(), float(w or 1)))
+        if task.strip() not in synthetic.TASKS:
+            raise ValueError(f"--mixture: unknown task {task.strip()!r}; choose from {', '.join(sorted(synthetic.TASKS))}")
+        items.append(synthetic.MixItem(task.strip(), float(w or 1)))
     return items
 
 
@@ -1115,14 +748,14 @@ def load_processor(run, folder):
     """The tokenizer + chat template of `folder`, or (from scratch) the BPE trained on the
     synthetic corpus, made once by rank 0."""
     if folder is not None:
-        return data.Processor.from_pretrained(folder)
+        return Processor.from_pretrained(folder)
     path = os.path.join(run.out, "tokenizer")
     if run.compute.master and not os.path.isfile(os.path.join(path, "tokenizer.json")):
-        tmp = _atomic_dir(path)
-        data.train_tokenizer(tmp, vocab_size=run.args.vocab_size or 1024, seed=run.args.seed)
-        _commit_dir(tmp, path)
+        tmp = atomic_dir(path)
+        synthetic.train_tokenizer(tmp, vocab_size=run.args.vocab_size or 1024, seed=run.args.seed)
+        commit_dir(tmp, path)
     run.compute.barrier()
-    return data.Processor.from_pretrained(path)
+    return Processor.from_pretrained(path)
 
 
 def fresh_model(a):
@@ -1171,7 +804,7 @@ def run_stage(run, key, first):
     model.visual.gradient_checkpointing = model.model.gradient_checkpointing = a.grad_checkpointing
     if key == "0-vit":
         torch.manual_seed(a.seed + 2)
-        trainee = CellClassifier(model, len(data.CELL_CLASSES))
+        trainee = CellClassifier(model, len(synthetic.CELL_CLASSES))
         if resume_from:
             from safetensors.torch import load_file
             trainee.head.load_state_dict({k[len("head."):]: v for k, v in
@@ -1210,7 +843,7 @@ def run_stage(run, key, first):
         loader = None
     else:
         mixture = stage_mixture(key, a)
-        loader = data.PackedLoader(data.SyntheticDataset(mixture, "train", a.seed), processor,
+        loader = packing.PackedLoader(synthetic.SyntheticDataset(mixture, "train", a.seed), processor,
                                    max_tokens=stage.seq_len, chunk_size=a.chunk_size,
                                    num_workers=a.workers, rank=c.rank, world_size=c.world_size,
                                    seed=a.seed, on_too_long="skip")
@@ -1229,7 +862,7 @@ def run_stage(run, key, first):
         while step < stage.steps:
             # LM stages: `per_rank` packed rows (micro-batches); 0-vit: one batch of per_rank images
             micro = [next(stream) for _ in range(1 if key == "0-vit" else per_rank)]
-            lr = lr_at(step, stage)
+            lr = lr_at(step, stage.lr, stage.min_lr, stage.warmup, stage.steps)
             for g in opt.param_groups:
                 g["lr"] = lr
             if key == "0-vit":
@@ -1261,7 +894,7 @@ def run_stage(run, key, first):
             if a.save_every and step % a.save_every == 0 and step < stage.steps:
                 save_training_state(ckpt_root, step, wrapped, opt, cfg, processor,
                                     loader.state_dict() if loader else {"step": step}, c,
-                                    a.keep_last, {"stage": key})
+                                    a.keep_last, {"stage": key}, split=lambda st, w=wrapped: split_state(st, w))
             if a.debug_stop_after and step == a.debug_stop_after:
                 c.print(f"stopping after step {step} (--debug-stop-after)")
                 raise SystemExit(3)
@@ -1293,7 +926,7 @@ def _lm_step(wrapped, rows, c, poison):
     """Forward/backward over this rank's rows (micro-batches). The loss is normalised by the
     number of labelled tokens of the whole global step, so any split over ranks and micro-batches
     gives the same gradient as one big batch."""
-    n_valid = [int((r["labels"][:, 1:] != data.IGNORE_INDEX).sum()) for r in rows]
+    n_valid = [int((r["labels"][:, 1:] != packing.IGNORE_INDEX).sum()) for r in rows]
     counts = torch.tensor([float(sum(n_valid)), float(sum(r["input_ids"].shape[1] for r in rows))])
     counts = all_reduce_sum(counts, c)
     total = max(counts[0].item(), 1.0)
@@ -1331,10 +964,10 @@ def evaluate_stage(run, key, folder, suite_cache):
     1-4 run the held-out suite (model, majority answer, blank image). Printed and logged."""
     a, c = run.args, run.compute
     model = MiMoVL.from_pretrained(folder, dtype=c.eval_dtype, device=c.device, progress=False).eval()
-    processor = data.Processor.from_pretrained(folder)
+    processor = Processor.from_pretrained(folder)
     t0 = time.perf_counter()
     if key == "0-lm":
-        ds = data.SyntheticDataset(data.stage_mixture(0), "heldout", a.seed)
+        ds = synthetic.SyntheticDataset(synthetic.stage_mixture(0), "heldout", a.seed)
         samples = [ds[i] for i in range(c.rank, a.eval_n, c.world_size)]
         sums = all_reduce_sum(torch.tensor(answer_loss(model, processor, samples), dtype=torch.float64,
                                            device=c.device), c).tolist()
@@ -1366,7 +999,7 @@ def _eval_cells(model, folder, run):
     extra.safetensors) on held-out scenes, beside always answering "empty"."""
     from safetensors.torch import load_file
     c = run.compute
-    head = nn.Linear(model.cfg.vision.out_hidden_size, len(data.CELL_CLASSES)).to(c.device, model.dtype)
+    head = nn.Linear(model.cfg.vision.out_hidden_size, len(synthetic.CELL_CLASSES)).to(c.device, model.dtype)
     head.load_state_dict({k[len("head."):]: v for k, v in
                           load_file(os.path.join(folder, "extra.safetensors")).items()})
     right = total = empty = 0
@@ -1491,7 +1124,7 @@ def build_parser():
                                                "rows / world_size per rank = gradient accumulation")
     g.add_argument("--trainable", default=None, help="parts to train, '+'-joined: vit, projector, llm")
     g.add_argument("--mixture", default=None,
-                   help="replace the stage mixtures (stages 1-4) by 'task:weight,...' over data.TASKS")
+                   help="replace the stage mixtures (stages 1-4) by 'task:weight,...' over synthetic.TASKS")
     g.add_argument("--replay", type=float, default=0.1,
                    help="fraction of each stage's data drawn from the earlier stages' mixtures (stages 2-4)")
     g.add_argument("--no-reasoning-data", action="store_true",
@@ -1605,15 +1238,15 @@ def _logged_eval(run, key):
 def eval_only(args, compute):
     model = MiMoVL.from_pretrained(args.eval_only, dtype=compute.eval_dtype, device=compute.device,
                                    progress=False).eval()
-    processor = data.Processor.from_pretrained(args.eval_only)
+    processor = Processor.from_pretrained(args.eval_only)
     if args.eval_jsonl:
-        ds = data.JsonlDataset(args.eval_jsonl)
+        ds = packing.JsonlDataset(args.eval_jsonl)
         samples = [s for s in ds if s.get("answer") is not None]
         if not samples:
             raise SystemExit(f"{args.eval_jsonl}: no line has an `answer` field to score against")
         mine = samples[compute.rank::compute.world_size]
         res = evaluate(model, processor, mine, args.eval_batch)
-        records = sum(_gather(res["records"], compute), [])
+        records = sum(gather_objects(res["records"], compute), [])
         summary = summarise(records)
         compute.print(f"{args.eval_jsonl}: {len(samples)} scored items")
         for task, m in summary.items():

@@ -52,7 +52,7 @@ def test_cli_answers_about_an_image(ckpt):
     assert code == 0, err
     assert "float32" in err
     # the streamed text equals a direct greedy generate() on the same processed inputs
-    from data import Processor
+    from processor import Processor
     proc = Processor.from_pretrained(ckpt)
     model = MiMoVL.from_pretrained(ckpt, dtype=torch.float32)
     batch = proc([{"role": "user", "content": [{"type": "image", "image": str(ckpt / "img.png")},

@@ -1,4 +1,4 @@
-"""Tests of data.py sections 3-6: the synthetic world, JSONL data, the tokenizer, packing.
+"""Tests of synthetic.py and packing.py: the synthetic world, JSONL data, the tokenizer, packing.
 
     python -m pytest tests/test_data.py
 
@@ -17,9 +17,11 @@ import numpy as np
 import pytest
 import torch
 
-import data
+import packing
+import synthetic
 import mimovl
-from data import Difficulty, make_sample
+from synthetic import Difficulty, make_sample
+from processor import Processor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLE = os.path.join(ROOT, "data", "example.jsonl")
@@ -27,12 +29,12 @@ EXAMPLE = os.path.join(ROOT, "data", "example.jsonl")
 
 @pytest.fixture(scope="module")
 def tok_dir(tmp_path_factory):
-    return data.train_tokenizer(str(tmp_path_factory.mktemp("tok")))
+    return synthetic.train_tokenizer(str(tmp_path_factory.mktemp("tok")))
 
 
 @pytest.fixture(scope="module")
 def processor(tok_dir):
-    return data.Processor.from_pretrained(tok_dir)
+    return Processor.from_pretrained(tok_dir)
 
 
 def digest(x):
@@ -112,22 +114,22 @@ def videos_of(sample):
 # ---- the synthetic world
 
 def test_same_seed_same_bytes_different_seed_differs():
-    for task in data.TASKS:
+    for task in synthetic.TASKS:
         for i in range(3):
             a, b = make_sample(task, i, seed=7), make_sample(task, i, seed=7)
             assert digest(a) == digest(b), task
         other = {digest(make_sample(task, i, seed=8)) for i in range(3)}
         assert not other & {digest(make_sample(task, i, seed=7)) for i in range(3)}, task
     # the mixture, RL prompts and the classification set are seeded the same way
-    ds1, ds2, ds3 = data.SyntheticDataset(3, seed=1), data.SyntheticDataset(3, seed=1), data.SyntheticDataset(3, seed=2)
+    ds1, ds2, ds3 = synthetic.SyntheticDataset(3, seed=1), synthetic.SyntheticDataset(3, seed=1), synthetic.SyntheticDataset(3, seed=2)
     assert [digest(ds1[i]) for i in range(20)] == [digest(ds2[i]) for i in range(20)]
     assert [digest(ds1[i]) for i in range(20)] != [digest(ds3[i]) for i in range(20)]
-    assert digest(data.rl_prompts(9, seed=1)) == digest(data.rl_prompts(9, seed=1))
-    assert digest(data.classification_sample(5)) == digest(data.classification_sample(5))
+    assert digest(synthetic.rl_prompts(9, seed=1)) == digest(synthetic.rl_prompts(9, seed=1))
+    assert digest(synthetic.classification_sample(5)) == digest(synthetic.classification_sample(5))
 
 
 @pytest.mark.parametrize("task,difficulty", [
-    ("caption", data.BIG_SHAPE),            # tiny space: 12 classes x 4 positions
+    ("caption", synthetic.BIG_SHAPE),            # tiny space: 12 classes x 4 positions
     ("count", Difficulty()), ("ground_box", Difficulty()), ("video_grounding", Difficulty()),
     ("text_math", Difficulty()), ("ocr", Difficulty(text_len=1)),
 ])
@@ -213,31 +215,31 @@ def test_reasoning_chains_are_correct_arithmetic():
 
 
 def test_rl_prompts_and_preferences_and_stages():
-    prompts = data.rl_prompts(18)
-    assert {p["task"] for p in prompts} == set(data.RL_TASKS)
+    prompts = synthetic.rl_prompts(18)
+    assert {p["task"] for p in prompts} == set(synthetic.RL_TASKS)
     for p in prompts:
         assert p["messages"][-1]["role"] == "user" and p["answer"] is not None and p["reward"]
     for i in range(10):
         s = make_sample("preference", i)
         assert s["chosen"] != s["rejected"] and s["messages"][-1]["role"] == "user"
     for stage in range(5):
-        tasks = {data.SyntheticDataset(stage)[i]["task"] for i in range(200)}
-        assert tasks <= set(data.TASKS)
-    assert {data.SyntheticDataset(1)[i]["task"] for i in range(50)} == {"caption"}
-    s3 = {data.SyntheticDataset(3)[i]["task"] for i in range(400)}
+        tasks = {synthetic.SyntheticDataset(stage)[i]["task"] for i in range(200)}
+        assert tasks <= set(synthetic.TASKS)
+    assert {synthetic.SyntheticDataset(1)[i]["task"] for i in range(50)} == {"caption"}
+    s3 = {synthetic.SyntheticDataset(3)[i]["task"] for i in range(400)}
     assert {"count", "ground_box", "ocr", "video_grounding", "text_math"} <= s3
-    c = data.classification_sample(0)
-    assert len(c["cell_labels"]) == 16 and max(c["cell_labels"]) < len(data.CELL_CLASSES)
+    c = synthetic.classification_sample(0)
+    assert len(c["cell_labels"]) == 16 and max(c["cell_labels"]) < len(synthetic.CELL_CLASSES)
 
 
 # ---- JSONL
 
 def test_example_jsonl_loads_and_encodes(processor):
-    ds = data.JsonlDataset(EXAMPLE)
+    ds = packing.JsonlDataset(EXAMPLE)
     samples = list(ds)
     assert len(samples) == len(ds) == 8 and ds.skipped == 0
     assert samples[3]["answer"] == "11" and "text" in samples[-1]
-    encoded = [data.encode_sample(s, processor) for s in samples]
+    encoded = [packing.encode_sample(s, processor) for s in samples]
     assert any("video_grid_thw" in e for e in encoded)
     assert sum(len(e.get("image_grid_thw", [])) for e in encoded) == 6
 
@@ -257,14 +259,14 @@ def test_jsonl_errors_name_file_and_line(tmp_path):
     for name, (line, words) in bad_lines.items():
         path = tmp_path / f"{name}.jsonl"
         path.write_text(json.dumps(good) + "\n\n" + line + "\n")  # the bad one is on line 3
-        with pytest.raises(data.DataError, match=rf"{name}\.jsonl:3: .*{re.escape(words)}"):
-            list(data.JsonlDataset(path))
-        with pytest.raises(data.DataError, match=rf"{name}\.jsonl:3: "):
-            data.JsonlDataset(path)[1]  # random access reports the same line
+        with pytest.raises(packing.DataError, match=rf"{name}\.jsonl:3: .*{re.escape(words)}"):
+            list(packing.JsonlDataset(path))
+        with pytest.raises(packing.DataError, match=rf"{name}\.jsonl:3: "):
+            packing.JsonlDataset(path)[1]  # random access reports the same line
     path = tmp_path / "mixed.jsonl"
     path.write_text("\n".join([json.dumps(good)] + [l for l, _ in bad_lines.values()]
                               + [json.dumps(good)]) + "\n")
-    ds = data.JsonlDataset(path, on_error="skip")
+    ds = packing.JsonlDataset(path, on_error="skip")
     assert len(list(ds)) == 2 and ds.skipped == 3
     assert [re.search(r"mixed\.jsonl:(\d+):", e).group(1) for e in ds.errors] == ["2", "3", "4"]
 
@@ -313,12 +315,12 @@ def test_label_mask_on_a_hand_built_conversation(processor):
         t = processor.tokenizer.encode(text).ids
         ids += t
         labels += t if on else [-100] * len(t)
-    e = data.encode_sample({"messages": conv, "task": "hand"}, processor)
+    e = packing.encode_sample({"messages": conv, "task": "hand"}, processor)
     assert e["input_ids"].tolist() == ids
     assert e["labels"].tolist() == labels
     assert e["image_grid_thw"].tolist() == [[1, 4, 4]]
     # a text document: every token but the first (nothing in the sample predicts it)
-    d = data.encode_sample({"text": "One two."}, processor)
+    d = packing.encode_sample({"text": "One two."}, processor)
     expect = processor.tokenizer.encode("One two.").ids + [0]
     assert d["input_ids"].tolist() == expect and d["labels"].tolist() == [-100] + expect[1:]
 
@@ -326,15 +328,15 @@ def test_label_mask_on_a_hand_built_conversation(processor):
 def test_best_fit_pack_hand_case():
     # longest first: 5 -> row A (room 3); 4 -> row B (4); 3 -> A (the tightest fit, room 0);
     # 3 -> B (1); 2 -> new row C (6); 1 -> B (tightest: room 1)
-    assert data.best_fit_pack([5, 4, 3, 3, 2, 1], 8) == [[0, 2], [1, 3, 5], [4]]
+    assert packing.best_fit_pack([5, 4, 3, 3, 2, 1], 8) == [[0, 2], [1, 3, 5], [4]]
     with pytest.raises(ValueError, match="9 tokens"):
-        data.best_fit_pack([9], 8)
+        packing.best_fit_pack([9], 8)
 
 
 def test_packed_rows_and_resume(processor):
-    ds = data.SyntheticDataset(3, seed=3)
+    ds = synthetic.SyntheticDataset(3, seed=3)
     kw = dict(max_tokens=600, chunk_size=24)
-    rows = [r for _, r in zip(range(8), data.PackedLoader(ds, processor, **kw))]
+    rows = [r for _, r in zip(range(8), packing.PackedLoader(ds, processor, **kw))]
     for r in rows:
         T = r["input_ids"].shape[1]
         cu = r["cu_seqlens"].tolist()
@@ -345,20 +347,20 @@ def test_packed_rows_and_resume(processor):
         grid = r["image_grid_thw"]
         assert n_img == (0 if grid is None else int(grid.prod(1).sum()) // 4)
     # resuming from a state_dict continues with exactly the next row, with workers too
-    loader = data.PackedLoader(ds, processor, **kw)
+    loader = packing.PackedLoader(ds, processor, **kw)
     it = iter(loader)
     for _ in range(5):
         next(it)
     state = json.loads(json.dumps(loader.state_dict()))  # JSON-serialisable
-    resumed = data.PackedLoader(ds, processor, num_workers=2, **kw)
+    resumed = packing.PackedLoader(ds, processor, num_workers=2, **kw)
     resumed.load_state_dict(state)
     for want, got in zip(rows[5:], resumed):
         assert digest(want) == digest(got)
         if want is rows[-1]:
             break
     # distributed ranks read different chunks
-    r0 = next(iter(data.PackedLoader(ds, processor, rank=0, world_size=2, **kw)))
-    r1 = next(iter(data.PackedLoader(ds, processor, rank=1, world_size=2, **kw)))
+    r0 = next(iter(packing.PackedLoader(ds, processor, rank=0, world_size=2, **kw)))
+    r1 = next(iter(packing.PackedLoader(ds, processor, rank=1, world_size=2, **kw)))
     assert digest(r0) != digest(r1)
 
 
@@ -369,7 +371,7 @@ def test_jsonl_loader_skips_and_counts(tmp_path, processor):
     lines = [l.replace('"images/', f'"{shutil_src}/images/').replace('"clip"', f'"{shutil_src}/clip"')
              for l in lines]
     path.write_text("\n".join(lines[:3] + ["[1, 2]"] + lines[3:]) + "\n")
-    loader = data.PackedLoader(data.JsonlDataset(path, on_error="skip"), processor,
+    loader = packing.PackedLoader(packing.JsonlDataset(path, on_error="skip"), processor,
                                max_tokens=512, chunk_size=9, shuffle=False)
     row = next(iter(loader))
     assert loader.skipped == 1 and len(row["tasks"]) >= 1
@@ -407,10 +409,10 @@ def test_packed_row_gives_each_samples_logits(processor, one_thread):
     torch.manual_seed(0)
     model = mimovl.MiMoVL(mimovl.MiMoVLConfig.preset("tiny")).float().eval()
     samples = [make_sample("count", 0), make_sample("video_count", 1), make_sample("text_math", 2),
-               make_sample("compare", 3), make_sample("ground_box", 4, difficulty=data.LARGE),
+               make_sample("compare", 3), make_sample("ground_box", 4, difficulty=synthetic.LARGE),
                {"text": "A plain document."}, make_sample("interleaved", 5)]
-    enc = [data.encode_sample(s, processor) for s in samples]
-    row = data.collate_packed(enc)
+    enc = [packing.encode_sample(s, processor) for s in samples]
+    row = packing.collate_packed(enc)
     with torch.no_grad():
         packed = model(row["input_ids"], cu_seqlens=row["cu_seqlens"], **forward_inputs(row)).logits[0]
         cu = row["cu_seqlens"].tolist()
@@ -439,7 +441,7 @@ def test_tiny_model_learns_counting_and_uses_the_image(processor, one_thread):
 
 def _train_and_evaluate(model, opt, steps, batch, processor):
     for step in range(steps):
-        row = data.collate_packed([data.encode_sample(make_sample("count", step * batch + j), processor)
+        row = packing.collate_packed([packing.encode_sample(make_sample("count", step * batch + j), processor)
                                    for j in range(batch)])
         for g in opt.param_groups:
             g["lr"] = 3e-4 * min(1.0, (step + 1) / 30)
@@ -462,7 +464,7 @@ def _train_and_evaluate(model, opt, steps, batch, processor):
         with torch.no_grad():
             for k in range(0, len(samples), 50):
                 chunk = samples[k:k + 50]
-                row = data.collate_packed([data.encode_sample(s, processor) for s in chunk])
+                row = packing.collate_packed([packing.encode_sample(s, processor) for s in chunk])
                 logits = model(row["input_ids"], cu_seqlens=row["cu_seqlens"], **forward_inputs(row)).logits[0]
                 ids = row["input_ids"][0]
                 # the answer is the token after the last "<|im_start|>assistant\n" of each sample

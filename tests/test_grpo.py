@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 
+import rewards as R
 import train_rl as rl
 
 
@@ -260,7 +261,7 @@ def test_toy_policy_learns_to_count(mode):
             samples = torch.multinomial(torch.softmax(logits, -1).repeat(n_groups * G, 1, 1)
                                         .view(-1, len(alphabet)), 1).view(n_groups * G, 2)
         texts = ["".join(alphabet[k] for k in row) for row in samples.tolist()]
-        rewards = [rl.compute_reward("count", t, 7)[0] for t in texts]
+        rewards = [R.compute_reward("count", t, 7)[0] for t in texts]
         adv = rl.group_advantages(torch.tensor(rewards).view(n_groups, G)).view(-1).float()
         lp = torch.log_softmax(logits, -1)[torch.arange(2), samples]  # (n, 2)
         old = lp.detach()
@@ -272,7 +273,7 @@ def test_toy_policy_learns_to_count(mode):
             lp = torch.log_softmax(logits, -1)[torch.arange(2), samples]
     # the policy's expected reward, exactly, by enumerating all 121 answers
     probs = torch.softmax(logits.detach(), -1)
-    expected_reward = sum(probs[0, a] * probs[1, b] * rl.compute_reward(
+    expected_reward = sum(probs[0, a] * probs[1, b] * R.compute_reward(
         "count", alphabet[a] + alphabet[b], 7)[0] for a in range(11) for b in range(11))
     assert expected_reward > 0.9
 

@@ -1,4 +1,4 @@
-"""Image and video preprocessing (data.py §1; SPEC §4.2, §5).
+"""Image and video preprocessing (processor.py §1; SPEC §4.2, §5).
 
 Images are checked against the official pipeline: qwen-vl-utils' fetch_image (load, RGBA on white,
 smart_resize, PIL bicubic) followed by transformers 4.57's slow Qwen2VLImageProcessor (rescale,
@@ -17,8 +17,9 @@ import pytest
 import torch
 from PIL import Image
 from transformers import Qwen2VLImageProcessor
+from processor import CLIP_MEAN, CLIP_STD, MIMO_MAX_PIXELS, load_image, preprocess_image, preprocess_video, sample_frame_indices, smart_nframes, smart_resize, video_frame_range, video_frame_size
 
-import data
+
 
 
 def load_qwen_vl_utils():
@@ -72,7 +73,7 @@ def reference(element):
 
 
 def assert_matches_reference(source, ref_source=None, **options):
-    pixel_values, grid = data.preprocess_image(source, **options)
+    pixel_values, grid = preprocess_image(source, **options)
     ref_values, ref_grid = reference({"image": source if ref_source is None else ref_source, **options})
     assert grid == ref_grid
     assert pixel_values.dtype == torch.float32 and pixel_values.shape == ref_values.shape
@@ -91,24 +92,24 @@ def test_smart_resize_matches_qwen_vl_utils_on_a_sweep():
         if max(h, w) / min(h, w) > 200:
             continue
         for lo, hi in budgets:
-            assert data.smart_resize(h, w, 28, lo, hi) == qvu.smart_resize(h, w, 28, lo, hi), (h, w, lo, hi)
+            assert smart_resize(h, w, 28, lo, hi) == qvu.smart_resize(h, w, 28, lo, hi), (h, w, lo, hi)
             checked += 1
     assert checked > 5000
     # Worked examples of SPEC §5.1 (H, W order): 540x599 (WxH) -> 532x588; MiMo's GUI screenshot at
     # 4096*28^2 -> 1876x1540.
-    assert data.smart_resize(599, 540) == (588, 532)
-    assert data.smart_resize(1544, 1886, max_pixels=data.MIMO_MAX_PIXELS) == (1540, 1876)
+    assert smart_resize(599, 540) == (588, 532)
+    assert smart_resize(1544, 1886, max_pixels=MIMO_MAX_PIXELS) == (1540, 1876)
 
 
 def test_smart_resize_rejects_extreme_aspect_ratio():
     with pytest.raises(ValueError, match="aspect ratio"):
-        data.smart_resize(10, 2010)
+        smart_resize(10, 2010)
     with pytest.raises(ValueError):  # the reference rejects it too
         qvu.smart_resize(10, 2010, 28)
     with pytest.raises(ValueError, match="aspect ratio"):
-        data.preprocess_image(np.zeros((4, 900, 3), np.uint8))
+        preprocess_image(np.zeros((4, 900, 3), np.uint8))
     with pytest.raises(ValueError, match="min_pixels"):
-        data.smart_resize(100, 100, min_pixels=5000, max_pixels=4000)
+        smart_resize(100, 100, min_pixels=5000, max_pixels=4000)
 
 
 # ---- images against qwen-vl-utils + Qwen2VLImageProcessor --------------------------------------------
@@ -134,14 +135,14 @@ def test_rgba_png_is_composited_on_white_like_official_pipeline(tmp_path):
     path = tmp_path / "alpha.png"
     Image.fromarray(rgba, "RGBA").save(path)
     assert_matches_reference(str(path))
-    pixel_values, _ = data.preprocess_image(str(path))
-    white = (1.0 - np.array(data.CLIP_MEAN)) / np.array(data.CLIP_STD)
+    pixel_values, _ = preprocess_image(str(path))
+    white = (1.0 - np.array(CLIP_MEAN)) / np.array(CLIP_STD)
     first = pixel_values[0].reshape(3, 2, 14, 14).numpy()  # top-left patch, inside the transparent band
     assert np.allclose(first, white[:, None, None, None], atol=1e-5)
     # The same RGBA pixels given as an array, as a PIL image and as bytes.
     assert_matches_reference(rgba, ref_source=Image.fromarray(rgba, "RGBA"))
     assert_matches_reference(Image.fromarray(rgba, "RGBA"))
-    via_bytes, _ = data.preprocess_image(path.read_bytes())
+    via_bytes, _ = preprocess_image(path.read_bytes())
     assert torch.equal(via_bytes, pixel_values)
 
 
@@ -155,9 +156,9 @@ def test_image_patch_order_is_block_major_over_merge_blocks():
     """SPEC §4.2 by hand: rows run over merged rows, merged cols, then the 2x2 sub-patches; each row is
     (channel, frame-in-pair, y, x) with the single image frame repeated."""
     img = photo(56, 84, seed=7)  # already on the 28-grid and within budget: no resize
-    pixel_values, grid = data.preprocess_image(img)
+    pixel_values, grid = preprocess_image(img)
     assert grid == (1, 4, 6)
-    norm = ((img / 255.0 - np.array(data.CLIP_MEAN)) / np.array(data.CLIP_STD)).transpose(2, 0, 1)
+    norm = ((img / 255.0 - np.array(CLIP_MEAN)) / np.array(CLIP_STD)).transpose(2, 0, 1)
     expected = []
     for merged_row in range(2):
         for merged_col in range(3):
@@ -172,20 +173,20 @@ def test_image_patch_order_is_block_major_over_merge_blocks():
 def test_image_errors_name_the_file(tmp_path):
     missing = tmp_path / "nope.jpg"
     with pytest.raises(FileNotFoundError, match="nope.jpg"):
-        data.load_image(str(missing))
+        load_image(str(missing))
     corrupt = tmp_path / "corrupt.png"
     corrupt.write_bytes(b"this is not a PNG")
     with pytest.raises(ValueError, match="corrupt.png"):
-        data.load_image(corrupt)
+        load_image(corrupt)
     truncated = tmp_path / "truncated.jpg"
     Image.fromarray(photo(200, 200, seed=1)).save(truncated, quality=90)
     truncated.write_bytes(truncated.read_bytes()[:600])
     with pytest.raises(ValueError, match="truncated.jpg"):
-        data.load_image(truncated)
+        load_image(truncated)
     with pytest.raises(ValueError, match="uint8"):
-        data.load_image(np.zeros((8, 8, 3), np.float32))
+        load_image(np.zeros((8, 8, 3), np.float32))
     with pytest.raises(ValueError, match="resized_width"):
-        data.preprocess_image(photo(60, 60, seed=2), resized_height=56)
+        preprocess_image(photo(60, 60, seed=2), resized_height=56)
 
 
 # ---- videos: hand-computed cases (SPEC §5.3) ---------------------------------------------------------
@@ -204,53 +205,53 @@ def test_image_errors_name_the_file(tmp_path):
     (30, 10, {"nframes": 5}, 4),  # round(2.5) = 2 pairs: banker's rounding
 ])
 def test_smart_nframes_hand_cases(total, video_fps, options, expected):
-    assert data.smart_nframes(total, video_fps, **options) == expected
+    assert smart_nframes(total, video_fps, **options) == expected
 
 
 def test_smart_nframes_errors():
     with pytest.raises(ValueError, match="single frame"):
-        data.smart_nframes(1, 30)
+        smart_nframes(1, 30)
     with pytest.raises(ValueError, match="not both"):
-        data.smart_nframes(30, 10, fps=2, nframes=4)
+        smart_nframes(30, 10, fps=2, nframes=4)
     with pytest.raises(ValueError, match="between"):
-        data.smart_nframes(30, 10, nframes=40)
+        smart_nframes(30, 10, nframes=40)
 
 
 def test_frame_indices_range_and_frame_size_hand_cases():
     # linspace(0, 29, 6) = 0, 5.8, 11.6, 17.4, 23.2, 29
-    assert data.sample_frame_indices(0, 29, 6) == [0, 6, 12, 17, 23, 29]
-    assert data.sample_frame_indices(0, 9, 4) == [0, 3, 6, 9]
+    assert sample_frame_indices(0, 29, 6) == [0, 6, 12, 17, 23, 29]
+    assert sample_frame_indices(0, 9, 4) == [0, 3, 6, 9]
     # 2.05 s * 10 fps = 20.5 -> frame 21 (rounds up); 5.0 s -> frame 50
-    assert data.video_frame_range(100, 10, video_start=2.05, video_end=5.0) == (21, 50, 30)
-    assert data.video_frame_range(100, 10) == (0, 99, 100)
+    assert video_frame_range(100, 10, video_start=2.05, video_end=5.0) == (21, 50, 30)
+    assert video_frame_range(100, 10) == (0, 99, 100)
     with pytest.raises(ValueError, match="select no frames"):
-        data.video_frame_range(100, 10, video_start=6, video_end=5)
+        video_frame_range(100, 10, video_start=6, video_end=5)
     # 224x336 = 75264 px is under the 128*28^2 = 100352 per-frame minimum: scale by sqrt(100352/75264)
     # = 1.1547: 258.7 -> 10*28 = 280, 388.0 -> 14*28 = 392.
-    assert data.video_frame_size(224, 336, nframes=6) == (280, 392)
+    assert video_frame_size(224, 336, nframes=6) == (280, 392)
     # 768 frames of 1080p: budget 90316800/768*2 = 235200 px; beta = sqrt(1080*1920/235200) = 2.9692;
     # 1080/beta = 363.7 -> 12*28 = 336, 1920/beta = 646.6 -> 23*28 = 644.
-    assert data.video_frame_size(1080, 1920, nframes=768) == (336, 644)
+    assert video_frame_size(1080, 1920, nframes=768) == (336, 644)
     # total_pixels 2e6 over 20 frames: budget 200000 < 448^2 = 200704; 448/1.00176 = 447.2 -> 15*28 = 420.
-    assert data.video_frame_size(448, 448, nframes=20, total_pixels=2_000_000) == (420, 420)
+    assert video_frame_size(448, 448, nframes=20, total_pixels=2_000_000) == (420, 420)
     # The budget never falls below 1.05 * min_pixels = 105369 (here 768 frames * 50000 px would allow
     # 100000): beta = sqrt(1080*1920/105369) = 4.4361; 243.5 -> 8*28 = 224, 432.8 -> 15*28 = 420.
-    assert data.video_frame_size(1080, 1920, nframes=768, total_pixels=768 * 50000) == (224, 420)
+    assert video_frame_size(1080, 1920, nframes=768, total_pixels=768 * 50000) == (224, 420)
     # A user max_pixels only lowers the budget: 602112 stays the cap at 6 frames.
-    assert data.video_frame_size(1080, 1920, nframes=6, max_pixels=10**9) == data.smart_resize(
+    assert video_frame_size(1080, 1920, nframes=6, max_pixels=10**9) == smart_resize(
         1080, 1920, min_pixels=100352, max_pixels=602112)
 
 
 def denormalize_channel0(pixel_values):
     """Red channel of every (row, frame-in-pair) back in 0-255, from the fused video normalisation."""
     red = pixel_values.reshape(pixel_values.shape[0], 3, 2, 14 * 14)[:, 0]
-    return red.double() * (255 * data.CLIP_STD[0]) + 255 * data.CLIP_MEAN[0]
+    return red.double() * (255 * CLIP_STD[0]) + 255 * CLIP_MEAN[0]
 
 
 def test_video_array_sampling_sizes_and_timing():
     # 30 frames at 10 fps, frame i a flat grey of 8*i: 3 s -> 6 frames at indices 0 6 12 17 23 29.
     frames = np.stack([np.full((112, 112, 3), 8 * i, np.uint8) for i in range(30)])
-    pixel_values, grid, second_per_grid = data.preprocess_video(frames, video_fps=10)
+    pixel_values, grid, second_per_grid = preprocess_video(frames, video_fps=10)
     # 112x112 is below the per-frame minimum: 12544 -> scale sqrt(8) = 2.83: 316.8 -> 12*28 = 336.
     assert grid == (3, 24, 24) and pixel_values.shape == (3 * 24 * 24, 1176)
     assert second_per_grid == 1.0  # 2 frames / (6 frames / 3 s)
@@ -259,7 +260,7 @@ def test_video_array_sampling_sizes_and_timing():
         for t, index in enumerate(pair):
             assert torch.allclose(red[group, :, t], torch.tensor(8.0 * index, dtype=torch.float64), atol=1e-3)
     # A window of the video, and a target fps: [1.0 s, 2.5 s] = frames 10..25 (16), at 4 fps -> 6 frames.
-    pixel_values, grid, second_per_grid = data.preprocess_video(frames, video_fps=10, video_start=1.0,
+    pixel_values, grid, second_per_grid = preprocess_video(frames, video_fps=10, video_start=1.0,
                                                                  video_end=2.5, fps=4)
     assert grid == (3, 24, 24)
     assert second_per_grid == pytest.approx(2 / (6 / 16 * 10))
@@ -271,10 +272,10 @@ def test_video_frame_list_patch_order_and_odd_padding():
     """Five already-sampled frames: padded to six by repeating the last; rows ordered (temporal group,
     merged row, merged col, sub-row, sub-col), each (channel, frame-in-pair, y, x) — SPEC §4.2."""
     frames = [photo(308, 336, seed=10 + i) for i in range(5)]  # 103488 px: within both budgets, no resize
-    pixel_values, grid, second_per_grid = data.preprocess_video([Image.fromarray(f) for f in frames])
+    pixel_values, grid, second_per_grid = preprocess_video([Image.fromarray(f) for f in frames])
     assert grid == (3, 22, 24)
     assert second_per_grid == 1.0  # frame lists are taken at sample_fps, default 2
-    norm = [((f / 255.0 - np.array(data.CLIP_MEAN)) / np.array(data.CLIP_STD)).transpose(2, 0, 1) for f in frames]
+    norm = [((f / 255.0 - np.array(CLIP_MEAN)) / np.array(CLIP_STD)).transpose(2, 0, 1) for f in frames]
     norm.append(norm[-1])
     expected = []
     for group in range(3):
@@ -286,7 +287,7 @@ def test_video_frame_list_patch_order_and_odd_padding():
                         pair = [norm[2 * group + t][:, y0:y0 + 14, x0:x0 + 14] for t in range(2)]
                         expected.append(np.stack(pair, axis=1).reshape(-1))
     assert np.abs(pixel_values.numpy() - np.stack(expected)).max() < 1e-5
-    _, _, second_per_grid = data.preprocess_video([Image.fromarray(f) for f in frames[:2]], sample_fps=1.0)
+    _, _, second_per_grid = preprocess_video([Image.fromarray(f) for f in frames[:2]], sample_fps=1.0)
     assert second_per_grid == 2.0
 
 
@@ -294,7 +295,7 @@ def test_video_folder_in_natural_order(tmp_path):
     for number, value in [(1, 10), (2, 20), (10, 30)]:
         Image.fromarray(np.full((336, 336, 3), value, np.uint8)).save(tmp_path / f"frame_{number}.png")
     (tmp_path / "notes.txt").write_text("not a frame")
-    pixel_values, grid, _ = data.preprocess_video(str(tmp_path))
+    pixel_values, grid, _ = preprocess_video(str(tmp_path))
     assert grid == (2, 24, 24)  # 3 frames padded to 4
     red = denormalize_channel0(pixel_values).reshape(2, 576, 2, 196)[:, 0, :, 0]
     assert red.round().tolist() == [[10.0, 20.0], [30.0, 30.0]]
@@ -312,7 +313,7 @@ def test_video_file_with_av(tmp_path):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
-    pixel_values, grid, second_per_grid = data.preprocess_video(str(path))
+    pixel_values, grid, second_per_grid = preprocess_video(str(path))
     # 84x112 = 9408 px -> scale sqrt(100352/9408) = 3.266: 274.3 -> 280, 365.8 -> 392.
     assert grid == (3, 20, 28)
     assert second_per_grid == pytest.approx(1.0)
@@ -321,24 +322,24 @@ def test_video_file_with_av(tmp_path):
     corrupt = tmp_path / "corrupt.mp4"
     corrupt.write_bytes(b"\x00" * 1000)
     with pytest.raises(ValueError, match="corrupt.mp4"):
-        data.preprocess_video(str(corrupt))
+        preprocess_video(str(corrupt))
 
 
 def test_video_errors(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="no frames"):
-        data.preprocess_video(str(tmp_path))  # empty folder
+        preprocess_video(str(tmp_path))  # empty folder
     with pytest.raises(ValueError, match="no frames"):
-        data.preprocess_video([])
+        preprocess_video([])
     with pytest.raises(ValueError, match="no frames"):
-        data.preprocess_video(np.zeros((0, 56, 56, 3), np.uint8), video_fps=30)
+        preprocess_video(np.zeros((0, 56, 56, 3), np.uint8), video_fps=30)
     with pytest.raises(ValueError, match="video_fps"):
-        data.preprocess_video(np.zeros((8, 56, 56, 3), np.uint8))
+        preprocess_video(np.zeros((8, 56, 56, 3), np.uint8))
     with pytest.raises(ValueError, match="single frame"):
-        data.preprocess_video(np.zeros((1, 56, 56, 3), np.uint8), video_fps=30)
+        preprocess_video(np.zeros((1, 56, 56, 3), np.uint8), video_fps=30)
     with pytest.raises(ValueError, match="one size"):
-        data.preprocess_video([np.zeros((56, 56, 3), np.uint8), np.zeros((84, 56, 3), np.uint8)])
+        preprocess_video([np.zeros((56, 56, 3), np.uint8), np.zeros((84, 56, 3), np.uint8)])
     with pytest.raises(FileNotFoundError, match="missing.mp4"):
-        data.preprocess_video(str(tmp_path / "missing.mp4"))
+        preprocess_video(str(tmp_path / "missing.mp4"))
     monkeypatch.setitem(sys.modules, "av", None)  # as if PyAV were not installed
     with pytest.raises(ImportError, match="pip install av"):
-        data.preprocess_video(str(tmp_path / "clip.mp4"))
+        preprocess_video(str(tmp_path / "clip.mp4"))

@@ -12,9 +12,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import data
+import packing
+import synthetic
 import train_pretrain as tp
+import training
 from mimovl import MiMoVL, MiMoVLConfig
+from processor import Processor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Short runs: small rows, 2 steps, no evaluation, fp32 (bit-exact comparisons), no worker processes.
@@ -79,7 +82,7 @@ def test_resume_after_a_crash_gives_the_same_losses(chain, tmp_path):
     with pytest.raises(SystemExit) as e:
         tp.main(["--out", cut, *common, "--debug-stop-after", "3"])   # "crashes" after step 3
     assert e.value.code == 3
-    assert [os.path.basename(p) for p in tp.list_checkpoints(f"{cut}/checkpoints/stage3")] == ["step-000002"]
+    assert [os.path.basename(p) for p in training.list_checkpoints(f"{cut}/checkpoints/stage3")] == ["step-000002"]
     tp.main(["--out", cut, *common, "--resume"])                       # resumes from step 2
     assert losses(cut, "3") == losses(full, "3")                      # bit-identical, fp32 CPU
     a, b = weights(f"{full}/stage3"), weights(f"{cut}/stage3")
@@ -127,7 +130,7 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_checkpoint(chain
     assert json.load(open(f"{ckpt}/trainer_state.json"))["step"] == 2
     good = MiMoVL.from_pretrained(ckpt)                               # intact and loadable
     assert all(torch.isfinite(p).all() for p in good.parameters())
-    assert [os.path.basename(p) for p in tp.list_checkpoints(f"{out}/checkpoints/stage3")] == ["step-000002"]
+    assert [os.path.basename(p) for p in training.list_checkpoints(f"{out}/checkpoints/stage3")] == ["step-000002"]
 
 
 def test_stage_folder_loads_in_transformers_with_matching_logits(chain):
@@ -136,8 +139,8 @@ def test_stage_folder_loads_in_transformers_with_matching_logits(chain):
     ours = MiMoVL.from_pretrained(folder).eval()
     hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(folder, torch_dtype=torch.float32,
                                                             attn_implementation="eager").eval()
-    processor = data.Processor.from_pretrained(folder)
-    sample = data.make_sample("count", 0, "heldout", difficulty=data.LARGE)   # 224 px: two windows
+    processor = Processor.from_pretrained(folder)
+    sample = synthetic.make_sample("count", 0, "heldout", difficulty=synthetic.LARGE)   # 224 px: two windows
     batch = processor([sample["messages"]], add_generation_prompt=False)
     with torch.no_grad():
         a = ours(**batch).logits
@@ -156,7 +159,7 @@ def test_init_from_a_qwen25vl_checkpoint_reinitialises_only_the_projector(chain,
     hf = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**tiny))
     init = str(tmp_path / "qwen")
     hf.save_pretrained(init)
-    data.Processor.from_pretrained(f"{chain}/stage3").save_pretrained(init)
+    Processor.from_pretrained(f"{chain}/stage3").save_pretrained(init)
     out = str(tmp_path / "out")
     tp.main(["--out", out, "--init", init, "--stage", "1", *FAST, "--steps", "1", "--lr", "0"])
     after = weights(f"{out}/stage1")
@@ -169,10 +172,10 @@ def test_init_from_a_qwen25vl_checkpoint_reinitialises_only_the_projector(chain,
 
 
 def test_lr_schedule_warmup_then_cosine():
-    s = tp.Stage("x", "", (), lr=1.0, min_lr=0.1, warmup=4, steps=14, seq_len=0, rows=1, data="", paper="")
-    assert [tp.lr_at(i, s) for i in range(4)] == [0.25, 0.5, 0.75, 1.0]
-    assert tp.lr_at(9, s) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
-    assert tp.lr_at(14, s) == pytest.approx(0.1) and tp.lr_at(100, s) == pytest.approx(0.1)
+    s = dict(lr=1.0, min_lr=0.1, warmup=4, steps=14)
+    assert [training.lr_at(i, **s) for i in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert training.lr_at(9, **s) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert training.lr_at(14, **s) == pytest.approx(0.1) and training.lr_at(100, **s) == pytest.approx(0.1)
 
 
 def test_scorers_on_hand_made_cases():
@@ -242,8 +245,8 @@ class EchoModel:
 def test_evaluate_scores_a_jsonl_file_end_to_end(chain):
     """The evaluator on data/example.jsonl (images from paths, a video from a frame folder):
     reference answers score 1 on every metric, wrong ones 0, and the blank-image pass runs."""
-    processor = data.Processor.from_pretrained(f"{chain}/stage3")
-    samples = [s for s in data.JsonlDataset(os.path.join(ROOT, "data", "example.jsonl")) if s.get("answer")]
+    processor = Processor.from_pretrained(f"{chain}/stage3")
+    samples = [s for s in packing.JsonlDataset(os.path.join(ROOT, "data", "example.jsonl")) if s.get("answer")]
     question = {}
     for s in samples:
         user = [m for m in s["messages"] if m["role"] == "user"][-1]["content"]

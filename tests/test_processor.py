@@ -1,4 +1,4 @@
-"""The Processor: chat template, placeholder expansion, tokenisation (data.py §2; SPEC §2.3-§2.6).
+"""The Processor: chat template, placeholder expansion, tokenisation (processor.py §2; SPEC §2.3-§2.6).
 
 The reference is transformers 4.57: PreTrainedTokenizerFast + Qwen2VLImageProcessor driven by the real
 Qwen2_5_VLProcessor.__call__ / apply_chat_template code, with images fetched by qwen-vl-utils. The
@@ -19,8 +19,9 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 from transformers import PreTrainedTokenizerFast, Qwen2VLImageProcessor
 from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
 
-import data
+
 from test_preprocess import photo, qvu
+from processor import DEFAULT_CHAT_TEMPLATE, Processor, split_thinking
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                   "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]  # ids 0..7
@@ -150,7 +151,7 @@ def assert_same_inputs(ours, theirs):
 @pytest.mark.parametrize("case", ["single", "multi_turn", "text_only"])
 def test_prompt_and_ids_match_transformers(checkpoint, images, case):
     conversation = dict(zip(["single", "multi_turn", "text_only"], conversations(images)))[case]
-    ours = data.Processor.from_pretrained(checkpoint)
+    ours = Processor.from_pretrained(checkpoint)
     texts, theirs = reference_inputs(reference_processor(checkpoint, QWEN25_VL_TEMPLATE), [conversation])
     assert ours.apply_chat_template(conversation) == texts[0]
     assert_same_inputs(ours(conversation), theirs)
@@ -159,7 +160,7 @@ def test_prompt_and_ids_match_transformers(checkpoint, images, case):
 def test_left_padded_batch_matches_transformers(checkpoint, images):
     single, multi_turn, text_only = conversations(images)
     batch = [single, multi_turn, text_only]
-    ours = data.Processor.from_pretrained(checkpoint)(batch)
+    ours = Processor.from_pretrained(checkpoint)(batch)
     _, theirs = reference_inputs(reference_processor(checkpoint, QWEN25_VL_TEMPLATE), batch)
     assert_same_inputs(ours, theirs)
     assert ours["attention_mask"][2, 0] == 0 and ours["input_ids"][2, 0] == 0  # padded on the left with <|endoftext|>
@@ -169,7 +170,7 @@ def test_left_padded_batch_matches_transformers(checkpoint, images):
 
 def test_template_extras_render_like_transformers(tmp_path):
     folder = write_checkpoint(tmp_path / "ckpt", template=EXTRAS_TEMPLATE)
-    ours = data.Processor.from_pretrained(folder)
+    ours = Processor.from_pretrained(folder)
     reference = PreTrainedTokenizerFast.from_pretrained(folder)
     conversation = [{"role": "system", "content": "sys"}, {"role": "user", "content": 'say "<b>&" 東京'},
                     {"role": "assistant", "content": "ok"}, {"role": "system", "content": "skipped"},
@@ -189,8 +190,8 @@ def test_template_extras_render_like_transformers(tmp_path):
 def test_template_sources_and_builtin_default(tmp_path):
     conversation = [{"role": "user", "content": [{"type": "image", "image": "x.png"}, {"type": "text", "text": "What is it?"}]}]
     # No template anywhere: the built-in Qwen2.5-VL-style one with MiMo's system prompt.
-    plain = data.Processor.from_pretrained(write_checkpoint(tmp_path / "none", template=None))
-    assert plain.chat_template == data.DEFAULT_CHAT_TEMPLATE
+    plain = Processor.from_pretrained(write_checkpoint(tmp_path / "none", template=None))
+    assert plain.chat_template == DEFAULT_CHAT_TEMPLATE
     assert plain.apply_chat_template(conversation) == (
         "<|im_start|>system\nYou are MiMo, an AI assistant developed by Xiaomi.<|im_end|>\n"
         "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>What is it?<|im_end|>\n"
@@ -199,26 +200,26 @@ def test_template_sources_and_builtin_default(tmp_path):
     # tokenizer_config.json's template, in its list-of-named-templates form.
     folder = write_checkpoint(tmp_path / "listed", template=None, config_extra={"chat_template": [
         {"name": "tool_use", "template": "TOOLS"}, {"name": "default", "template": "DEFAULT {{ messages | length }}"}]})
-    assert data.Processor.from_pretrained(folder).apply_chat_template(conversation) == "DEFAULT 1"
+    assert Processor.from_pretrained(folder).apply_chat_template(conversation) == "DEFAULT 1"
     # chat_template.jinja wins over chat_template.json.
     folder = write_checkpoint(tmp_path / "jinja")
     (folder / "chat_template.jinja").write_text("JINJA")
-    assert data.Processor.from_pretrained(folder).apply_chat_template(conversation) == "JINJA"
+    assert Processor.from_pretrained(folder).apply_chat_template(conversation) == "JINJA"
 
 
 def test_thinking_switches(checkpoint):
     conversation = [{"role": "user", "content": "Hi"}]
     with_image_last = [{"role": "user", "content": [{"type": "text", "text": "Hi"}, {"type": "image", "image": "x.png"}]}]
-    processor = data.Processor.from_pretrained(checkpoint)
+    processor = Processor.from_pretrained(checkpoint)
     thinking = processor.apply_chat_template(conversation)
     assert thinking.endswith("<|im_start|>assistant\n")
     assert processor.apply_chat_template(conversation, think=False) == thinking + "<think>\n</think>\n"
     with pytest.raises(ValueError, match="add_generation_prompt"):
         processor.apply_chat_template(conversation, add_generation_prompt=False, think=False)
-    suffix = data.Processor.from_pretrained(checkpoint, no_think_style="suffix")
+    suffix = Processor.from_pretrained(checkpoint, no_think_style="suffix")
     assert "<|im_start|>user\nHi\n<no_think>\n<|im_end|>" in suffix.apply_chat_template(conversation, think=False)
     assert "<|vision_end|>\n<no_think>\n<|im_end|>" in suffix.apply_chat_template(with_image_last, think=False)
-    slash = data.Processor.from_pretrained(checkpoint, no_think_style="slash")
+    slash = Processor.from_pretrained(checkpoint, no_think_style="slash")
     assert "<|im_start|>user\nHi /no_think<|im_end|>" in slash.apply_chat_template(conversation, think=False)
     assert conversation == [{"role": "user", "content": "Hi"}]  # the caller's conversation is untouched
     ids = processor([conversation], think=False)["input_ids"][0].tolist()
@@ -228,7 +229,7 @@ def test_thinking_switches(checkpoint):
 
 
 def test_special_token_ids_decode_and_generation_config(checkpoint, tmp_path):
-    processor = data.Processor.from_pretrained(checkpoint)
+    processor = Processor.from_pretrained(checkpoint)
     assert (processor.image_token_id, processor.video_token_id, processor.vision_start_token_id) == (6, 7, 3)
     assert (processor.pad_token_id, processor.eos_token_id, processor.eos_token_ids) == (0, 2, [2, 0])
     reference = PreTrainedTokenizerFast.from_pretrained(checkpoint)
@@ -241,16 +242,16 @@ def test_special_token_ids_decode_and_generation_config(checkpoint, tmp_path):
     folder = write_checkpoint(tmp_path / "gen")
     (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 0, 5]}))
     (folder / "preprocessor_config.json").write_text(json.dumps({"min_pixels": 1000, "max_pixels": 50000}))
-    loaded = data.Processor.from_pretrained(folder)
+    loaded = Processor.from_pretrained(folder)
     assert loaded.eos_token_ids == [2, 0, 5] and (loaded.min_pixels, loaded.max_pixels) == (1000, 50000)
 
 
 def test_split_thinking():
-    assert data.split_thinking("<think>\nLet me count.\n</think>\n\nThree.") == ("Let me count.", "Three.")
-    assert data.split_thinking("<think>\n</think>\n```json\n[]\n```") == ("", "```json\n[]\n```")
-    assert data.split_thinking("Let me count.\n</think>\nThree.") == ("Let me count.", "Three.")  # prefilled <think>
-    assert data.split_thinking("Three.") == ("", "Three.")
-    assert data.split_thinking("<think>\nStill thinking") == ("Still thinking", "")
+    assert split_thinking("<think>\nLet me count.\n</think>\n\nThree.") == ("Let me count.", "Three.")
+    assert split_thinking("<think>\n</think>\n```json\n[]\n```") == ("", "```json\n[]\n```")
+    assert split_thinking("Let me count.\n</think>\nThree.") == ("Let me count.", "Three.")  # prefilled <think>
+    assert split_thinking("Three.") == ("", "Three.")
+    assert split_thinking("<think>\nStill thinking") == ("Still thinking", "")
 
 
 def test_video_placeholders_expand_to_grid(checkpoint):
@@ -258,7 +259,7 @@ def test_video_placeholders_expand_to_grid(checkpoint):
     conversation = [{"role": "user", "content": [{"type": "video", "video": frames, "sample_fps": 1.0},
                                                  {"type": "image", "image": frames[0]},
                                                  {"type": "text", "text": "Describe the video."}]}]
-    processor = data.Processor.from_pretrained(checkpoint)
+    processor = Processor.from_pretrained(checkpoint)
     out = processor(conversation)
     assert out["video_grid_thw"].tolist() == [[2, 22, 24]] and out["image_grid_thw"].tolist() == [[1, 22, 24]]
     assert out["second_per_grid_ts"].tolist() == [2.0]
@@ -271,9 +272,9 @@ def test_video_placeholders_expand_to_grid(checkpoint):
 
 def test_save_pretrained_round_trip_loads_in_transformers(checkpoint, images, tmp_path):
     single, multi_turn, _ = conversations(images)
-    processor = data.Processor.from_pretrained(checkpoint)
+    processor = Processor.from_pretrained(checkpoint)
     processor.save_pretrained(tmp_path / "saved")
-    again = data.Processor.from_pretrained(tmp_path / "saved")
+    again = Processor.from_pretrained(tmp_path / "saved")
     for key, value in processor([single, multi_turn]).items():
         assert torch.equal(value, again([single, multi_turn])[key])
     assert Qwen2VLImageProcessor.from_pretrained(tmp_path / "saved").max_pixels == processor.max_pixels
@@ -283,18 +284,18 @@ def test_save_pretrained_round_trip_loads_in_transformers(checkpoint, images, tm
 
 def test_clear_errors(checkpoint, tmp_path):
     with pytest.raises(FileNotFoundError, match="no_such_model"):
-        data.Processor.from_pretrained(tmp_path / "no_such_model")
+        Processor.from_pretrained(tmp_path / "no_such_model")
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="tokenizer.json"):
-        data.Processor.from_pretrained(tmp_path / "empty")
-    drops_images = data.Processor.from_pretrained(checkpoint, chat_template="{{ messages[0]['content'][1]['text'] }}")
+        Processor.from_pretrained(tmp_path / "empty")
+    drops_images = Processor.from_pretrained(checkpoint, chat_template="{{ messages[0]['content'][1]['text'] }}")
     with pytest.raises(ValueError, match="0 <\\|image_pad\\|> placeholders but 1 images"):
         drops_images([{"role": "user", "content": [{"type": "image", "image": np.zeros((28, 28, 3), np.uint8)},
                                                    {"type": "text", "text": "hi"}]}])
-    processor = data.Processor.from_pretrained(checkpoint)
+    processor = Processor.from_pretrained(checkpoint)
     with pytest.raises(ValueError, match="no 'image'"):
         processor([{"role": "user", "content": [{"type": "image"}]}])
     with pytest.raises(ValueError, match="no_think_style"):
-        data.Processor.from_pretrained(checkpoint, no_think_style="never")
+        Processor.from_pretrained(checkpoint, no_think_style="never")
     with pytest.raises(ValueError, match="does not parse"):
-        data.Processor.from_pretrained(checkpoint, chat_template="{% if %}")
+        Processor.from_pretrained(checkpoint, chat_template="{% if %}")

@@ -1,4 +1,4 @@
-"""Reward functions, the router and the reward pool of train_rl.py (SPEC.md §6.4).
+"""Reward functions, the router and the reward pool (rewards.py) (SPEC.md §6.4).
 
 Every expected value below is worked out by hand in the comment beside it. The fuzz test feeds a
 few thousand seeded random strings to every reward function directly (not through the router,
@@ -14,7 +14,7 @@ from fractions import Fraction
 
 import pytest
 
-import train_rl as rl
+import rewards
 
 MB = 1_000_000
 
@@ -57,13 +57,13 @@ MB = 1_000_000
     ("\\left(2\\right)", Fraction(2)),
 ])
 def test_parse_number_exact(text, value):
-    got = rl.parse_number(text)
+    got = rewards.parse_number(text)
     assert isinstance(got, Fraction) and got == value
 
 
 def test_parse_number_irrational_values_are_floats():
-    assert rl.parse_number("\\sqrt{2}") == pytest.approx(1.4142135623730951, rel=1e-15)
-    assert rl.parse_number("2\\pi") == pytest.approx(6.283185307179586, rel=1e-15)
+    assert rewards.parse_number("\\sqrt{2}") == pytest.approx(1.4142135623730951, rel=1e-15)
+    assert rewards.parse_number("2\\pi") == pytest.approx(6.283185307179586, rel=1e-15)
 
 
 @pytest.mark.parametrize("text", [
@@ -73,25 +73,25 @@ def test_parse_number_irrational_values_are_floats():
     "-" * 200 + "1",
 ])
 def test_parse_number_refuses(text):
-    assert rl.parse_number(text) is None
+    assert rewards.parse_number(text) is None
 
 
 def test_last_boxed():
-    assert rl.last_boxed("a \\boxed{1} b \\boxed{\\frac{1}{2}} c") == "\\frac{1}{2}"
-    assert rl.last_boxed("\\boxed{7} then \\boxed{8") == "7"           # unclosed last one skipped
-    assert rl.last_boxed("\\boxed{\\{1\\}}") == "\\{1\\}"              # escaped braces
-    assert rl.last_boxed("\\boxed 5.") == "5"
-    assert rl.last_boxed("\\fbox{9}") == "9"
-    assert rl.last_boxed("no box here") is None
-    assert rl.last_boxed("\\boxed{" * 200_000) is None                # bounded tries, fast
+    assert rewards.last_boxed("a \\boxed{1} b \\boxed{\\frac{1}{2}} c") == "\\frac{1}{2}"
+    assert rewards.last_boxed("\\boxed{7} then \\boxed{8") == "7"           # unclosed last one skipped
+    assert rewards.last_boxed("\\boxed{\\{1\\}}") == "\\{1\\}"              # escaped braces
+    assert rewards.last_boxed("\\boxed 5.") == "5"
+    assert rewards.last_boxed("\\fbox{9}") == "9"
+    assert rewards.last_boxed("no box here") is None
+    assert rewards.last_boxed("\\boxed{" * 200_000) is None                # bounded tries, fast
 
 
 def test_answer_part_and_think():
-    assert rl.answer_part("<think>a\nb</think>\n\nfinal") == "final"
-    assert rl.answer_part("<think>x</think>y</think> z") == "z"        # after the LAST </think>
-    assert rl.answer_part("<think>no end, whole text") == "<think>no end, whole text"
-    assert rl.answer_part(None) == ""
-    assert len(rl.answer_part("x" * MB)) == rl.MAX_ANSWER_CHARS
+    assert rewards.answer_part("<think>a\nb</think>\n\nfinal") == "final"
+    assert rewards.answer_part("<think>x</think>y</think> z") == "z"        # after the LAST </think>
+    assert rewards.answer_part("<think>no end, whole text") == "<think>no end, whole text"
+    assert rewards.answer_part(None) == ""
+    assert len(rewards.answer_part("x" * MB)) == rewards.MAX_ANSWER_CHARS
 
 
 # -----------------------------------------------------------------------------
@@ -130,16 +130,16 @@ def test_answer_part_and_think():
     ("\\boxed{9^{9^{9}}}", 1, 0.0),                      # refused, not computed
 ])
 def test_math_reward(response, truth, reward):
-    got, components = rl.math_reward(response, truth)
+    got, components = rewards.math_reward(response, truth)
     assert got == reward and components["correct"] == reward
 
 
 def test_math_reward_huge():
-    assert rl.math_reward("x" * MB + " \\boxed{42}", 42)[0] == 1.0
+    assert rewards.math_reward("x" * MB + " \\boxed{42}", 42)[0] == 1.0
     # The answer is read from the last MAX_ANSWER_CHARS characters only (documented bound).
-    assert rl.math_reward("\\boxed{42} " + "x" * MB, 42)[0] == 0.0
-    assert rl.math_reward("{" * MB, 42)[0] == 0.0
-    assert rl.math_reward("\\boxed{" + "1+" * (MB // 2) + "1}", 42)[0] == 0.0
+    assert rewards.math_reward("\\boxed{42} " + "x" * MB, 42)[0] == 0.0
+    assert rewards.math_reward("{" * MB, 42)[0] == 0.0
+    assert rewards.math_reward("\\boxed{" + "1+" * (MB // 2) + "1}", 42)[0] == 0.0
 
 
 # -----------------------------------------------------------------------------
@@ -165,11 +165,11 @@ def test_math_reward_huge():
     ("x" * MB + " 7", 7, 1.0),
 ])
 def test_count_reward(response, truth, reward):
-    assert rl.count_reward(response, truth)[0] == reward
+    assert rewards.count_reward(response, truth)[0] == reward
 
 
 def test_count_bad_truth_is_an_error_component():
-    reward, components = rl.compute_reward("count", "3", "many")
+    reward, components = rewards.compute_reward("count", "3", "many")
     assert reward == 0.0 and "many" in components["error"]
 
 
@@ -211,16 +211,16 @@ GT = [10, 10, 20, 20]
     ("1, " * (MB // 3), GT, 0.0),
 ])
 def test_ground_reward(response, truth, reward):
-    got, components = rl.ground_reward(response, truth)
+    got, components = rewards.ground_reward(response, truth)
     assert got == pytest.approx(reward, abs=1e-12)
-    assert components["parsed"] == float(bool(rl.parse_boxes(rl.answer_part(response))))
+    assert components["parsed"] == float(bool(rewards.parse_boxes(rewards.answer_part(response))))
 
 
 def test_giou_hand_values():
-    assert rl.giou([0, 0, 2, 2], [1, 1, 3, 3]) == pytest.approx(1 / 7 - 2 / 9)
+    assert rewards.giou([0, 0, 2, 2], [1, 1, 3, 3]) == pytest.approx(1 / 7 - 2 / 9)
     # inter 1, union 7, hull 9 -> IoU 1/7, penalty (9 - 7) / 9
-    assert rl.giou([0, 0, 1, 1], [0, 0, 1, 1]) == 1.0
-    assert rl.giou([0, 0, 0, 0], [0, 0, 0, 0]) == 1.0                # degenerate but identical
+    assert rewards.giou([0, 0, 1, 1], [0, 0, 1, 1]) == 1.0
+    assert rewards.giou([0, 0, 0, 0], [0, 0, 0, 0]) == 1.0                # degenerate but identical
 
 
 @pytest.mark.parametrize("response, reward", [
@@ -234,11 +234,11 @@ def test_giou_hand_values():
     ("(" * MB, 0.0),
 ])
 def test_point_reward(response, reward):
-    assert rl.point_reward(response, GT)[0] == reward
+    assert rewards.point_reward(response, GT)[0] == reward
 
 
 def test_ground_bad_truth_is_an_error_component():
-    reward, components = rl.compute_reward("ground", "[1, 2, 3, 4]", [1, 2, 3])
+    reward, components = rewards.compute_reward("ground", "[1, 2, 3, 4]", [1, 2, 3])
     assert reward == 0.0 and "x1, y1, x2, y2" in components["error"]
 
 
@@ -258,21 +258,21 @@ def test_ground_bad_truth_is_an_error_component():
     ("\\boxed{STOP}", "stop", 1.0, 1.0),
 ])
 def test_ocr_reward(response, truth, reward, similarity):
-    got, components = rl.ocr_reward(response, truth)
+    got, components = rewards.ocr_reward(response, truth)
     assert got == reward
     assert components["edit_similarity"] == pytest.approx(similarity)
 
 
 def test_ocr_huge_response():
-    got, components = rl.ocr_reward("a" * MB, "a" * 10)
+    got, components = rewards.ocr_reward("a" * MB, "a" * 10)
     assert got == 0.0
     # both strings are cut to 400 characters: 1 - 390 / 400
     assert components["edit_similarity"] == pytest.approx(10 / 400)
 
 
 def test_edit_similarity_hand_values():
-    assert rl.edit_similarity("kitten", "sitting") == pytest.approx(1 - 3 / 7)
-    assert rl.edit_similarity("abc", "") == 0.0
+    assert rewards.edit_similarity("kitten", "sitting") == pytest.approx(1 - 3 / 7)
+    assert rewards.edit_similarity("abc", "") == 0.0
 
 
 # -----------------------------------------------------------------------------
@@ -295,7 +295,7 @@ def test_edit_similarity_hand_values():
     ("[" * MB, [10, 20], 0.0),
 ])
 def test_temporal_iou_reward(response, truth, reward):
-    assert rl.temporal_iou_reward(response, truth)[0] == pytest.approx(reward, abs=1e-12)
+    assert rewards.temporal_iou_reward(response, truth)[0] == pytest.approx(reward, abs=1e-12)
 
 
 # -----------------------------------------------------------------------------
@@ -305,31 +305,31 @@ def test_temporal_iou_reward(response, truth, reward):
 def test_router_knows_every_task_tag():
     tags = {"reasoning", "math", "text_reasoning", "count", "ground", "point", "ocr",
             "video_ground", "video_count", "preference"}
-    assert tags <= set(rl.REWARDS)
+    assert tags <= set(rewards.REWARDS)
 
 
 def test_router_errors_become_zero():
-    reward, components = rl.compute_reward("no_such_task", "3", 3)
+    reward, components = rewards.compute_reward("no_such_task", "3", 3)
     assert reward == 0.0 and "no_such_task" in components["error"]
-    reward, components = rl.compute_reward("count", None, 3)
+    reward, components = rewards.compute_reward("count", None, 3)
     assert reward == 0.0 and "string" in components["error"]
 
 
 def test_router_preference_hook():
-    reward, components = rl.compute_reward("preference", "a helpful answer", None)
+    reward, components = rewards.compute_reward("preference", "a helpful answer", None)
     assert reward == 0.0 and "register_reward_model" in components["error"]
     try:
-        rl.register_reward_model(lambda response, gt, **meta: 0.25 + 0.5 * ("helpful" in response))
-        assert rl.compute_reward("preference", "a helpful answer", None)[0] == 0.75
-        assert rl.compute_reward("preference", "rude", None)[0] == 0.25
-        rl.register_reward_model(lambda response, gt, **meta: (7.0, {"logit": 3.0}))
-        reward, components = rl.compute_reward("preference", "x", None)
+        rewards.register_reward_model(lambda response, gt, **meta: 0.25 + 0.5 * ("helpful" in response))
+        assert rewards.compute_reward("preference", "a helpful answer", None)[0] == 0.75
+        assert rewards.compute_reward("preference", "rude", None)[0] == 0.25
+        rewards.register_reward_model(lambda response, gt, **meta: (7.0, {"logit": 3.0}))
+        reward, components = rewards.compute_reward("preference", "x", None)
         assert reward == 1.0 and components["logit"] == 3.0                # clamped to [0, 1]
-        rl.register_reward_model(lambda response, gt, **meta: float("nan"))
-        reward, components = rl.compute_reward("preference", "x", None)
+        rewards.register_reward_model(lambda response, gt, **meta: float("nan"))
+        reward, components = rewards.compute_reward("preference", "x", None)
         assert reward == 0.0 and "nan" in components["error"]
     finally:
-        rl.register_reward_model(None)
+        rewards.register_reward_model(None)
 
 
 # -----------------------------------------------------------------------------
@@ -360,11 +360,11 @@ def test_fuzz_rewards_never_raise_and_stay_in_range():
     nonzero = 0
     for text in _random_strings(3000):
         for task, truth in TRUTHS.items():
-            reward, components = rl.REWARDS[task](text, truth)      # directly: no router net
+            reward, components = rewards.REWARDS[task](text, truth)      # directly: no router net
             assert 0.0 <= reward <= 1.0 and math.isfinite(reward), (task, text)
             json.dumps(components)                                   # the pool ships them as JSON
             nonzero += reward > 0
-        rl.parse_number(text)
+        rewards.parse_number(text)
     assert nonzero > 0      # the fragments do build some right answers: the check is not vacuous
 
 
@@ -393,7 +393,7 @@ BATCH_REWARDS = [1.0, 1 / 3, 0.0, 1 / 3, 0.0, 1.0]     # GIoU of the shifted box
 
 @pytest.mark.parametrize("num_workers", [0, 2])
 def test_pool_scores_like_the_router(num_workers):
-    with rl.RewardPool(num_workers=num_workers, timeout_s=20) as pool:
+    with rewards.RewardPool(num_workers=num_workers, timeout_s=20) as pool:
         results = pool.score(BATCH)
     assert [r for r, _ in results] == pytest.approx(BATCH_REWARDS, abs=1e-12)
     assert results[2][1]["edit_similarity"] == pytest.approx(10 / 11)
@@ -401,10 +401,10 @@ def test_pool_scores_like_the_router(num_workers):
 
 
 def test_pool_timeout_and_crash_do_not_stall():
-    rl.register_reward("slow_test", _slow_reward)
-    rl.register_reward("crash_test", _crashing_reward)
+    rewards.register_reward("slow_test", _slow_reward)
+    rewards.register_reward("crash_test", _crashing_reward)
     try:
-        with rl.RewardPool(num_workers=2, timeout_s=0.5) as pool:     # workers fork after register
+        with rewards.RewardPool(num_workers=2, timeout_s=0.5) as pool:     # workers fork after register
             items = [("slow_test", "fast", None, {}), ("slow_test", "slow", None, {}),
                      ("crash_test", "x", None, {}), ("slow_test", "fast again", None, {}),
                      ("count", "3", 3, {})]
@@ -416,14 +416,14 @@ def test_pool_timeout_and_crash_do_not_stall():
             # the killed workers were replaced: the pool still scores
             assert [r for r, _ in pool.score(BATCH)] == pytest.approx(BATCH_REWARDS, abs=1e-12)
     finally:
-        rl.REWARDS.pop("slow_test")
-        rl.REWARDS.pop("crash_test")
+        rewards.REWARDS.pop("slow_test")
+        rewards.REWARDS.pop("crash_test")
 
 
 def test_pool_preference_is_scored_inline_and_bad_items_are_errors():
-    rl.register_reward_model(lambda response, gt, **meta: 0.5)      # lives in this process only
+    rewards.register_reward_model(lambda response, gt, **meta: 0.5)      # lives in this process only
     try:
-        with rl.RewardPool(num_workers=1, timeout_s=20) as pool:
+        with rewards.RewardPool(num_workers=1, timeout_s=20) as pool:
             results = pool.score([("preference", "hi", None, {}), ("count", "3", {3}, {}),
                                   ("count", "3", 3, ["not", "a", "dict"]),
                                   ("count", "3", 3, {"task": "clash", "response": "clash"}),
@@ -433,11 +433,11 @@ def test_pool_preference_is_scored_inline_and_bad_items_are_errors():
         assert results[2][0] == 0.0 and "meta" in results[2][1]["error"]
         assert [r for r, _ in results[3:]] == [1.0, 1.0]      # meta keys never clash with args
     finally:
-        rl.register_reward_model(None)
+        rewards.register_reward_model(None)
 
 
 def test_pool_rejects_bad_arguments():
     with pytest.raises(ValueError, match="num_workers"):
-        rl.RewardPool(num_workers=-1)
+        rewards.RewardPool(num_workers=-1)
     with pytest.raises(ValueError, match="timeout_s"):
-        rl.RewardPool(num_workers=0, timeout_s=0)
+        rewards.RewardPool(num_workers=0, timeout_s=0)

@@ -17,10 +17,13 @@ import sys
 import pytest
 import torch
 
-import data
+import synthetic
 import train_pretrain as tp
+import training
+import rewards as R
 import train_rl as rl
 from mimovl import MiMoVLConfig
+from processor import Processor
 
 WORDS = ["[UNK]", *"0123456789", "How", "many", "red", "green", "blue", "yellow", "shapes",
          "are", "there", "?", "system", "user", "assistant", "good", "bad", "answer"]
@@ -36,15 +39,15 @@ def one_thread():
 
 def make_processor():
     from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
-    vocab = {t: i for i, t in enumerate(data.SPECIAL_TOKENS)}       # ids 0..9 as the tiny preset
+    vocab = {t: i for i, t in enumerate(synthetic.SPECIAL_TOKENS)}       # ids 0..9 as the tiny preset
     for w in WORDS:
         vocab.setdefault(w, len(vocab))
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(),
                                                  pre_tokenizers.Digits(individual_digits=True)])
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                            for t in data.SPECIAL_TOKENS])
-    return data.Processor(tok)
+                            for t in synthetic.SPECIAL_TOKENS])
+    return Processor(tok)
 
 
 def tiny_config(vocab_size):
@@ -72,7 +75,7 @@ def sft_dir(tmp_path_factory, processor):
     """A tiny "SFT" folder as train_pretrain writes it (weights, config, tokenizer, template)."""
     path = str(tmp_path_factory.mktemp("sft"))
     model = tiny_policy(processor)
-    tp.save_stage_folder(path, model.state_dict(), model.cfg, processor, {"stage": "test"})
+    training.save_stage_folder(path, model.state_dict(), model.cfg, processor, {"stage": "test"})
     return path
 
 
@@ -88,13 +91,13 @@ class FixedAnswer(rl.PromptStream):
         return {**super().__next__(), "answer": self.answer}
 
 
-CPU = tp.compute_init("cpu", "fp32", quiet=True)
+CPU = training.compute_init("cpu", "fp32", quiet=True)
 
 
 def rollout(policy, processor, n_prompts=3, G=4, seed=0, max_new_tokens=4):
     cfg = rl.RLConfig(group_size=G, prompts_per_rank=n_prompts, max_new_tokens=max_new_tokens,
                       dynamic_sampling=False).validate()
-    with rl.RewardPool(0) as pool:
+    with R.RewardPool(0) as pool:
         kept, _ = rl.collect_groups(policy, processor, FixedAnswer(), rl.EasyPool(0.0), pool, cfg,
                                     seed=seed)
     return kept
@@ -134,7 +137,7 @@ def test_update_loss_equals_hand_computation_from_separate_forwards(processor):
                 total += -a * float(logp.sum())
                 n_tokens += len(resp.ids)
     expected = total / n_tokens
-    opt = tp.build_optimizer(policy, 1e-3, 0.0, (0.9, 0.999), CPU.device)
+    opt = training.build_optimizer(policy, 1e-3, 0.0, (0.9, 0.999), CPU.device)
     metrics = rl.policy_update(policy, opt, groups, rl.RLConfig(group_size=4, prompts_per_rank=3),
                                CPU)
     assert metrics["loss"] == pytest.approx(expected, rel=1e-5, abs=1e-7)
@@ -146,8 +149,8 @@ def test_one_update_per_batch_ratio_is_exactly_one_and_matches_the_onpolicy_step
     groups = rollout(policy, processor, seed=3)
     set_rewards(groups, [[1.0, 0.0, 1.0, 0.0], [0.0, 0.0, 1.0, 0.0], [1.0, 1.0, 1.0, 0.0]])
     twin = copy.deepcopy(policy)
-    opt_a = tp.build_optimizer(policy, 1e-3, 0.0, (0.9, 0.999), CPU.device)
-    opt_b = tp.build_optimizer(twin, 1e-3, 0.0, (0.9, 0.999), CPU.device)
+    opt_a = training.build_optimizer(policy, 1e-3, 0.0, (0.9, 0.999), CPU.device)
+    opt_b = training.build_optimizer(twin, 1e-3, 0.0, (0.9, 0.999), CPU.device)
     on = rl.policy_update(policy, opt_a, groups, rl.RLConfig(group_size=4, prompts_per_rank=3), CPU)
     van = rl.policy_update(twin, opt_b, groups, rl.RLConfig(
         algo="grpo", group_size=4, prompts_per_rank=3, updates_per_batch=1), CPU)
@@ -181,11 +184,11 @@ def test_tiny_policy_learns_to_always_answer_three(processor):
     generate G=8 from one prefill, count reward through the pool, dynamic sampling, packed
     log-probs, one AdamW step per batch — must make it answer "3" to unseen prompts."""
     policy = tiny_policy(processor, seed=0)
-    opt = tp.build_optimizer(policy, 3e-3, 0.0, (0.9, 0.999), CPU.device)
+    opt = training.build_optimizer(policy, 3e-3, 0.0, (0.9, 0.999), CPU.device)
     cfg = rl.RLConfig(group_size=8, prompts_per_rank=4, max_new_tokens=3, max_refills=0).validate()
     stream, easy = FixedAnswer(seed=0), rl.EasyPool(0.1, seed=0)
     curve = []
-    with rl.RewardPool(num_workers=1) as pool:
+    with R.RewardPool(num_workers=1) as pool:
         for step in range(30):
             kept, sampled = rl.collect_groups(policy, processor, stream, easy, pool, cfg, seed=step)
             rl.policy_update(policy, opt, kept, cfg, CPU)
@@ -201,10 +204,10 @@ def test_tiny_policy_learns_to_always_answer_three(processor):
 
 def test_collect_groups_drops_uniform_groups_and_fills_the_easy_pool(processor, monkeypatch):
     policy = tiny_policy(processor)
-    monkeypatch.setitem(rl.REWARDS, "count", lambda response, truth, **m: (1.0, {}))
+    monkeypatch.setitem(R.REWARDS, "count", lambda response, truth, **m: (1.0, {}))
     cfg = rl.RLConfig(group_size=2, prompts_per_rank=2, max_new_tokens=2, max_refills=1).validate()
     easy = rl.EasyPool(0.0)
-    with rl.RewardPool(0) as pool:
+    with R.RewardPool(0) as pool:
         kept, sampled = rl.collect_groups(policy, processor, FixedAnswer(), easy, pool, cfg)
     # every group solved: dropped, refilled once (2 + 2 prompts), all four in the easy pool, and
     # one dropped group comes back as padding (no tokens) so that an update can still run
@@ -237,8 +240,8 @@ def test_reward_model_ranks_chosen_above_rejected_on_heldout_pairs(processor, tm
     rm = rl.RewardModel(tiny_policy(processor, seed=4))
     heldout = toy_pairs(40, seed=123)
     before = rl.reward_model_accuracy(rm, processor, heldout, CPU)["accuracy"]
-    opt = tp.build_optimizer(rm, 3e-3, 0.0, (0.9, 0.95), CPU.device)
-    stage = tp.Stage("rm", "test", (), 3e-3, 3e-4, 3, 30, 0, 8, "toy", "")
+    opt = training.build_optimizer(rm, 3e-3, 0.0, (0.9, 0.95), CPU.device)
+    stage = dict(lr=3e-3, min_lr=3e-4, warmup=3, steps=30)
     rl.fit_reward_model(rm, opt, processor, lambda step: toy_pairs(8, seed=step), stage, CPU)
     after = rl.reward_model_accuracy(rm, processor, heldout, CPU)["accuracy"]
     assert before == 0.5         # zero-initialised head: every score 0, every pair a tie
@@ -247,15 +250,15 @@ def test_reward_model_ranks_chosen_above_rejected_on_heldout_pairs(processor, tm
     rl.save_reward_model(str(tmp_path / "rm"), rm, processor, {"stage": "test"}, CPU)
     loaded, _ = rl.load_reward_model(str(tmp_path / "rm"))
     try:
-        rl.register_reward_model(rl.reward_model_scorer(loaded, processor, CPU))
+        R.register_reward_model(rl.reward_model_scorer(loaded, processor, CPU))
         p = heldout[0]
-        good, comp = rl.compute_reward("preference", p["chosen"], None, messages=p["messages"])
-        bad, _ = rl.compute_reward("preference", p["rejected"], None, messages=p["messages"])
+        good, comp = R.compute_reward("preference", p["chosen"], None, messages=p["messages"])
+        bad, _ = R.compute_reward("preference", p["rejected"], None, messages=p["messages"])
         assert 0.5 < good <= 1.0 and 0.0 <= bad < 0.5 and "rm_logit" in comp
-        missing, comp = rl.compute_reward("preference", "good 1", None)      # no prompt given
+        missing, comp = R.compute_reward("preference", "good 1", None)      # no prompt given
         assert missing == 0.0 and "messages" in comp["error"]
     finally:
-        rl.register_reward_model(None)
+        R.register_reward_model(None)
 
 
 # -----------------------------------------------------------------------------

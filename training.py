@@ -1,0 +1,416 @@
+"""
+training.py — what both training scripts share: one entry point for CPU, one GPU and torchrun
+(`compute_init`) with its precision policy; wrapping for data parallelism (DDP, FSDP2);
+the optimiser and the learning-rate schedule; atomic checkpoints that resume exactly.
+
+    from training import compute_init, wrap_model, build_optimizer, lr_at
+    compute = compute_init("auto")              # prints the device, processes and precision
+
+Sections: 1 compute and precision · 2 wrapping · 3 optimiser and schedule · 4 checkpoints.
+Used by train_pretrain.py and train_rl.py; imports the model, never the other way round.
+"""
+
+import contextlib
+import json
+import math
+import os
+import random
+import re
+import shutil
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from mimovl import MiMoVL
+
+
+# -----------------------------------------------------------------------------
+# 1. compute_init: one entry point for CPU, one GPU and torchrun; the precision policy
+
+@dataclass
+class Compute:
+    device: torch.device
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    amp_dtype: torch.dtype = None    # torch.bfloat16 (autocast) or None (fp32)
+    backend: str = None              # "gloo" / "nccl" under torchrun
+
+    @property
+    def distributed(self):
+        return self.world_size > 1
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+    @property
+    def eval_dtype(self):
+        """Weights dtype for evaluation and generation (no autocast there): bf16 on GPUs when
+        training in bf16, fp32 on CPUs (exact, and fast enough for the tiny model)."""
+        return torch.bfloat16 if self.amp_dtype and self.device.type == "cuda" else torch.float32
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def barrier(self):
+        if self.distributed:
+            dist.barrier()
+
+    def print(self, *a, **kw):
+        if self.master:
+            print(*a, **kw, flush=True)
+
+
+def cpu_has_native_bf16():
+    """True when the CPU has bf16 matrix instructions (x86 avx512_bf16 / AMX). Without them bf16
+    matmuls are emulated and slower than fp32 (MACHINE-NOTES.md)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(f.read().split())
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def compute_init(device="auto", precision="auto", quiet=False):
+    """Start torch.distributed when launched by torchrun (gloo on CPU, NCCL on GPU), pick this
+    rank's device and the precision: bf16 autocast on GPUs and on CPUs with native bf16, fp32
+    otherwise (printed either way)."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device!r}: use cpu, cuda or auto")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda but torch sees no GPU (torch.cuda.is_available() is False)")
+    rank, local_rank, world = 0, 0, 1
+    backend = None
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:       # launched by torchrun
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device == "cuda":
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    if world > 1 or "RANK" in os.environ:
+        backend = "nccl" if device == "cuda" else "gloo"
+        if not dist.is_initialized():
+            dist.init_process_group(backend, **({"device_id": dev} if device == "cuda" else {}))
+
+    if precision == "auto":
+        native = (torch.cuda.is_bf16_supported() if device == "cuda" else cpu_has_native_bf16())
+        precision = "bf16" if native else "fp32"
+        why = ("the GPU supports bf16" if device == "cuda" else
+               "the CPU has avx512_bf16/amx" if native else "the CPU has no native bf16")
+    else:
+        why = "--precision"
+    if precision not in ("bf16", "fp32"):
+        raise ValueError(f"--precision {precision!r}: use bf16, fp32 or auto")
+    c = Compute(dev, rank, local_rank, world, torch.bfloat16 if precision == "bf16" else None, backend)
+    if not quiet:
+        c.print(f"compute: {world} process(es) on {device}" + (f" ({backend})" if backend else "") +
+                f" | precision: {'bf16 autocast, fp32 master weights' if c.amp_dtype else 'fp32'} ({why})")
+    return c
+
+
+def busy_cores(window_s=0.5):
+    """How many cores other processes keep busy right now: the machine's non-idle share of CPU
+    time over a short window (/proc/stat), times the number of cores. Unlike the 1-minute load
+    average, this does not still count a job (a pip install, say) that ended seconds ago. Falls
+    back to the load average where /proc/stat is missing."""
+    def sample():
+        with open("/proc/stat") as f:
+            ticks = [int(x) for x in f.readline().split()[1:]]
+        return sum(ticks), ticks[3] + ticks[4]                  # all, idle + iowait
+    try:
+        total0, idle0 = sample()
+        time.sleep(window_s)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    cores = os.cpu_count() or 1
+    return cores * (1.0 - (idle1 - idle0) / max(total1 - total0, 1))
+
+
+def pick_threads(requested=None):
+    """Torch CPU threads: --threads when given; else every core this process may use, minus the
+    cores other processes keep busy (busy_cores). Intra-op threads spin at every parallel
+    region, so on a busy machine 2 threads ran a step up to 10x slower than 1."""
+    if requested:
+        return requested, "from --threads"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    busy = busy_cores()
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", 1))          # torchrun processes here
+    n = max(1, min(cores, int(cores - busy + 0.5)) // per_node)
+    return n, (f"{cores} cores, {busy:.1f} busy with other work, {per_node} process(es) per node; "
+               "--threads N to choose")
+
+
+def all_reduce_sum(x, compute):
+    if compute.distributed:
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
+
+# -----------------------------------------------------------------------------
+# 2. Wrapping for data parallelism
+
+def wrap_model(trainee, compute, fsdp=False):
+    """DDP (a full replica per rank) for small models; FSDP2 (`fully_shard` every ViT block, LM
+    layer, the projector, the patch and token embeddings, then the root) for large ones, with bf16
+    compute and fp32 gradient reduction. Single process: the module itself."""
+    if not compute.distributed:
+        return trainee
+    if fsdp:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        mp = MixedPrecisionPolicy(param_dtype=compute.amp_dtype, reduce_dtype=torch.float32)
+        model = trainee if isinstance(trainee, MiMoVL) else trainee.model   # e.g. MiMoVL + a head
+        units = [*model.visual.blocks, model.visual.merger, model.visual.patch_embed,
+                 *model.model.layers, model.model.embed_tokens]
+        for m in units:
+            fully_shard(m, mp_policy=mp)
+        # lm_head stays in the root unit: the loss reads lm_head.weight directly
+        fully_shard(trainee, mp_policy=mp)
+        return trainee
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    ids = [compute.device.index] if compute.device.type == "cuda" else None
+    return DDP(trainee, device_ids=ids)
+
+
+def unwrap(wrapped):
+    return wrapped.module if hasattr(wrapped, "module") else wrapped
+
+
+def grad_sync(wrapped, sync):
+    """Skip the gradient all-reduce on all but the last micro-batch of a step."""
+    if hasattr(wrapped, "no_sync"):                              # DDP
+        return contextlib.nullcontext() if sync else wrapped.no_sync()
+    if hasattr(wrapped, "set_requires_gradient_sync"):          # FSDP2
+        wrapped.set_requires_gradient_sync(sync)
+    return contextlib.nullcontext()
+
+
+def memory_estimate_gib(cfg, world_size, seq_len, trainable_fraction=1.0):
+    """Rough per-GPU memory of a stage under FSDP2 with gradient checkpointing: fp32 master
+    weights (4 B), fp32 grads and AdamW moments (12 B per trainable parameter) sharded over
+    world_size, plus bf16 activations at layer boundaries (2 B x seq x hidden x layers) and
+    one layer's working set (~16 B x seq x intermediate). An estimate, not a measurement."""
+    with torch.device("meta"):
+        n = sum(p.numel() for p in MiMoVL(cfg).parameters())
+    t = cfg.text
+    states = (4 * n + 12 * n * trainable_fraction) / world_size
+    acts = 2 * seq_len * t.hidden_size * t.num_hidden_layers + 16 * seq_len * t.intermediate_size
+    logits = 4 * seq_len * t.vocab_size / 4           # chunked CE holds a quarter of fp32 logits
+    return (states + acts + logits) / 2 ** 30
+
+# -----------------------------------------------------------------------------
+# 3. Optimiser and schedule
+
+def build_optimizer(trainee, lr, weight_decay, betas, device):
+    """AdamW over the trainable parameters; no weight decay on biases, norms and embeddings.
+    Fused kernel on GPU."""
+    decay, no_decay = [], []
+    for name, p in trainee.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 and "embed_tokens" not in name else no_decay).append(p)
+    groups = [g for g in ({"params": decay, "weight_decay": weight_decay},
+                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    if not groups:
+        raise ValueError("no trainable parameters in this stage; check --trainable")
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=1e-8,
+                             fused=device.type == "cuda" or None)
+
+
+def lr_at(step, lr, min_lr, warmup, steps):
+    """Linear warm-up to `lr` over `warmup` steps, then cosine decay to `min_lr` at step `steps`.
+    `step` counts optimiser steps already taken (0 for the first)."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, steps - warmup))
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+# -----------------------------------------------------------------------------
+# 4. Checkpoints: HF folders and resumable training state (safetensors + JSON, atomic)
+
+def atomic_dir(final):
+    """A fresh temporary folder beside `final`; `commit_dir` renames it into place."""
+    tmp = f"{final}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    return tmp
+
+
+def commit_dir(tmp, final):
+    """Replace `final` by `tmp` with renames only: a crash leaves either the old or the new
+    folder under the real name, never a half-written one."""
+    old = None
+    if os.path.exists(final):
+        old = f"{final}.old-{os.getpid()}"
+        os.rename(final, old)
+    os.rename(tmp, final)
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def write_json(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.write("\n")
+
+
+def full_state(wrapped):
+    """The full (unsharded) model and optimiser-free state dict on rank 0, CPU tensors, FQNs
+    without DDP's `module.` prefix; other ranks get {}. Works for plain, DDP and FSDP2 models."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return get_model_state_dict(wrapped, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def write_model(path, state, cfg, dtype=None):
+    """Save a MiMoVL state dict with MiMoVL.save_pretrained (config.json + safetensors)."""
+    with torch.device("meta"):
+        m = MiMoVL(cfg)
+    state = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v) for k, v in state.items()}
+    if cfg.text.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+        m.lm_head.weight = nn.Parameter(torch.empty(0))             # re-tied below
+    missing, unexpected = m.load_state_dict(state, strict=False, assign=True)
+    missing = [k for k in missing if not (cfg.text.tie_word_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise RuntimeError(f"internal error: state does not match the model: missing {missing}, "
+                           f"unexpected {unexpected}")
+    if cfg.text.tie_word_embeddings:
+        m.lm_head.weight = m.model.embed_tokens.weight
+    m.save_pretrained(path)
+
+
+def save_stage_folder(path, state, cfg, processor, record, dtype=None, extra=None):
+    """A stage's output: a Hugging Face folder (weights, config, tokenizer, chat template,
+    preprocessor and generation configs) plus pretrain_stage.json, written atomically. `extra`
+    (the 0-vit head) goes to extra.safetensors, which loaders of the model ignore."""
+    from safetensors.torch import save_file
+    tmp = atomic_dir(path)
+    write_model(tmp, state, cfg, dtype)
+    if extra:
+        save_file({k: v.contiguous() for k, v in extra.items()}, os.path.join(tmp, "extra.safetensors"))
+    processor.save_pretrained(tmp)
+    write_json(os.path.join(tmp, "generation_config.json"),
+                {"eos_token_id": processor.eos_token_ids, "pad_token_id": processor.pad_token_id,
+                 "bos_token_id": cfg.bos_token_id, "do_sample": False})
+    write_json(os.path.join(tmp, "pretrain_stage.json"), record)
+    commit_dir(tmp, path)
+
+
+def rng_state(compute):
+    s = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if compute.device.type == "cuda":
+        s["cuda"] = torch.cuda.get_rng_state(compute.device)
+    return s
+
+
+def set_rng_state(s, compute):
+    torch.set_rng_state(s["torch"])
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    if "cuda" in s and compute.device.type == "cuda":
+        torch.cuda.set_rng_state(s["cuda"], compute.device)
+
+
+def gather_objects(obj, compute):
+    if not compute.distributed:
+        return [obj]
+    out = [None] * compute.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def save_training_state(root, step, wrapped, optimizer, cfg, processor, loader_state, compute,
+                        keep_last, meta, split=None):
+    """checkpoints/<stage>/step-NNNNNN/: the model (HF folder, fp32), extra.safetensors (e.g. the
+    0-vit head), optimizer.safetensors (AdamW moments keyed by parameter name), rng.safetensors
+    (torch/CUDA generator states of every rank) and trainer_state.json (step, optimiser groups,
+    data position and Python/NumPy RNG of every rank). All ranks call this (FSDP gathers).
+    `split(state) -> (MiMoVL weights, extra weights)` separates a training head from the model."""
+    from safetensors.torch import save_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    state = full_state(wrapped)
+    osd = get_optimizer_state_dict(wrapped, optimizer,
+                                   options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    rngs = gather_objects(rng_state(compute), compute)
+    loaders = gather_objects(loader_state, compute)
+    if compute.master:
+        final = os.path.join(root, f"step-{step:06d}")
+        tmp = atomic_dir(final)
+        model_state, extra = split(state) if split else (state, {})
+        write_model(tmp, model_state, cfg)
+        if extra:
+            save_file({k: v.contiguous() for k, v in extra.items()}, os.path.join(tmp, "extra.safetensors"))
+        opt_tensors = {f"{name}::{k}": v.detach().cpu().contiguous()
+                       for name, st in osd["state"].items() for k, v in st.items()}
+        save_file(opt_tensors, os.path.join(tmp, "optimizer.safetensors"))
+        rng_tensors = {}
+        for r, s in enumerate(rngs):
+            rng_tensors[f"rank{r}.torch"] = s["torch"]
+            if "cuda" in s:
+                rng_tensors[f"rank{r}.cuda"] = s["cuda"]
+        save_file(rng_tensors, os.path.join(tmp, "rng.safetensors"))
+        groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()}
+                  for g in osd["param_groups"]]
+        write_json(os.path.join(tmp, "trainer_state.json"), {
+            "step": step, "world_size": compute.world_size, "param_groups": groups,
+            "loader": loaders,
+            "python_rng": [[s["python"][0], list(s["python"][1]), s["python"][2]] for s in rngs],
+            "numpy_rng": [[s["numpy"][0], s["numpy"][1].tolist(), *s["numpy"][2:]] for s in rngs],
+            **meta})
+        processor.save_pretrained(tmp)          # so an intermediate checkpoint is a usable folder
+        commit_dir(tmp, final)
+        for old in list_checkpoints(root)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    compute.barrier()
+
+
+def list_checkpoints(root):
+    if not os.path.isdir(root):
+        return []
+    steps = sorted(d for d in os.listdir(root) if re.fullmatch(r"step-\d{6}", d))
+    return [os.path.join(root, d) for d in steps]
+
+
+def load_training_state(path, wrapped, optimizer, compute):
+    """Restore optimiser, RNG and return (step, this rank's loader state, trainer_state). The
+    model weights were loaded from `path` before wrapping (see run_stage)."""
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    with open(os.path.join(path, "trainer_state.json")) as f:
+        ts = json.load(f)
+    if ts["world_size"] != compute.world_size:
+        raise SystemExit(f"cannot resume {path}: it was written by {ts['world_size']} process(es), "
+                         f"this run has {compute.world_size}. Resume with the same number of "
+                         "processes (each rank's data position is saved), or start the stage "
+                         "again from the previous stage's folder without --resume.")
+    tensors = load_file(os.path.join(path, "optimizer.safetensors"))
+    state = {}
+    for key, v in tensors.items():
+        name, k = key.rsplit("::", 1)
+        state.setdefault(name, {})[k] = v
+    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in ts["param_groups"]]
+    set_optimizer_state_dict(wrapped, optimizer, {"state": state, "param_groups": groups},
+                             options=StateDictOptions(full_state_dict=True))
+    r = compute.rank
+    rng = load_file(os.path.join(path, "rng.safetensors"))
+    py = ts["python_rng"][r]
+    npy = ts["numpy_rng"][r]
+    s = {"torch": rng[f"rank{r}.torch"], "python": (py[0], tuple(py[1]), py[2]),
+         "numpy": (npy[0], np.array(npy[1], dtype=np.uint32), *npy[2:])}
+    if f"rank{r}.cuda" in rng:
+        s["cuda"] = rng[f"rank{r}.cuda"]
+    set_rng_state(s, compute)
+    return ts["step"], ts["loader"][r], ts
