@@ -282,6 +282,14 @@ def collate_packed(encoded, pad_to=None, pad_id=0):
     return row
 
 
+def vision_inputs(row, device):
+    """The vision tensors of a packed row (None where it has none), moved to `device`: the
+    keyword arguments MiMoVL.forward takes beside input_ids."""
+    return {k: (row[k].to(device) if row.get(k) is not None else None)
+            for k in ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw",
+                      "second_per_grid_ts")}
+
+
 class _PackedChunks(torch.utils.data.Dataset):
     """Chunk c = samples [c*chunk_size, (c+1)*chunk_size) of this rank's stream, encoded and
     packed into rows. Everything is a pure function of c, which is what makes the loader
@@ -343,7 +351,7 @@ class _PackedChunks(torch.utils.data.Dataset):
                 "skipped": skipped, "too_long": too_long}
 
 
-class _From(torch.utils.data.Sampler):
+class SamplerFrom(torch.utils.data.Sampler):
     def __init__(self, start):
         self.start = start
 
@@ -354,7 +362,7 @@ class _From(torch.utils.data.Sampler):
             c += 1
 
 
-def _worker_init(_):
+def worker_init(_):
     torch.set_num_threads(1)  # workers encode on one thread each; the trainer keeps the rest
 
 
@@ -403,11 +411,11 @@ class PackedLoader:
         chunks = _PackedChunks(self)
         if self.num_workers > 0:
             it = iter(torch.utils.data.DataLoader(
-                chunks, batch_size=None, sampler=_From(self.chunk), num_workers=self.num_workers,
-                worker_init_fn=_worker_init, prefetch_factor=self.prefetch_factor,
+                chunks, batch_size=None, sampler=SamplerFrom(self.chunk), num_workers=self.num_workers,
+                worker_init_fn=worker_init, prefetch_factor=self.prefetch_factor,
                 persistent_workers=False))
         else:
-            it = (chunks[c] for c in _From(self.chunk))
+            it = (chunks[c] for c in SamplerFrom(self.chunk))
         for chunk in it:
             rows = chunk["rows"]
             if self.row == 0:

@@ -112,6 +112,7 @@ import torch.nn.functional as F
 import packing
 import synthetic
 import train_pretrain as tp
+from evaluate import MAX_NEW_TOKENS, evaluate_rewards, has_media, mean_reward, results_table, rl_tag_of, summarise_rewards
 import training
 from mimovl import MiMoVL
 from processor import Processor
@@ -321,11 +322,6 @@ def heldout_prompts(tasks, n, seed=0, first=0):
     return [rl_prompt(task, i, "heldout", seed) for task in tasks for i in range(first, first + n)]
 
 
-def has_media(prompt):
-    return any(isinstance(m["content"], list) and any(
-        it.get("type") in ("image", "video") for it in m["content"]) for m in prompt["messages"])
-
-
 # -----------------------------------------------------------------------------
 # 9. Rollouts: G responses per prompt from one prefill, scored by the reward pool
 # -----------------------------------------------------------------------------
@@ -388,7 +384,7 @@ def collate_prompts(encoded, pad_id):
 
 def response_budget(task, max_new_tokens=None):
     """Tokens a response may have: --max-new-tokens, else the evaluation's budget of the task."""
-    return max_new_tokens or tp.MAX_NEW_TOKENS.get(task, 64)
+    return max_new_tokens or MAX_NEW_TOKENS.get(task, 64)
 
 
 @torch.no_grad()
@@ -588,7 +584,7 @@ def row_logprobs(model, row, device, with_entropy=False):
     forward (Policy.forward -> MiMoVL.token_logprobs)."""
     return model(row["input_ids"].to(device), labels=row["labels"].to(device), token_logprobs=True,
                  with_entropy=with_entropy, cu_seqlens=row["cu_seqlens"].to(device),
-                 **tp._vision_kwargs(row, device))
+                 **packing.vision_inputs(row, device))
 
 
 def _all_reduce(values, compute):
@@ -866,26 +862,6 @@ def train_reward_model(args, compute):
 # 12. Evaluation: held-out reward per task, the no-image baseline, the before/after table
 # -----------------------------------------------------------------------------
 
-def evaluate_rewards(model, processor, prompts, compute, pool, batch_size=32, blank=False):
-    """Greedy responses (train_pretrain.generate_answers, each task's response budget) to the
-    held-out prompts, scored by the reward router -> ({task: {reward, pass, length, n}}, records).
-    Each rank answers its share, in the weights' dtype (as the rollouts). blank=True blacks out every image and video first (the
-    no-image baseline; text-only prompts are skipped); responses are still judged against the
-    real prompt and ground truth."""
-    mine = prompts[compute.rank::compute.world_size]
-    if blank:
-        mine = [p for p in mine if has_media(p)]
-    samples = [tp.blank_sample(p) for p in mine] if blank else mine
-    responses = tp.generate_answers(model, processor, samples, batch_size) if samples else []
-    items = [(reward_tag(p), r, p["answer"],
-              {"messages": p["messages"]} if reward_tag(p) in pool.inline_tasks else {})
-             for p, r in zip(mine, responses)]
-    records = [{"task": p["task"], "reward": rw, "pass": float(passed(it[0], rw)),
-                "length": len(processor.encode(r)), "response": r, "answer": p["answer"]}
-               for p, r, it, (rw, _) in zip(mine, responses, items, pool.score(items))]
-    records = sum(training.gather_objects(records, compute), [])
-    return summarise_rewards(records), records
-
 
 def evaluate_sampled(model, processor, prompts, compute, pool, k, temperature=1.0, top_p=1.0,
                      seed=0, max_rows=128):
@@ -903,16 +879,6 @@ def evaluate_sampled(model, processor, prompts, compute, pool, k, temperature=1.
     return summarise_rewards(sum(training.gather_objects(records, compute), []))
 
 
-def summarise_rewards(records):
-    by = {}
-    for r in records:
-        by.setdefault(r["task"], []).append(r)
-    return {task: {"reward": sum(r["reward"] for r in rs) / len(rs),
-                   "pass": sum(r["pass"] for r in rs) / len(rs),
-                   "length": sum(r["length"] for r in rs) / len(rs), "n": len(rs)}
-            for task, rs in by.items()}
-
-
 def select_tasks(sft, blank, min_gain=0.1):
     """The tasks RL can improve: those where the SFT model's held-out reward beats its own
     reward with black images by more than min_gain (it uses the image, so its groups carry
@@ -927,56 +893,6 @@ def select_tasks(sft, blank, min_gain=0.1):
         if m["reward"] > blank[task]["reward"] + min_gain:
             tasks.append(task)
     return tasks, why
-
-
-def mean_reward(res, tasks):
-    vals = [res[t]["reward"] for t in tasks if t in res]
-    return sum(vals) / len(vals) if vals else float("nan")
-
-
-def results_table(sft, rl, blank, trained, sft_sampled=None, rl_sampled=None, k=0):
-    """Markdown: per task the held-out reward (greedy, and avg@k when sampled results are
-    given), pass rate and response length, before and after; the means over the trained tasks
-    and over all tasks (so interference with the untrained ones shows)."""
-    sampled = bool(sft_sampled and rl_sampled)
-    head = "| task | reward | SFT | RL | change |"
-    if sampled:
-        head += f" SFT avg@{k} | RL avg@{k} | change |"
-    head += " SFT pass | RL pass | SFT len | RL len | no-image (SFT) | trained |"
-    lines = [head, "|" + "---|" * (head.count("|") - 1)]
-
-    def cells(a, b, task):
-        x, y = a.get(task), b.get(task)
-        if x is None or y is None:
-            return "- | - | - |"
-        return f"{x['reward']:.3f} | {y['reward']:.3f} | {y['reward'] - x['reward']:+.3f} |"
-    for task in sft:
-        s, r, b = sft[task], rl.get(task), blank.get(task)
-        tag = DATA_REWARDS.get(rl_tag_of(task), "?")
-        row = f"| {task} | {tag} | {cells(sft, rl, task)}"
-        if sampled:
-            row += f" {cells(sft_sampled, rl_sampled, task)}"
-        row += (f" {s['pass']:.2f} | {r['pass']:.2f} | {s['length']:.0f} | {r['length']:.0f} |" if r
-                else f" {s['pass']:.2f} | - | {s['length']:.0f} | - |")
-        row += f" {'-' if b is None else format(b['reward'], '.3f')} | {'yes' if task in trained else 'no'} |"
-        lines.append(row)
-
-    def mean_cells(a, b, tasks):
-        x, y = mean_reward(a, tasks), mean_reward(b, tasks)
-        return f"{x:.3f} | {y:.3f} | {y - x:+.3f} |"
-    for name, tasks in (("trained tasks", trained), ("all tasks", list(sft))):
-        if not tasks:
-            continue
-        row = f"| **mean over {name}** | | {mean_cells(sft, rl, tasks)}"
-        if sampled:
-            row += f" {mean_cells(sft_sampled, rl_sampled, tasks)}"
-        lines.append(row + " | | | | | |")
-    return "\n".join(lines)
-
-
-def rl_tag_of(task):
-    """The data reward name of a task (its prompts all share it)."""
-    return synthetic.make_sample(task, 0, "heldout", 0, render=False).get("reward", "reward_model")
 
 
 # -----------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 
+import evaluate
 import rewards as R
 import train_rl as rl
 
@@ -284,7 +285,7 @@ def test_results_table_means_over_trained_and_all_tasks():
         return {t: {"reward": r, "pass": r, "length": 3.0, "n": 4} for t, r in rewards.items()}
     sft, rl_ = res(count=0.5, ocr=0.25), res(count=0.75, ocr=0.0)
     sft_k, rl_k = res(count=0.4, ocr=0.2), res(count=0.6, ocr=0.2)
-    table = rl.results_table(sft, rl_, res(count=0.25), ["count"], sft_k, rl_k, 4)
+    table = evaluate.results_table(sft, rl_, res(count=0.25), ["count"], sft_k, rl_k, 4)
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
             for line in table.splitlines()[2:]}
     assert rows["count"][:8] == ["count", "0.500", "0.750", "+0.250", "0.400", "0.600", "+0.200", "0.50"]

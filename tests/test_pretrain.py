@@ -14,6 +14,7 @@ from safetensors.torch import load_file
 
 import packing
 import synthetic
+import evaluate as ev
 import train_pretrain as tp
 import training
 from mimovl import MiMoVL, MiMoVLConfig
@@ -179,34 +180,34 @@ def test_lr_schedule_warmup_then_cosine():
 
 
 def test_scorers_on_hand_made_cases():
-    assert tp.score_numeric("<think>\n3 + 4 = 7\n</think>\n\\boxed{7}", "7") == {"acc": 1.0}
-    assert tp.score_numeric("\\boxed{12}", "7") == {"acc": 0.0}
-    assert tp.score_numeric("", "7") == {"acc": 0.0}
-    assert tp.score_exact("  AB7 ", "AB7") == {"acc": 1.0}
-    assert tp.score_exact("AB", "AB7") == {"acc": 0.0}
-    assert tp.score_choice("2.", "2") == {"acc": 1.0}
+    assert ev.score_numeric("<think>\n3 + 4 = 7\n</think>\n\\boxed{7}", "7") == {"acc": 1.0}
+    assert ev.score_numeric("\\boxed{12}", "7") == {"acc": 0.0}
+    assert ev.score_numeric("", "7") == {"acc": 0.0}
+    assert ev.score_exact("  AB7 ", "AB7") == {"acc": 1.0}
+    assert ev.score_exact("AB", "AB7") == {"acc": 0.0}
+    assert ev.score_choice("2.", "2") == {"acc": 1.0}
     # boxes: [0,0,10,10] vs [5,0,15,10]: intersection 50, union 150
-    r = tp.score_box('[{"bbox_2d": [0, 0, 10, 10], "label": "red circle"}]', [5, 0, 15, 10])
+    r = ev.score_box('[{"bbox_2d": [0, 0, 10, 10], "label": "red circle"}]', [5, 0, 15, 10])
     assert r["iou"] == pytest.approx(1 / 3) and r["acc@0.5"] == 0.0
-    assert tp.score_box('[{"bbox_2d": [4, 4, 24, 24]}]', [4, 4, 24, 24]) == {"acc@0.5": 1.0, "iou": 1.0}
-    assert tp.score_box("no box here", [4, 4, 24, 24]) == {"acc@0.5": 0.0, "iou": 0.0}
-    assert tp.score_point('[{"point_2d": [14, 14]}]', [4, 4, 24, 24]) == {"acc": 1.0}
+    assert ev.score_box('[{"bbox_2d": [4, 4, 24, 24]}]', [4, 4, 24, 24]) == {"acc@0.5": 1.0, "iou": 1.0}
+    assert ev.score_box("no box here", [4, 4, 24, 24]) == {"acc@0.5": 0.0, "iou": 0.0}
+    assert ev.score_point('[{"point_2d": [14, 14]}]', [4, 4, 24, 24]) == {"acc": 1.0}
     # spans: [00:01,00:03] vs [2, 4] seconds: intersection 1, union 3
-    r = tp.score_span("[00:01,00:03]", [2, 4])
+    r = ev.score_span("[00:01,00:03]", [2, 4])
     assert r["tiou"] == pytest.approx(1 / 3) and r["acc@0.5"] == 0.0
-    assert tp.score_span("[00:02,00:04]", "[00:02,00:04]")["tiou"] == 1.0
-    assert tp.scorer_for({"answer": [1, 2, 3, 4]}) == "box"
-    assert tp.scorer_for({"answer": "[00:01,00:02]"}) == "span"
-    assert tp.scorer_for({"answer": "42"}) == "numeric"
-    assert tp.scorer_for({"answer": "B"}) == "choice"
-    assert tp.scorer_for({"answer": "hello world"}) == "exact"
+    assert ev.score_span("[00:02,00:04]", "[00:02,00:04]")["tiou"] == 1.0
+    assert ev.scorer_for({"answer": [1, 2, 3, 4]}) == "box"
+    assert ev.scorer_for({"answer": "[00:01,00:02]"}) == "span"
+    assert ev.scorer_for({"answer": "42"}) == "numeric"
+    assert ev.scorer_for({"answer": "B"}) == "choice"
+    assert ev.scorer_for({"answer": "hello world"}) == "exact"
 
 
 def test_majority_baseline_scores_the_most_frequent_answer():
     samples = [{"task": "count", "answer": a} for a in ("1", "1", "2", "3")]
-    assert tp.majority_baseline(samples)["count"]["acc"] == 0.5
+    assert ev.majority_baseline(samples)["count"]["acc"] == 0.5
     boxes = [{"task": "ground_box", "answer": b} for b in ([0, 0, 10, 10], [0, 0, 10, 10], [20, 20, 30, 30])]
-    m = tp.majority_baseline(boxes)["ground_box"]
+    m = ev.majority_baseline(boxes)["ground_box"]
     assert m["acc@0.5"] == pytest.approx(2 / 3) and m["iou"] == pytest.approx(2 / 3)
 
 
@@ -252,12 +253,12 @@ def test_evaluate_scores_a_jsonl_file_end_to_end(chain):
         user = [m for m in s["messages"] if m["role"] == "user"][-1]["content"]
         q = user if isinstance(user, str) else [i["text"] for i in user if i.get("type") == "text"][-1]
         question[q] = s["messages"][-1]["content"]
-    right = tp.evaluate(EchoModel(processor, question), processor, samples, batch_size=4)
+    right = ev.evaluate(EchoModel(processor, question), processor, samples, batch_size=4)
     assert len(right["records"]) == len(samples) >= 6
     for task, m in right["by_task"].items():
-        for metric in tp.PRIMARY_METRICS[m["scorer"]]:
+        for metric in ev.PRIMARY_METRICS[m["scorer"]]:
             assert m[metric] == 1.0, (task, metric, right["records"])
-    wrong = tp.evaluate(EchoModel(processor, {q: "no idea" for q in question}), processor, samples,
+    wrong = ev.evaluate(EchoModel(processor, {q: "no idea" for q in question}), processor, samples,
                         batch_size=4, blank=True)
     for task, m in wrong["by_task"].items():
-        assert all(m[metric] == 0.0 for metric in tp.PRIMARY_METRICS[m["scorer"]]), (task, m)
+        assert all(m[metric] == 0.0 for metric in ev.PRIMARY_METRICS[m["scorer"]]), (task, m)

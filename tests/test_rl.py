@@ -17,6 +17,7 @@ import sys
 import pytest
 import torch
 
+import evaluate
 import synthetic
 import train_pretrain as tp
 import training
@@ -198,7 +199,7 @@ def test_tiny_policy_learns_to_always_answer_three(processor):
         assert sum(curve[-5:]) / 5 > 0.8, curve
         # greedy answers on held-out prompts (never trained on) are now "3"
         prompts = [{**p, "answer": "3"} for p in rl.heldout_prompts(["count"], 8)]
-        res, _ = rl.evaluate_rewards(policy, processor, prompts, CPU, pool)
+        res, _ = evaluate.evaluate_rewards(policy, processor, prompts, CPU, pool)
     assert res["count"]["reward"] == 1.0
 
 
