@@ -158,7 +158,7 @@ def varlen_attention_torch(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
                            causal, scale):
     """Per-segment SDPA on 4-D tensors. On CPU this is the fast path: SDPA takes its fused
     kernel only for 4-D inputs, and one call with a block-diagonal mask over the whole pack was
-    measured up to 100x slower than a loop over segments (../shared/MACHINE-NOTES.md).
+    measured up to 100x slower than a loop over segments (on this project's 2-core CPU).
     Consecutive segments of equal (query, key) lengths - the ViT's 64-patch windows, the rows of
     a decoding step - are one batched call: equal packed segments are just a reshape."""
     n_heads, n_kv_heads, hd = q.shape[1], k.shape[1], q.shape[2]
@@ -837,7 +837,7 @@ def rms_norm(x, weight, eps):
 # 3. Rotary position embedding (rotate-half convention)
 # =============================================================================
 #
-# Both the LM's M-RoPE (SPEC.md §4.9) and the ViT's 2D RoPE (§4.4) end as per-token cos/sin
+# Both the LM's M-RoPE and the ViT's 2D RoPE (transformers `apply_multimodal_rotary_pos_emb`, `rot_pos_emb`) end as per-token cos/sin
 # tables of shape (tokens, head_dim); only how the angles are built differs (that lives in
 # mimovl.py / vit.py). Writing x = [x1, x2] (two halves of the head dim):
 #     out = x * cos + rotate_half(x) * sin,   rotate_half(x) = [-x2, x1]

@@ -4,15 +4,15 @@ vit.py — the native-resolution vision tower of MiMo-VL (Qwen2.5-ViT) and its M
     pixel_values [N, 1176]  --patch embed-->  [N, C]  --32 blocks (window / full attention, 2D RoPE)-->
     [N, C]  --patch merger (2x2 concat + MLP)-->  [N/4, out_hidden]   (raster order per image/video)
 
-MiMo-VL keeps Qwen2.5-VL's ViT unchanged (SPEC.md §1, §2.2, §4.2-§4.7). The reference behaviour is
+MiMo-VL keeps Qwen2.5-VL's ViT unchanged (MiMo-VL report §2.1; Qwen2.5-VL report §2.1). The reference behaviour is
 transformers' `Qwen2_5_VisionTransformerPretrainedModel`; module and parameter names here match the
 checkpoint keys (`visual.patch_embed.proj.weight`, `visual.blocks.B.attn.qkv.weight`, ...), so loading
 is a plain name-for-name copy.
 
-Every image or video arrives as a sequence of 14x14 patches in *merge-block order* (SPEC §4.2):
+Every image or video arrives as a sequence of 14x14 patches in *merge-block order* (transformers `Qwen2VLImageProcessor`):
 the four patches of each 2x2 merge unit are consecutive. Images of any size and videos are packed
 into one sequence; attention never crosses an item, a temporal group (frame pair) or, in the
-windowed blocks, a 112-px window (SPEC §4.5). All attention goes through `kernels.varlen_attention`.
+windowed blocks, a 112-px window (transformers `modeling_qwen2_5_vl.py`, `get_window_index`). All attention goes through `kernels.varlen_attention`.
 """
 
 from dataclasses import dataclass, field
@@ -38,7 +38,7 @@ class VisionConfig:
     window_size: int = 112                    # pixels; 112 / 14 / 2 = 4x4 merged tokens per window
     fullatt_block_indexes: list = field(default_factory=lambda: [7, 15, 23, 31])
     out_hidden_size: int = 4096               # = the LM's hidden size
-    tokens_per_second: float = 2              # M-RoPE temporal spacing for videos (SPEC §4.10)
+    tokens_per_second: float = 2              # M-RoPE temporal spacing for videos (`get_rope_index`)
     hidden_act: str = "silu"
     rope_theta: float = 10000.0               # hard-coded in the reference, not in config.json
 
@@ -76,7 +76,7 @@ class VisionConfig:
 # Layout: rotary positions, windows and attention segments for a packed batch of items
 
 def check_grid(pixel_values, grid_thw, cfg, what="pixel_values"):
-    """User-facing checks that pixel_values rows agree with grid_thw (SPEC §4.2)."""
+    """User-facing checks that pixel_values rows agree with grid_thw (the layout of `Qwen2VLImageProcessor`)."""
     if grid_thw.ndim != 2 or grid_thw.shape[1] != 3:
         raise ValueError(f"{what}: grid_thw must have shape [n_items, 3], got {tuple(grid_thw.shape)}")
     if pixel_values.ndim != 2 or pixel_values.shape[1] != cfg.patch_dim:
@@ -96,7 +96,7 @@ def check_grid(pixel_values, grid_thw, cfg, what="pixel_values"):
 
 
 def rotary_positions(grid_thw, merge):
-    """(row, col) patch coordinates of every patch, in merge-block order (SPEC §4.4). -> [N, 2]"""
+    """(row, col) patch coordinates of every patch, in merge-block order (transformers `rot_pos_emb`). -> [N, 2]"""
     pos = []
     for t, h, w in grid_thw.tolist():
         rows = torch.arange(h).view(h // merge, merge, 1, 1).expand(-1, -1, w // merge, merge)
@@ -108,7 +108,7 @@ def rotary_positions(grid_thw, merge):
 
 
 def window_layout(grid_thw, merge, window):
-    """`window_index` and `cu_window_seqlens` (SPEC §4.5).
+    """`window_index` and `cu_window_seqlens` (transformers `get_window_index`).
 
     window_index: a permutation of the merged tokens of the whole pack that lists them window by
     window (frames in order, windows in raster order, tokens in raster order inside a window).
@@ -137,7 +137,7 @@ def window_layout(grid_thw, merge, window):
 
 
 def frame_seqlens(grid_thw):
-    """Full-attention segments: one per temporal group of each item (SPEC §4.5)."""
+    """Full-attention segments: one per temporal group of each item (transformers `Qwen2_5_VisionTransformerPretrainedModel.forward`)."""
     lens = torch.repeat_interleave(grid_thw[:, 1] * grid_thw[:, 2], grid_thw[:, 0])
     return F.pad(lens.cumsum(0, dtype=torch.int32), (1, 0))
 
@@ -157,7 +157,7 @@ class RMSNorm(nn.Module):
 
 class PatchEmbed(nn.Module):
     """Conv3d(3 -> C, kernel = stride = (2, 14, 14)) over one patch == one matmul with the
-    flattened kernel (SPEC §4.3). The weight keeps the Conv3d shape so checkpoints load as-is."""
+    flattened kernel (transformers `Qwen2_5_VisionPatchEmbed`). The weight keeps the Conv3d shape so checkpoints load as-is."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -180,7 +180,7 @@ class VisionAttention(nn.Module):
     def forward(self, x, cu_seqlens, max_seqlen, cos, sin):
         n = x.shape[0]
         q, k, v = self.qkv(x).view(n, 3, self.num_heads, self.head_dim).unbind(1)  # each (N, nh, hd)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # rotate-half, in fp32 (SPEC §4.4)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # rotate-half, in fp32 (transformers `apply_rotary_pos_emb_vision`)
         o = varlen_attention(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
                              causal=False, scale=self.head_dim ** -0.5)           # (N, nh, hd)
         return self.proj(o.reshape(n, -1))
@@ -235,7 +235,7 @@ class VisionBlock(nn.Module):
 
 
 class PatchMerger(nn.Module):
-    """The MLP projector: RMSNorm per patch, concat each 2x2 merge unit, Linear-GELU-Linear (SPEC §4.7)."""
+    """The MLP projector: RMSNorm per patch, concat each 2x2 merge unit, Linear-GELU-Linear (transformers `Qwen2_5_VLPatchMerger`)."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -258,7 +258,7 @@ class VisionTransformer(nn.Module):
         self.gradient_checkpointing = False
 
     def rotary(self, positions, device):
-        """2D RoPE angles: 20 frequencies for the row, 20 for the column, duplicated (SPEC §4.4)."""
+        """2D RoPE angles: 20 frequencies for the row, 20 for the column, duplicated (transformers `rot_pos_emb`)."""
         half = self.cfg.head_dim // 2
         inv_freq = 1.0 / (self.cfg.rope_theta ** (torch.arange(0, half, 2, dtype=torch.float, device=device) / half))
         pos = positions.to(device=device, dtype=torch.float)
@@ -275,7 +275,7 @@ class VisionTransformer(nn.Module):
         x = self.patch_embed(pixel_values)                                  # (N, C)
         n = x.shape[0]
 
-        # Reorder the patch sequence window by window, moving whole 2x2 merge units (SPEC §4.5).
+        # Reorder the patch sequence window by window, moving whole 2x2 merge units (transformers `get_window_index`).
         window_index, cu_window = window_layout(grid_thw, m, cfg.window_size // m // cfg.patch_size)
         window_index = window_index.to(device)
         x = x.view(n // unit, unit, -1)[window_index].view(n, -1)

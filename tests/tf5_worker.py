@@ -15,7 +15,7 @@ if cmd == "load":
     inp = load_file(sys.argv[3])
     ids = inp["input_ids"]
     cfg = model.config
-    # transformers 5 builds 3-D positions only when told which tokens are image tokens (SPEC §4.10)
+    # transformers 5 builds 3-D positions only when told which tokens are image tokens (its `get_rope_index`)
     mm = (ids == cfg.image_token_id).long()
     with torch.no_grad():
         logits = model(input_ids=ids, pixel_values=inp["pixel_values"], image_grid_thw=inp["image_grid_thw"],
