@@ -837,9 +837,9 @@ def rms_norm(x, weight, eps):
 # 3. Rotary position embedding (rotate-half convention)
 # =============================================================================
 #
-# Both the LM's M-RoPE and the ViT's 2D RoPE (transformers `apply_multimodal_rotary_pos_emb`, `rot_pos_emb`) end as per-token cos/sin
-# tables of shape (tokens, head_dim); only how the angles are built differs (that lives in
-# mimovl.py / vit.py). Writing x = [x1, x2] (two halves of the head dim):
+# Both the LM's M-RoPE and the ViT's 2D RoPE (transformers `apply_multimodal_rotary_pos_emb`,
+# `rot_pos_emb`) end as per-token cos/sin tables of shape (tokens, head_dim); only how the angles
+# are built differs (that lives in mimovl.py / vit.py). Writing x = [x1, x2] (two halves of the head dim):
 #     out = x * cos + rotate_half(x) * sin,   rotate_half(x) = [-x2, x1]
 # i.e. out1 = x1*cos1 - x2*sin1, out2 = x2*cos2 + x1*sin2. The backward is the transpose:
 #     dx1 = g1*cos1 + g2*sin2,   dx2 = g2*cos2 - g1*sin1.

@@ -4,15 +4,17 @@ vit.py — the native-resolution vision tower of MiMo-VL (Qwen2.5-ViT) and its M
     pixel_values [N, 1176]  --patch embed-->  [N, C]  --32 blocks (window / full attention, 2D RoPE)-->
     [N, C]  --patch merger (2x2 concat + MLP)-->  [N/4, out_hidden]   (raster order per image/video)
 
-MiMo-VL keeps Qwen2.5-VL's ViT unchanged (MiMo-VL report §2.1; Qwen2.5-VL report §2.1). The reference behaviour is
-transformers' `Qwen2_5_VisionTransformerPretrainedModel`; module and parameter names here match the
+MiMo-VL keeps Qwen2.5-VL's ViT unchanged (MiMo-VL report §2.1; Qwen2.5-VL report §2.1). The
+reference behaviour is transformers' `Qwen2_5_VisionTransformerPretrainedModel`
+(`modeling_qwen2_5_vl.py`); module and parameter names here match the
 checkpoint keys (`visual.patch_embed.proj.weight`, `visual.blocks.B.attn.qkv.weight`, ...), so loading
 is a plain name-for-name copy.
 
-Every image or video arrives as a sequence of 14x14 patches in *merge-block order* (transformers `Qwen2VLImageProcessor`):
-the four patches of each 2x2 merge unit are consecutive. Images of any size and videos are packed
-into one sequence; attention never crosses an item, a temporal group (frame pair) or, in the
-windowed blocks, a 112-px window (transformers `modeling_qwen2_5_vl.py`, `get_window_index`). All attention goes through `kernels.varlen_attention`.
+Every image or video arrives as a sequence of 14x14 patches in *merge-block order* (as
+transformers' `Qwen2VLImageProcessor` lays them out): the four patches of each 2x2 merge unit are
+consecutive. Images of any size and videos are packed into one sequence; attention never crosses an
+item, a temporal group (frame pair) or, in the windowed blocks, a 112-px window (`get_window_index`).
+All attention goes through `kernels.varlen_attention`.
 """
 
 from dataclasses import dataclass, field
@@ -137,7 +139,8 @@ def window_layout(grid_thw, merge, window):
 
 
 def frame_seqlens(grid_thw):
-    """Full-attention segments: one per temporal group of each item (transformers `Qwen2_5_VisionTransformerPretrainedModel.forward`)."""
+    """Full-attention segments: one per temporal group of each item (transformers'
+    `Qwen2_5_VisionTransformerPretrainedModel.forward`, `cu_seqlens`)."""
     lens = torch.repeat_interleave(grid_thw[:, 1] * grid_thw[:, 2], grid_thw[:, 0])
     return F.pad(lens.cumsum(0, dtype=torch.int32), (1, 0))
 
@@ -157,7 +160,8 @@ class RMSNorm(nn.Module):
 
 class PatchEmbed(nn.Module):
     """Conv3d(3 -> C, kernel = stride = (2, 14, 14)) over one patch == one matmul with the
-    flattened kernel (transformers `Qwen2_5_VisionPatchEmbed`). The weight keeps the Conv3d shape so checkpoints load as-is."""
+    flattened kernel (transformers `Qwen2_5_VisionPatchEmbed`). The weight keeps the Conv3d shape so
+    checkpoints load as-is."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -180,7 +184,8 @@ class VisionAttention(nn.Module):
     def forward(self, x, cu_seqlens, max_seqlen, cos, sin):
         n = x.shape[0]
         q, k, v = self.qkv(x).view(n, 3, self.num_heads, self.head_dim).unbind(1)  # each (N, nh, hd)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # rotate-half, in fp32 (transformers `apply_rotary_pos_emb_vision`)
+        # rotate-half, in fp32 (transformers `apply_rotary_pos_emb_vision`)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         o = varlen_attention(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
                              causal=False, scale=self.head_dim ** -0.5)           # (N, nh, hd)
         return self.proj(o.reshape(n, -1))
@@ -235,7 +240,8 @@ class VisionBlock(nn.Module):
 
 
 class PatchMerger(nn.Module):
-    """The MLP projector: RMSNorm per patch, concat each 2x2 merge unit, Linear-GELU-Linear (transformers `Qwen2_5_VLPatchMerger`)."""
+    """The MLP projector: RMSNorm per patch, concat each 2x2 merge unit, Linear-GELU-Linear
+    (transformers `Qwen2_5_VLPatchMerger`)."""
 
     def __init__(self, cfg):
         super().__init__()
