@@ -6,7 +6,8 @@ the optimiser and the learning-rate schedule; atomic checkpoints that resume exa
     from training import compute_init, wrap_model, build_optimizer, lr_at
     compute = compute_init("auto")              # prints the device, processes and precision
 
-Sections: 1 compute and precision · 2 wrapping · 3 optimiser and schedule · 4 checkpoints.
+Sections: 1 compute and precision · 2 wrapping · 3 optimiser and schedule · 4 checkpoints ·
+5 the run folder: refuse to overwrite, resume from the newest intact checkpoint, the JSONL logs.
 Used by train_pretrain.py and train_rl.py; imports the model, never the other way round.
 """
 
@@ -17,6 +18,7 @@ import os
 import random
 import re
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 
@@ -414,3 +416,188 @@ def load_training_state(path, wrapped, optimizer, compute):
         s["cuda"] = rng[f"rank{r}.cuda"]
     set_rng_state(s, compute)
     return ts["step"], ts["loader"][r], ts
+
+
+# -----------------------------------------------------------------------------
+# 5. The run folder: nothing deleted without a flag, resume from the newest intact checkpoint
+
+def fail(message):
+    """A one-line error a user can act on: printed to stderr, exit status 2 (as argparse does)."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+def prepare_run_dir(out, resume, overwrite, outputs, compute=None):
+    """Make `out` and check it before a run writes there. `outputs` are the paths (relative to
+    `out`) this run writes or replaces. If some already exist: --resume continues them, --overwrite
+    deletes them (rank 0) to start again, and neither is a one-line error (exit 2) that names the
+    folder and both choices; nothing is deleted without the flag. Returns the existing outputs."""
+    if resume and overwrite:
+        fail("--resume and --overwrite exclude each other: --resume continues the run in "
+             f"{out}, --overwrite deletes it and starts again")
+    os.makedirs(out, exist_ok=True)
+    existing = [p for p in outputs if os.path.exists(os.path.join(out, p))]
+    if existing and not resume and not overwrite:
+        fail(f"{out} already holds this run's output ({', '.join(existing)}): pass --resume to "
+             "continue it, or --overwrite to delete it and start again")
+    if existing and overwrite and (compute is None or compute.master):
+        for p in existing:
+            path = os.path.join(out, p)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    if compute is not None:
+        compute.barrier()
+    return existing
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:                  # someone else's live process
+        return True
+    return True
+
+
+def clean_stale_tmp(root, log=print):
+    """Remove the `NAME.tmp-PID` folders that a killed atomic_dir write left in `root`, unless
+    process PID still runs. A `NAME.old-PID` folder means the writer died between commit_dir's two
+    renames: it holds the previous version, which goes back under NAME if NAME is missing."""
+    if not os.path.isdir(root):
+        return []
+    removed = []
+    for name in sorted(os.listdir(root)):
+        m = re.fullmatch(r"(.+)\.(tmp|old)-(\d+)", name)
+        if not m or (int(m[3]) != os.getpid() and _pid_alive(int(m[3]))):
+            continue
+        path, final = os.path.join(root, name), os.path.join(root, m[1])
+        if m[2] == "old" and not os.path.exists(final):
+            os.rename(path, final)
+            log(f"restored {final} from {name}, left by a write that was killed")
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+        log(f"removed {path}, left by a write that was killed (process {m[3]} has ended)")
+    return removed
+
+
+def _safetensors_problem(path):
+    """None if the file's header parses and its tensors end exactly at the end of the file."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return "shorter than a safetensors header"
+        n = int.from_bytes(head, "little")
+        if n > size - 8:
+            return f"header of {n} bytes in a file of {size}"
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return "the header is not JSON"
+    if not isinstance(header, dict):
+        return "the header is not a JSON object"
+    ends = [t.get("data_offsets", [0, 0])[1] for k, t in header.items()
+            if k != "__metadata__" and isinstance(t, dict)]
+    if 8 + n + max(ends, default=0) != size:
+        return f"truncated or padded: tensors end at byte {8 + n + max(ends, default=0)}, the file has {size}"
+    return None
+
+
+def checkpoint_problem(path, required=()):
+    """Why the checkpoint folder `path` (written by save_training_state) cannot be resumed from,
+    or None if it is intact: every file present (`required` adds some, e.g. extra.safetensors),
+    every JSON file parses, every safetensors header is readable and matches its file size, and
+    trainer_state.json agrees with the folder name and holds every rank's state."""
+    files = ["config.json", "trainer_state.json", "optimizer.safetensors", "rng.safetensors", *required]
+    if not os.path.isfile(os.path.join(path, "model.safetensors.index.json")):
+        files.append("model.safetensors")
+    for name in files:
+        if not os.path.isfile(os.path.join(path, name)):
+            return f"{name} is missing"
+    for name in sorted(os.listdir(path)):
+        full = os.path.join(path, name)
+        if name.endswith(".json"):
+            try:
+                with open(full) as f:
+                    json.load(f)
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                return f"{name} is not valid JSON ({e})"
+        elif name.endswith(".safetensors"):
+            problem = _safetensors_problem(full)
+            if problem:
+                return f"{name}: {problem}"
+    with open(os.path.join(path, "trainer_state.json")) as f:
+        ts = json.load(f)
+    if not isinstance(ts, dict) or not all(k in ts for k in ("step", "world_size", "param_groups", "loader",
+                                                             "python_rng", "numpy_rng")):
+        return "trainer_state.json lacks step, world_size, param_groups, loader or the RNG states"
+    m = re.search(r"step-(\d+)$", os.path.normpath(path))
+    if m and ts["step"] != int(m[1]):
+        return f"trainer_state.json says step {ts['step']}, the folder step {int(m[1])}"
+    n = ts["world_size"]
+    if not (isinstance(n, int) and n >= 1 and len(ts["loader"]) == len(ts["python_rng"]) ==
+            len(ts["numpy_rng"]) == n):
+        return f"trainer_state.json does not hold the state of each of its {n} rank(s)"
+    return None
+
+
+def resume_checkpoint(root, required=(), log=print):
+    """The newest intact checkpoint under `root` (None if there is none), after removing stale
+    temporary folders; every newer damaged one is named with what is wrong with it (and kept,
+    for inspection: the next save of that step replaces it)."""
+    clean_stale_tmp(root, log)
+    for path in reversed(list_checkpoints(root)):
+        problem = checkpoint_problem(path, required)
+        if problem is None:
+            return path
+        log(f"skipping checkpoint {path}: {problem}")
+    return None
+
+
+class JsonlLog:
+    """An append-only JSONL log (metrics.jsonl, eval.jsonl): one JSON record per line, written
+    by rank 0. A line cut by a crash is skipped when read and dropped by `keep_only`."""
+
+    def __init__(self, path, compute=None):
+        self.path, self.master = path, compute is None or compute.master
+
+    def write(self, record):
+        if self.master:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def records(self):
+        if not os.path.isfile(self.path):
+            return []
+        out = []
+        with open(self.path) as f:
+            for line in f:
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue
+        return out
+
+    def keep_only(self, keep):
+        """Rewrite the log (atomically) with the records for which keep(record) is true, e.g. to
+        drop the steps after the checkpoint a run resumes from, which it will log again."""
+        if not self.master or not os.path.isfile(self.path):
+            return
+        kept = [r for r in self.records() if keep(r)]
+        tmp = f"{self.path}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in kept)
+        os.replace(tmp, self.path)
+
+
+def set_threads(compute, requested=None, phase=""):
+    """Pick the torch CPU threads for the next phase (pick_threads: the cores other work leaves
+    free right now), set them and print the choice and why. Called at the start of every stage or
+    phase, so a long job follows the machine's load instead of a sample taken at its start."""
+    if compute.device.type != "cpu":
+        return None
+    n, why = pick_threads(requested)
+    torch.set_num_threads(n)
+    compute.print(f"{phase + ': ' if phase else ''}torch CPU threads: {n} ({why})")
+    return n
