@@ -38,6 +38,7 @@ from types import SimpleNamespace
 import synthetic
 from evaluate import EVAL_SUITE, PRIMARY_METRICS
 from train_pretrain import STAGE_ORDER, write_summary
+from training import JsonlLog
 
 MATPLOTLIB_HINT = 'the report\'s plots need matplotlib: pip install -e ".[report]"'
 
@@ -57,24 +58,9 @@ def pyplot():
 # 1. Reading the run folders
 
 def read_jsonl(path):
-    """Records of a JSONL file ([] if it does not exist). A run still being written may end in a
-    half-written line: an unterminated last line that does not parse is left out."""
-    if not os.path.isfile(path):
-        return []
-    with open(path) as f:
-        text = f.read()
-    lines = text.split("\n")
-    records = []
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as e:
-            if i == len(lines) - 1:         # no newline after it: still being written
-                break
-            raise ValueError(f"{path}: line {i + 1} is not JSON ({e.msg}); is this a run folder?") from None
-    return records
+    """Records of a JSONL log ([] if it does not exist); a line cut short (a run still being
+    written, or a crash) is skipped, as training.JsonlLog reads it."""
+    return JsonlLog(path).records()
 
 
 def read_json(path):

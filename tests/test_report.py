@@ -3,7 +3,7 @@ scores and baselines, the RL rewards, the before/after bars), the page names wha
 regenerated sample images are the evaluated items, and bad input gives one-line errors.
 
 The fixture folders are written with the training scripts' own logging functions
-(train_pretrain.Run.log, train_rl._log) in the format those scripts log."""
+(training.JsonlLog) in the format train_pretrain.py and train_rl.py log."""
 
 import json
 import os
@@ -11,12 +11,9 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 import report
 import synthetic
-import train_pretrain as tp
-import train_rl
 import training
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,18 +43,18 @@ def stage_eval(key, count, box, blank_count):
 
 def write_pretrain(folder, stages=STAGES, evals=None):
     os.makedirs(folder, exist_ok=True)
-    run = tp.Run(None, training.Compute(torch.device("cpu")), folder, {})
+    metrics, evals_log = (training.JsonlLog(os.path.join(folder, n)) for n in ("metrics.jsonl", "eval.jsonl"))
     t = 1000.0
     for key, losses in stages.items():
         for step, loss in enumerate(losses, 1):
             t += 30
-            run.log("metrics.jsonl", {"stage": key, "step": step, "loss": loss, "lr": 1e-3 / step,
+            metrics.write({"stage": key, "step": step, "loss": loss, "lr": 1e-3 / step,
                                       "grad_norm": 1.0, "tokens": 2048, "labelled": 500, "tok_per_s": 4000.0,
                                       "time": t})
     for rec in evals if evals is not None else [
             {"stage": "0-lm", "folder": "stage0-lm", "text_loss": 0.5, "eval_seconds": 0.8, "examples": None},
             stage_eval("1", 0.1, 0.0, 0.1), stage_eval("2", 0.6, 0.2, 0.3)]:
-        run.log("eval.jsonl", rec)
+        evals_log.write(rec)
     for key in stages:
         os.makedirs(os.path.join(folder, f"stage{key}"), exist_ok=True)
         with open(os.path.join(folder, f"stage{key}", "pretrain_stage.json"), "w") as f:
@@ -71,14 +68,13 @@ def rewards(**by_task):
 
 
 def write_rl(folder):
-    c = training.Compute(torch.device("cpu"))
     os.makedirs(os.path.join(folder, "final"), exist_ok=True)
+    log = training.JsonlLog(os.path.join(folder, "metrics.jsonl"))
     for step in range(1, 7):
         per_task = {"count": {"reward": 0.1 * step, "pass": 0.1, "length": 3, "n": 8, "truncated": 0.0},
                     "caption": {"reward": 0.5, "pass": 0.5, "length": 6, "n": 8, "truncated": 0.0}}
-        train_rl._log(os.path.join(folder, "metrics.jsonl"),
-                      {"step": step, "lr": 1e-4, "reward": 0.3, "pass": 0.3, "length": 4.0, "truncated": 0.0,
-                       "sampled_groups": 4, "kept_groups": 3, "tasks": per_task, "time": 1.0}, c)
+        log.write({"step": step, "lr": 1e-4, "reward": 0.3, "pass": 0.3, "length": 4.0, "truncated": 0.0,
+                   "sampled_groups": 4, "kept_groups": 3, "tasks": per_task, "time": 1.0})
     sft, rl, blank = rewards(count=0.5, caption=0.6, ocr=0.0), rewards(count=0.7, caption=0.8, ocr=0.0), \
         rewards(count=0.2, caption=0.4, ocr=0.0)
     answer = synthetic.rl_prompt("count", EVAL_N - 1, "heldout", SEED)["answer"]
@@ -94,16 +90,15 @@ def write_rl(folder):
 
 
 def write_compare(folder):
-    c = training.Compute(torch.device("cpu"))
     for algo, gain in (("onpolicy", 0.1), ("grpo", -0.05)):
         sub = os.path.join(folder, algo)
         os.makedirs(sub)
         with open(os.path.join(sub, "eval_sft.json"), "w") as f:
             json.dump({"sft": rewards(text_math=0.2), "sft_sampled": rewards(text_math=0.1)}, f)
         for step in (3, 6):
-            train_rl._log(os.path.join(sub, "eval.jsonl"),
-                          {"step": step, "responses_trained": 100 * step, "tasks": rewards(text_math=0.2 + gain * step / 3),
-                           "sampled": rewards(text_math=0.1 + gain * step / 3)}, c)
+            training.JsonlLog(os.path.join(sub, "eval.jsonl")).write(
+                {"step": step, "responses_trained": 100 * step, "tasks": rewards(text_math=0.2 + gain * step / 3),
+                 "sampled": rewards(text_math=0.1 + gain * step / 3)})
     return folder
 
 
@@ -205,10 +200,10 @@ def test_cli_errors_are_one_line_exit_2(tmp_path):
     assert r.returncode == 2 and "pre-training folder not found" in r.stderr
     assert "Traceback" not in r.stderr
     bad = tmp_path / "bad"
-    bad.mkdir()
-    (bad / "eval.jsonl").write_text("not json\n{}\n")
-    with pytest.raises(ValueError, match="eval.jsonl: line 1 is not JSON"):
-        report.load_pretrain(str(bad))
+    (bad / "final").mkdir(parents=True)
+    (bad / "final" / "rl.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"rl.json: not JSON"):
+        report.load_rl(str(bad))
 
 
 def test_missing_matplotlib_names_the_extra(monkeypatch):
