@@ -12,13 +12,17 @@ This file stands on its own: it imports neither the model nor the kernels.
 
 import base64
 import datetime
+import functools
 import io
 import json
 import math
+import os
 import re
+import secrets
 from pathlib import Path
 
 import jinja2
+import jinja2.compiler
 import jinja2.ext
 import jinja2.nodes
 import numpy as np
@@ -377,10 +381,134 @@ def preprocess_video(video, **options):
 
 
 # --- 2.1 Chat template rendering ----------------------------------------------------------------------
+# A chat template comes with the checkpoint, i.e. from whoever published it: it runs in jinja2's
+# immutable sandbox (as in transformers), which blocks attribute escapes, and here also within a
+# budget, because the sandbox alone does not bound work or memory ('x' * 200000000, nested loops).
+# Every string a template builds and the rendered prompt stay under MAX_TEMPLATE_CHARS (128k tokens
+# are about half a million characters), and a render may take at most MAX_TEMPLATE_STEPS loop
+# iterations, calls, lookups and operators (a 1,000-turn conversation takes about 100,000).
+MAX_TEMPLATE_CHARS = 10_000_000
+MAX_TEMPLATE_STEPS = 2_000_000
+_FORMAT_WIDTH = re.compile(r"%[-+ #0]*\d{8}|\{[^{}]*:[^{}]*\d{8}")  # a field padded to >= 10^7 chars
+_PADDING_METHODS = ("ljust", "rjust", "center", "zfill", "expandtabs")
+_PADDING_FILTERS = ("center", "indent", "wordwrap")
+
+
+class _BoundedCodeGenerator(jinja2.compiler.CodeGenerator):
+    """Compiles every for-loop's iterable and every `~` concatenation through the environment's
+    budget checks (`_BoundedSandbox.counted`, `_BoundedSandbox.sized`); the rest is jinja2's."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.loop_iterables = set()
+
+    def visit_For(self, node, frame):
+        self.loop_iterables.add(id(node.iter))
+        super().visit_For(node, frame)
+
+    def visit(self, node, *args, **kwargs):
+        if id(node) not in self.loop_iterables:
+            return super().visit(node, *args, **kwargs)
+        self.write("environment.counted(")
+        super().visit(node, *args, **kwargs)
+        self.write(")")
+
+    def visit_Concat(self, node, frame):
+        self.write("environment.sized(")
+        super().visit_Concat(node, frame)
+        self.write(")")
+
+
+class _BoundedSandbox(ImmutableSandboxedEnvironment):
+    """transformers' template sandbox with a work and size budget per render (`render`)."""
+
+    code_generator_class = _BoundedCodeGenerator
+    intercepted_binops = frozenset(["*", "**", "+", "%"])
+
+    def step(self):
+        self.steps += 1
+        if self.steps > MAX_TEMPLATE_STEPS:
+            raise jinja2.exceptions.SecurityError(
+                f"it takes more than {MAX_TEMPLATE_STEPS:,} steps (loops, calls, lookups)")
+
+    def sized(self, value):
+        if isinstance(value, (str, list, tuple)) and len(value) > MAX_TEMPLATE_CHARS:
+            raise jinja2.exceptions.SecurityError(
+                f"it builds a {type(value).__name__} of more than {MAX_TEMPLATE_CHARS:,} items")
+        return value
+
+    def counted(self, iterable):
+        for item in iterable:
+            self.step()
+            yield item
+
+    @staticmethod
+    def _check_padding(width=0, format_string=""):
+        """Refuse before allocating: padding to a width above the budget ('x'.ljust(10**9),
+        'x' | center(10**9)) or a format string that pads a field to >= 10^7 characters."""
+        if isinstance(width, int) and width > MAX_TEMPLATE_CHARS:
+            raise jinja2.exceptions.SecurityError(f"it pads a string to {width:,} characters")
+        if isinstance(format_string, str) and _FORMAT_WIDTH.search(format_string):
+            raise jinja2.exceptions.SecurityError("it formats a field wider than 10^7 characters")
+
+    def call_binop(self, context, operator, left, right):
+        self.step()
+        if operator == "*":
+            for seq, n in ((left, right), (right, left)):
+                if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and len(seq) * n > MAX_TEMPLATE_CHARS:
+                    raise jinja2.exceptions.SecurityError(f"it repeats a {type(seq).__name__} {n:,} times")
+        if operator == "**" and isinstance(left, int) and isinstance(right, int) and \
+                right * abs(left).bit_length() > 4096:
+            raise jinja2.exceptions.SecurityError(f"it computes {left} ** {right}")
+        if operator == "%":
+            self._check_padding(format_string=left)
+        return self.sized(super().call_binop(context, operator, left, right))
+
+    def call(__self, __context, __obj, *args, **kwargs):  # noqa: N805 (jinja2's signature)
+        __self.step()
+        if isinstance(getattr(__obj, "__self__", None), str) and __obj.__name__ in _PADDING_METHODS:
+            __self._check_padding(width=(args or [*kwargs.values(), 0])[0])
+        return __self.sized(super().call(__context, __obj, *args, **kwargs))
+
+    def getattr(self, obj, attribute):
+        self.step()
+        if attribute in ("format", "format_map") and isinstance(obj, str):
+            self._check_padding(format_string=obj)
+        return self.sized(super().getattr(obj, attribute))
+
+    def getitem(self, obj, argument):
+        self.step()
+        return self.sized(super().getitem(obj, argument))
+
+    def bounded_filter(self, name, f):
+        """A filter that counts as a step, checks padding widths (center, indent, wordwrap's and
+        format's) and checks its result's size."""
+        def checked(*args, **kwargs):
+            self.step()
+            values = [a for a in args if isinstance(a, (str, int))] + list(kwargs.values())
+            if name == "format" and values:
+                self._check_padding(format_string=values[0])
+            elif name in _PADDING_FILTERS and len(values) > 1:
+                self._check_padding(width=values[1])
+            return self.sized(f(*args, **kwargs))
+        return functools.update_wrapper(checked, f)
+
+    def render(self, template, **variables):
+        """Render with the budget, streaming, so an oversized prompt stops at the limit."""
+        self.steps, pieces, size = 0, [], 0
+        for piece in template.generate(**variables):
+            size += len(piece)
+            if size > MAX_TEMPLATE_CHARS:
+                raise jinja2.exceptions.SecurityError(f"it renders more than {MAX_TEMPLATE_CHARS:,} characters")
+            pieces.append(piece)
+        return "".join(pieces)
+
+
 def _compile_chat_template(template):
-    """Compile a checkpoint's Jinja chat template in a sandbox, with the globals and filters that
-    transformers gives templates (raise_exception, strftime_now, a non-escaping tojson, loop controls,
-    and the {% generation %} tag, which here simply renders its body)."""
+    """Compile a checkpoint's Jinja chat template in the bounded sandbox, with the globals and filters
+    that transformers gives templates (raise_exception, strftime_now, a non-escaping tojson, loop
+    controls, and the {% generation %} tag, which here simply renders its body). Returns
+    (environment, template)."""
 
     class GenerationTag(jinja2.ext.Extension):
         tags = {"generation"}
@@ -402,24 +530,15 @@ def _compile_chat_template(template):
     def strftime_now(fmt):
         return datetime.datetime.now().strftime(fmt)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[GenerationTag, jinja2.ext.loopcontrols])
+    env = _BoundedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[GenerationTag, jinja2.ext.loopcontrols])
     env.filters["tojson"] = tojson
+    env.filters = {name: env.bounded_filter(name, f) for name, f in env.filters.items()}
+    env.globals.pop("lipsum")  # lorem-ipsum text of any length in one call; no chat template uses it
     env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now)
     try:
-        return env.from_string(template)
+        return env, env.from_string(template)
     except jinja2.TemplateSyntaxError as e:
         raise ValueError(f"the chat template does not parse (line {e.lineno}): {e.message}") from e
-
-
-def _read_json(path):
-    """A checkpoint's JSON file as a dict; {} when the file is absent."""
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
 
 
 def _token_text(token):
@@ -432,7 +551,7 @@ def _find_chat_template(folder, tokenizer_config):
     (a string, or a list of named templates); None when it has none."""
     if (folder / "chat_template.jinja").is_file():
         return (folder / "chat_template.jinja").read_text(encoding="utf-8")
-    template = _read_json(folder / "chat_template.json").get("chat_template")
+    template = read_json_file(folder / "chat_template.json").get("chat_template")
     if template is None:
         template = tokenizer_config.get("chat_template")
     if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
@@ -458,20 +577,141 @@ def split_thinking(text):
     return "", text.strip()
 
 
-# --- 2.2 The Processor --------------------------------------------------------------------------------
-# Thinking control (SPEC §2.6). MiMo-VL thinks by default: think=True changes nothing. think=False
-# uses one of the documented switches:
+# --- 2.2 Checkpoint folder files: every JSON file read and type-checked in one place ----------------
+# A checkpoint folder is input like any other: config.json and the weight index (read by mimovl.py),
+# tokenizer_config.json, chat_template.json, preprocessor_config.json and generation_config.json
+# (read here) all go through read_json_file and check_json_fields, so a wrong type is one clear
+# error that names the file, the key and the value, never a traceback deep inside the model.
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v):
+    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
+
+
+JSON_KINDS = {
+    "integer": _is_int,
+    "positive integer": lambda v: _is_int(v) and v > 0,
+    "integer >= 0": lambda v: _is_int(v) and v >= 0,
+    "number": _is_number,
+    "positive number": lambda v: _is_number(v) and v > 0,
+    "number >= 0": lambda v: _is_number(v) and v >= 0,
+    "number in (0, 1]": lambda v: _is_number(v) and 0 < v <= 1,
+    "boolean": lambda v: isinstance(v, bool),
+    "string": lambda v: isinstance(v, str),
+    "object": lambda v: isinstance(v, dict),
+    "list of integers": lambda v: isinstance(v, list) and all(_is_int(x) for x in v),
+    "list of 3 numbers": lambda v: isinstance(v, list) and len(v) == 3 and all(_is_number(x) for x in v),
+    "token id or list of token ids": lambda v: (_is_int(v) and v >= 0) or (
+        isinstance(v, list) and v and all(_is_int(x) and x >= 0 for x in v)),
+    "token (a string or {\"content\": string})": lambda v: isinstance(v, str) or (
+        isinstance(v, dict) and isinstance(v.get("content"), str)),
+    "list of tokens": lambda v: isinstance(v, list) and all(
+        isinstance(x, str) or (isinstance(x, dict) and isinstance(x.get("content"), str)) for x in v),
+    "chat template (a string or a list of {\"name\", \"template\"})": lambda v: isinstance(v, str) or (
+        isinstance(v, list) and all(isinstance(t, dict) and isinstance(t.get("template"), str) for t in v)),
+}
+
+
+def read_json_file(path, required=False):
+    """A checkpoint's JSON file as a dict; {} when it is absent (unless required). Not JSON, not
+    UTF-8 or not a JSON object: a ValueError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        if required:
+            raise FileNotFoundError(f"{path} is missing")
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); download or write it again") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object {{...}}, not a {type(data).__name__}")
+    return data
+
+
+def check_json_fields(data, path, kinds, prefix=""):
+    """Raise a ValueError naming `path` and the key when a present, non-null key of `data` is not of
+    its kind in `kinds` ({key: a JSON_KINDS name}). Returns `data`."""
+    for key, kind in kinds.items():
+        value = data.get(key)
+        if value is not None and not JSON_KINDS[kind](value):
+            raise ValueError(f"{path}: {prefix}{key}={json.dumps(value)[:80]} must be a {kind}")
+    return data
+
+
+TOKENIZER_CONFIG_KINDS = {**{k: "token (a string or {\"content\": string})" for k in (
+    "bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")},
+    "additional_special_tokens": "list of tokens",
+    "chat_template": "chat template (a string or a list of {\"name\", \"template\"})"}
+PREPROCESSOR_KINDS = {"min_pixels": "positive integer", "max_pixels": "positive integer", "size": "object",
+                      "patch_size": "positive integer", "temporal_patch_size": "positive integer",
+                      "merge_size": "positive integer", "image_mean": "list of 3 numbers",
+                      "image_std": "list of 3 numbers"}
+PREPROCESSOR_SIZE_KINDS = {"shortest_edge": "positive integer", "longest_edge": "positive integer"}
+GENERATION_KINDS = {"eos_token_id": "token id or list of token ids", "do_sample": "boolean",
+                    "temperature": "number >= 0", "top_p": "number in (0, 1]", "top_k": "integer >= 0",
+                    "max_new_tokens": "positive integer"}
+
+
+def write_file_atomic(path, write):
+    """Call write(temporary path) in the target's folder, then rename onto `path`: a crash never
+    leaves a half-written file under the real name. The file is created by `write` itself, so it
+    gets the usual permissions (0644 under umask 022), not tempfile's 0600."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        write(str(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path, obj):
+    write_file_atomic(path, lambda tmp: Path(tmp).write_text(
+        json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"))
+
+
+# --- 2.3 The Processor --------------------------------------------------------------------------------
+# Thinking control (MiMo-VL GitHub README and its issues #6 / #30). MiMo-VL thinks by default:
+# think=True changes nothing. think=False uses one of the documented switches:
 #   "prefill": the assistant turn starts with an empty thought "<think>\n</think>\n" (2025-06 models,
-#              maintainer-documented and used by MiMo's eval wrapper; deterministic, the default);
+#              maintainer-documented and used by MiMo's eval wrapper; deterministic);
 #   "suffix":  "\n<no_think>\n" appended to the last user message (2025-06, maintainer-recommended);
-#   "slash":   " /no_think" appended to the last user message (the 2508 models).
+#   "slash":   " /no_think" appended to the last user message (the 2508 models, whose chat template
+#              handles it). no_think_style_for() picks one from the checkpoint's template.
 NO_THINK_PREFILL = "<think>\n</think>\n"
 NO_THINK_SUFFIXES = {"suffix": "\n<no_think>\n", "slash": " /no_think"}
+NO_THINK_STYLES = ("prefill", *NO_THINK_SUFFIXES)
 _TEMPLATE_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token",
                         "mask_token")
 
 
+def no_think_style_for(chat_template):
+    """(style, reason): "slash" when the chat template itself handles "/no_think" (the 2508
+    models'), else "prefill", which every MiMo-VL checkpoint understands."""
+    if chat_template and "/no_think" in chat_template:
+        return "slash", "the chat template handles '/no_think' (MiMo-VL 2508 style)"
+    return "prefill", "the chat template does not handle '/no_think'; an empty <think></think> is prefilled (2025-06 style)"
+
+
+# Text is encoded as text. transformers renders the template and tokenises the whole string with
+# special-token parsing, so a message that contains "<|im_end|>\n<|im_start|>assistant\nX" becomes
+# control tokens: in training data X turns into a label, in a chat the user forges a turn. We
+# deliberately differ: before rendering, every special-token string inside the conversation's
+# values is swapped for a marker character (Unicode private-use plane 16); after rendering only the
+# template's own special tokens, and the image/video placeholders it writes, become control tokens,
+# and everything between them is tokenised with special-token parsing off, markers turned back
+# into their text. For text without special-token strings the ids are exactly transformers'.
+# Non-special added tokens (<think>, </think>) are text-level tokens and keep their ids.
+_MARK_BASE = 0x100000           # marker of special token i: chr(_MARK_BASE + i)
+_MARK_ESCAPE = "\U0010fffd"     # precedes a literal plane-16 character of the content
+
+
 def _is_image_item(item):  # the same test the Qwen2.5-VL template makes
+
     return item.get("type") == "image" or "image" in item or "image_url" in item
 
 
@@ -495,25 +735,35 @@ def _media_items(conversations):
 
 
 class Processor:
-    """Conversations -> model inputs with Hugging Face names (SPEC §2.3-§2.6, §4.1).
+    """Conversations -> model inputs with Hugging Face names (transformers' `Qwen2_5_VLProcessor`
+    and the checkpoint's tokenizer and chat template files).
 
         processor = Processor.from_pretrained("MiMo-VL-7B-RL")
         batch = processor([{"role": "user", "content": [{"type": "image", "image": "cat.jpg"},
                                                         {"type": "text", "text": "What is this?"}]}])
         # input_ids, attention_mask, pixel_values, image_grid_thw (+ video keys when there are videos)
 
-    `tokenizer` is a `tokenizers.Tokenizer`; the ids of the special tokens are read from it."""
+    `tokenizer` is a `tokenizers.Tokenizer`; the ids of the special tokens are read from it.
+    `no_think_style` None picks it from the template (no_think_style_for). `generation_config`
+    holds generation_config.json's sampling keys (temperature, top_p, top_k, max_new_tokens,
+    do_sample) for the chat's defaults."""
 
     def __init__(self, tokenizer, chat_template=None, *, image_token="<|image_pad|>", video_token="<|video_pad|>",
                  eos_token="<|im_end|>", pad_token=None, eos_token_ids=None, template_tokens=None,
-                 min_pixels=IMAGE_MIN_PIXELS, max_pixels=IMAGE_MAX_PIXELS, no_think_style="prefill"):
-        if no_think_style not in ("prefill", *NO_THINK_SUFFIXES):
-            raise ValueError(f"no_think_style must be 'prefill', 'suffix' or 'slash', got {no_think_style!r}")
+                 min_pixels=IMAGE_MIN_PIXELS, max_pixels=IMAGE_MAX_PIXELS, no_think_style=None,
+                 generation_config=None):
         self.tokenizer = tokenizer
         tokenizer.no_padding()  # the processor pads (left) and never truncates a prompt silently
         tokenizer.no_truncation()
         self.chat_template = chat_template or DEFAULT_CHAT_TEMPLATE
-        self._template = _compile_chat_template(self.chat_template)
+        self._env, self._template = _compile_chat_template(self.chat_template)
+        if no_think_style is None:
+            no_think_style, self.no_think_reason = no_think_style_for(self.chat_template)
+        elif no_think_style in NO_THINK_STYLES:
+            self.no_think_reason = "chosen explicitly"
+        else:
+            raise ValueError(f"no_think_style must be 'prefill', 'suffix' or 'slash', got {no_think_style!r}")
+        self.no_think_style = no_think_style
         self.image_token, self.video_token = image_token, video_token
         self.image_token_id = self._token_id(image_token)
         self.video_token_id = self._token_id(video_token)
@@ -521,7 +771,7 @@ class Processor:
         if pad_token is None:  # Qwen pads with <|endoftext|>
             pad_token = "<|endoftext|>" if tokenizer.token_to_id("<|endoftext|>") is not None else eos_token
         self.pad_token_id = self._token_id(pad_token)
-        if eos_token_ids is None:  # stop on <|im_end|>, and on <|endoftext|> defensively (SPEC §2.4)
+        if eos_token_ids is None:  # stop on <|im_end|>, and on <|endoftext|> defensively (Qwen's generation_config)
             eos_token_ids = [self._token_id(eos_token)]
             if tokenizer.token_to_id("<|endoftext|>") is not None:
                 eos_token_ids.append(tokenizer.token_to_id("<|endoftext|>"))
@@ -534,7 +784,17 @@ class Processor:
             template_tokens = {"eos_token": eos_token, "pad_token": pad_token}
         self.template_tokens = template_tokens
         self.min_pixels, self.max_pixels = min_pixels, max_pixels
-        self.no_think_style = no_think_style
+        self.generation_config = dict(generation_config or {})
+        # Text-as-text encoding (see above): the control tokens, and a tokenizer twin that reads
+        # special-token strings as plain text.
+        specials = [t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special]
+        self._control_ids = {t: tokenizer.token_to_id(t) for t in specials}
+        self._control = re.compile("|".join(re.escape(t) for t in sorted(specials, key=len, reverse=True))) \
+            if specials else None
+        self._marks = {t: chr(_MARK_BASE + i) for i, t in enumerate(specials)}
+        self._unmarks = {m: t for t, m in self._marks.items()}
+        self._text_tokenizer = type(tokenizer).from_str(tokenizer.to_str())
+        self._text_tokenizer.encode_special_tokens = True
 
     def _token_id(self, token):
         token_id = self.tokenizer.token_to_id(token)
@@ -546,7 +806,8 @@ class Processor:
     def from_pretrained(cls, path, **kwargs):
         """Load from a checkpoint folder: tokenizer.json, and when present tokenizer_config.json (special
         tokens, template), chat_template.jinja/.json, preprocessor_config.json (pixel budget) and
-        generation_config.json (stop tokens). `kwargs` override the constructor's arguments."""
+        generation_config.json (stop tokens, sampling defaults), each type-checked with a clear
+        error naming the file. `kwargs` override the constructor's arguments."""
         from tokenizers import Tokenizer
 
         folder = Path(path)
@@ -554,14 +815,19 @@ class Processor:
             raise FileNotFoundError(f"model folder not found: {folder}")
         if not (folder / "tokenizer.json").is_file():
             raise FileNotFoundError(f"{folder / 'tokenizer.json'} not found; download it with the weights")
-        tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
-        config = _read_json(folder / "tokenizer_config.json")
+        try:
+            tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        except Exception as e:  # the Rust library raises a bare Exception for every parse error
+            raise ValueError(f"{folder / 'tokenizer.json'} is not a readable tokenizer ({e}); download it again") from None
+        config_file = folder / "tokenizer_config.json"
+        config = check_json_fields(read_json_file(config_file), config_file, TOKENIZER_CONFIG_KINDS)
         template_tokens = {k: _token_text(config[k]) for k in _TEMPLATE_TOKEN_KEYS if config.get(k)}
         if config.get("additional_special_tokens"):
             template_tokens["additional_special_tokens"] = [
                 _token_text(t) for t in config["additional_special_tokens"]]
         pre_file = folder / "preprocessor_config.json"
-        pre = _read_json(pre_file)
+        pre = check_json_fields(read_json_file(pre_file), pre_file, PREPROCESSOR_KINDS)
+        size = check_json_fields(pre.get("size") or {}, pre_file, PREPROCESSOR_SIZE_KINDS, prefix="size.")
         supported = (("patch_size", PATCH_SIZE), ("temporal_patch_size", TEMPORAL_PATCH_SIZE),
                      ("merge_size", MERGE_SIZE))
         for key, value in supported:
@@ -570,8 +836,8 @@ class Processor:
         for key, value in (("image_mean", CLIP_MEAN), ("image_std", CLIP_STD)):
             if not np.allclose(pre.get(key, value), value, rtol=0, atol=1e-6):
                 raise ValueError(f"{pre_file}: {key}={pre[key]} is not supported (only CLIP's {list(value)})")
-        size = pre.get("size") or {}
-        generation = _read_json(folder / "generation_config.json")
+        generation_file = folder / "generation_config.json"
+        generation = check_json_fields(read_json_file(generation_file), generation_file, GENERATION_KINDS)
         options = dict(
             eos_token=template_tokens.get("eos_token", "<|im_end|>"),
             pad_token=template_tokens.get("pad_token"),
@@ -579,18 +845,23 @@ class Processor:
             template_tokens=template_tokens,
             min_pixels=pre.get("min_pixels", size.get("shortest_edge", IMAGE_MIN_PIXELS)),
             max_pixels=pre.get("max_pixels", size.get("longest_edge", IMAGE_MAX_PIXELS)),
+            generation_config={k: generation[k] for k in GENERATION_KINDS
+                               if k != "eos_token_id" and generation.get(k) is not None},
         )
+        if options["min_pixels"] > options["max_pixels"]:
+            raise ValueError(f"{pre_file}: min_pixels={options['min_pixels']} is above max_pixels={options['max_pixels']}")
         options.update(kwargs)
         if "chat_template" not in options:
             options["chat_template"] = _find_chat_template(folder, config)
         return cls(tokenizer, **options)
 
     def save_pretrained(self, path):
-        """Write tokenizer.json, tokenizer_config.json, chat_template.json and preprocessor_config.json,
-        loadable by from_pretrained and by transformers (PreTrainedTokenizerFast, Qwen2VLImageProcessor)."""
+        """Write tokenizer.json, tokenizer_config.json, chat_template.json and preprocessor_config.json
+        (each atomically), loadable by from_pretrained and by transformers (PreTrainedTokenizerFast,
+        Qwen2VLImageProcessor)."""
         folder = Path(path)
         folder.mkdir(parents=True, exist_ok=True)
-        self.tokenizer.save(str(folder / "tokenizer.json"))
+        write_file_atomic(folder / "tokenizer.json", self.tokenizer.save)
         files = {
             "tokenizer_config.json": {**self.template_tokens, "tokenizer_class": "PreTrainedTokenizerFast",
                                       "clean_up_tokenization_spaces": False, "model_max_length": 131072},
@@ -603,22 +874,67 @@ class Processor:
                 "temporal_patch_size": TEMPORAL_PATCH_SIZE, "merge_size": MERGE_SIZE},
         }
         for name, content in files.items():
-            (folder / name).write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            write_json_atomic(folder / name, content)
 
     # -- text ------------------------------------------------------------------------------------------
-    def apply_chat_template(self, conversation, add_generation_prompt=True, think=True, **template_kwargs):
-        """One conversation -> the prompt string (vision placeholders not yet expanded)."""
+    def _render(self, conversation, add_generation_prompt=True, think=True, **template_kwargs):
+        """The prompt with every special-token string of the conversation's own text as a marker."""
         if not think and self.no_think_style in NO_THINK_SUFFIXES:
             conversation = self._append_to_last_user(conversation, NO_THINK_SUFFIXES[self.no_think_style])
         variables = {**self.template_tokens, **template_kwargs}
-        text = self._template.render(messages=conversation, tools=None, documents=None,
-                                     add_generation_prompt=add_generation_prompt, **variables)
+        try:
+            text = self._env.render(self._template, messages=self._mark(conversation), tools=None,
+                                    documents=None, add_generation_prompt=add_generation_prompt, **variables)
+        except jinja2.exceptions.SecurityError as e:
+            raise ValueError(f"the chat template was stopped: {e}") from None
+        except jinja2.exceptions.TemplateError as e:  # raise_exception(...), undefined names
+            raise ValueError(f"the chat template rejected the conversation: {e}") from None
+        except (RecursionError, MemoryError, ArithmeticError, TypeError, LookupError, AttributeError) as e:
+            raise ValueError(f"the chat template failed: {type(e).__name__}: {str(e)[:200]}") from None
         if not think and self.no_think_style == "prefill":
             if not add_generation_prompt:
                 raise ValueError("think=False with no_think_style='prefill' prefills the assistant turn; "
                                  "it needs add_generation_prompt=True")
             text += NO_THINK_PREFILL
         return text
+
+    def apply_chat_template(self, conversation, add_generation_prompt=True, think=True, **template_kwargs):
+        """One conversation -> the prompt string (vision placeholders not yet expanded)."""
+        return self._unmark(self._render(conversation, add_generation_prompt, think, **template_kwargs))
+
+    def _mark(self, value):
+        """A copy of a conversation (nested dicts / lists) with special-token strings in its strings
+        replaced by markers (literal plane-16 characters escaped); other values are kept as they are."""
+        if isinstance(value, str):
+            if any(ord(c) >= _MARK_BASE for c in value):
+                value = "".join(_MARK_ESCAPE + c if ord(c) >= _MARK_BASE else c for c in value)
+            return self._control.sub(lambda m: self._marks[m.group()], value) if self._control else value
+        if isinstance(value, dict):
+            return {k: self._mark(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [self._mark(v) for v in value]
+        return value
+
+    def _unmark(self, text):
+        if not any(ord(c) >= _MARK_BASE for c in text):
+            return text
+        out, chars = [], iter(text)
+        for c in chars:
+            out.append(next(chars, "") if c == _MARK_ESCAPE else self._unmarks.get(c, c))
+        return "".join(out)
+
+    def _encode_rendered(self, text):
+        """Marked prompt -> ids: the template's special tokens are control tokens, the text between
+        them is tokenised as text (special-token strings inside it included)."""
+        ids, start = [], 0
+        for m in (self._control.finditer(text) if self._control else ()):
+            if m.start() > start:
+                ids += self._text_tokenizer.encode(self._unmark(text[start:m.start()]), add_special_tokens=False).ids
+            ids.append(self._control_ids[m.group()])
+            start = m.end()
+        if start < len(text):
+            ids += self._text_tokenizer.encode(self._unmark(text[start:]), add_special_tokens=False).ids
+        return ids
 
     @staticmethod
     def _append_to_last_user(conversation, suffix):
@@ -640,8 +956,14 @@ class Processor:
         return conversation
 
     def encode(self, text):
-        """A string -> token ids (no placeholder expansion)."""
-        return self.tokenizer.encode(text).ids
+        """A prompt string -> token ids, special-token strings read as special tokens (as a
+        template's output is; no placeholder expansion)."""
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode_text(self, text):
+        """Text (a document, a message) -> token ids with every character read as text:
+        "<|im_end|>" in it is the six-odd tokens that spell it, never the control token."""
+        return self._text_tokenizer.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids, skip_special_tokens=False):
         """One sequence of ids (list or 1-D tensor) -> text."""
@@ -716,10 +1038,10 @@ class Processor:
         if not conversations:
             raise ValueError("no conversation given")
         batch = [conversations] if isinstance(conversations[0], dict) else list(conversations)
-        texts = [self.apply_chat_template(c, add_generation_prompt, think, **template_kwargs) for c in batch]
+        texts = [self._render(c, add_generation_prompt, think, **template_kwargs) for c in batch]
         out = self.vision_inputs(batch, min_pixels, max_pixels)
         texts = self.expand_vision_tokens(texts, out.get("image_grid_thw"), out.get("video_grid_thw"))
-        ids = [e.ids for e in self.tokenizer.encode_batch(texts)]
+        ids = [self._encode_rendered(text) for text in texts]
         length = max(len(x) for x in ids)
         input_ids = torch.full((len(ids), length), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(ids), length), dtype=torch.long)
