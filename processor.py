@@ -5,7 +5,11 @@ processor.py — everything between raw inputs (text, images, videos) and token 
      transformers' `Qwen2VLImageProcessor` (patchify, CLIP normalisation), bit for bit
   2. The chat template (MiMo-VL's, a Qwen2.5-VL template with <think>) and the Processor, which
      renders a conversation, expands every image / video into its visual tokens and returns the
-     tensors the model takes (transformers' `Qwen2_5_VLProcessor` semantics)
+     tensors the model takes (transformers' `Qwen2_5_VLProcessor` semantics). Two deliberate
+     differences: message text is tokenised as text (a "<|im_end|>" typed by a user is not the
+     control token), and a checkpoint's template runs in a sandbox with a work and size budget.
+     Every JSON file of a checkpoint folder is read and type-checked by read_json_file /
+     check_json_fields (mimovl.py uses them for config.json and the weight index).
 
 This file stands on its own: it imports neither the model nor the kernels.
 """
@@ -16,6 +20,7 @@ import functools
 import io
 import json
 import math
+import numbers
 import os
 import re
 import secrets
@@ -32,7 +37,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from PIL import Image
 
 # --- 2.0 The built-in chat template (defined first: the from-scratch tokenizer of section 5 saves it) -----
-# Qwen2.5-VL's template (SPEC §2.6) with MiMo's default system prompt (the one ms-swift registers for
+# Qwen2.5-VL's template (its hub chat_template.json) with MiMo's default system prompt (the one ms-swift registers for
 # mimo_vl). Used only for checkpoints that ship no template of their own; official checkpoints bring
 # theirs in chat_template.json. Each message renders as "<|im_start|>{role}\n{content}<|im_end|>\n";
 # an image item as <|vision_start|><|image_pad|><|vision_end|>, a video item likewise with
@@ -64,7 +69,7 @@ DEFAULT_CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
-# --- 1.0 Constants (SPEC §2.5, §5) --------------------------------------------------------------------
+# --- 1.0 Constants (qwen-vl-utils vision_process.py; Qwen2VLImageProcessor) ----------------------------------
 PATCH_SIZE = 14  # ViT patch side in pixels
 TEMPORAL_PATCH_SIZE = 2  # frames per patch; an image is its own frame twice
 MERGE_SIZE = 2  # 2x2 patches merge into one LLM token
@@ -73,7 +78,7 @@ PATCH_DIM = 3 * TEMPORAL_PATCH_SIZE * PATCH_SIZE * PATCH_SIZE  # 1176 values per
 MAX_ASPECT_RATIO = 200
 IMAGE_MIN_PIXELS = 4 * 28 * 28  # 3136: qwen-vl-utils and the Qwen2.5-VL hub preprocessor_config
 IMAGE_MAX_PIXELS = 16384 * 28 * 28  # 12,845,056: the same two, i.e. up to 16384 tokens per image
-MIMO_MAX_PIXELS = 4096 * 28 * 28  # 3,211,264: MiMo-VL's evaluation setting (SPEC §2.5), <= 4096 tokens
+MIMO_MAX_PIXELS = 4096 * 28 * 28  # 3,211,264: MiMo-VL's evaluation setting (report §4.1), <= 4096 tokens
 VIDEO_MIN_PIXELS = 128 * 28 * 28  # per frame
 VIDEO_MAX_PIXELS = 768 * 28 * 28  # per frame
 VIDEO_TOTAL_PIXELS = 128000 * 28 * 28 * 0.9  # all frames together: 90% of a 128k-token context
@@ -83,13 +88,18 @@ FPS_MIN_FRAMES = 4
 FPS_MAX_FRAMES = 768
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP normalisation, RGB
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# MiMo-VL's evaluation budgets (report §4.1), a named preset for the chat: images up to 4096*28*28
+# pixels, videos sampled at 2 fps, at most 256 frames and a total budget of 16384 tokens (qwen-vl-utils'
+# total_pixels, with its per-frame floor of 1.05 * VIDEO_MIN_PIXELS).
+PRESETS = {"paper-eval": {"max_pixels": MIMO_MAX_PIXELS,
+                          "video": {"fps": 2.0, "max_frames": 256, "total_pixels": 16384 * 28 * 28}}}
 FRAME_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
 
 # --- 1.1 smart_resize ---------------------------------------------------------------------------------
 def smart_resize(height, width, factor=IMAGE_FACTOR, min_pixels=IMAGE_MIN_PIXELS, max_pixels=IMAGE_MAX_PIXELS):
     """(height, width) -> the (h, w) the model sees: multiples of `factor`, h*w in [min_pixels, max_pixels],
-    aspect ratio kept as well as that allows. qwen-vl-utils semantics (SPEC §5.1): the max(factor, .)
+    aspect ratio kept as well as that allows. qwen-vl-utils semantics (vision_process.py): the max(factor, .)
     clamp comes first, Python's round() is banker's rounding."""
     if height <= 0 or width <= 0:
         raise ValueError(f"image size must be positive, got height={height}, width={width}")
@@ -178,7 +188,7 @@ def resize_image(image, min_pixels=None, max_pixels=None, resized_height=None, r
     return img.resize((w, h), resample=Image.Resampling.BICUBIC)
 
 
-# --- 1.3 Normalise and patchify (SPEC §4.2) -----------------------------------------------------------
+# --- 1.3 Normalise and patchify (Qwen2VLImageProcessor) ------------------------------------------------
 def patchify(frames):
     """frames (T, 3, H, W) float32, H and W multiples of 28 -> (pixel_values [N, 1176], (t, gh, gw)).
     T is padded to a multiple of 2 by repeating the last frame. Rows come block-major over the 2x2
@@ -208,7 +218,7 @@ def preprocess_image(image, min_pixels=None, max_pixels=None, resized_height=Non
     return patchify(frames)
 
 
-# --- 1.4 Videos (SPEC §5.3) ---------------------------------------------------------------------------
+# --- 1.4 Videos (qwen-vl-utils fetch_video) ------------------------------------------------------------
 # A video reaches the model as frames sampled at `fps` (2 by default), an even number of them, all
 # resized to one size chosen from a per-frame pixel budget; consecutive frame pairs form one temporal
 # patch. Sources: a decoded (T,H,W,3) uint8 array with its `video_fps`, a video file (needs the
@@ -218,11 +228,19 @@ VIDEO_KEYS = ("fps", "nframes", "min_frames", "max_frames", "video_fps", "sample
               "video_end", "min_pixels", "max_pixels", "total_pixels", "resized_height", "resized_width")
 
 
+def _positive_number(x):
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
 def smart_nframes(total_frames, video_fps, fps=None, nframes=None, min_frames=None, max_frames=None):
     """How many frames to sample (qwen-vl-utils semantics): `nframes` rounded to even, or `fps` frames
     per second of video clamped to [min_frames, max_frames] and to the video, floored to even."""
     if fps is not None and nframes is not None:
         raise ValueError(f"give a video either fps ({fps}) or nframes ({nframes}), not both")
+    if fps is not None and not (_positive_number(fps)):
+        raise ValueError(f"a video's fps must be a positive number of frames per second, got {fps!r}")
+    if nframes is not None and not (isinstance(nframes, numbers.Integral) and nframes > 0):
+        raise ValueError(f"a video's nframes must be a positive integer, got {nframes!r}")
     if nframes is not None:
         n = round(nframes / FRAME_FACTOR) * FRAME_FACTOR
     else:
@@ -339,6 +357,9 @@ def fetch_video(video, fps=None, nframes=None, min_frames=None, max_frames=None,
         images += images[-1:] * (-len(images) % FRAME_FACTOR)
         frames = torch.from_numpy(np.stack([np.asarray(img) for img in images]))
         sample_fps = FPS if sample_fps is None else sample_fps
+        if not (_positive_number(sample_fps)):
+            raise ValueError(f"a video's sample_fps (the rate its frames were taken at) must be a positive "
+                             f"number, got {sample_fps!r}")
     else:
         if isinstance(video, (str, Path)):
             array, video_fps, count = _read_video_file(Path(video), fps, nframes, min_frames, max_frames,
@@ -351,7 +372,7 @@ def fetch_video(video, fps=None, nframes=None, min_frames=None, max_frames=None,
                                  f"{frames.dtype}, shape {tuple(frames.shape)}")
             if frames.shape[0] == 0:
                 raise ValueError("video has no frames: the array has T = 0")
-            if video_fps is None or video_fps <= 0:
+            if not (_positive_number(video_fps)):
                 raise ValueError("a video array needs its frame rate: add 'video_fps' (frames per second)")
             start, end, count = video_frame_range(frames.shape[0], video_fps, video_start, video_end)
             n = smart_nframes(count, video_fps, fps, nframes, min_frames, max_frames)
@@ -550,8 +571,13 @@ def _find_chat_template(folder, tokenizer_config):
     """The checkpoint's own template: chat_template.jinja, chat_template.json, then tokenizer_config.json
     (a string, or a list of named templates); None when it has none."""
     if (folder / "chat_template.jinja").is_file():
-        return (folder / "chat_template.jinja").read_text(encoding="utf-8")
-    template = read_json_file(folder / "chat_template.json").get("chat_template")
+        try:
+            return (folder / "chat_template.jinja").read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{folder / 'chat_template.jinja'} is not UTF-8 text ({e})") from None
+    template_file = folder / "chat_template.json"
+    template = check_json_fields(read_json_file(template_file), template_file,
+                                 {"chat_template": TOKENIZER_CONFIG_KINDS["chat_template"]}).get("chat_template")
     if template is None:
         template = tokenizer_config.get("chat_template")
     if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
@@ -1012,7 +1038,7 @@ class Processor:
 
     def expand_vision_tokens(self, texts, image_grid_thw=None, video_grid_thw=None):
         """Repeat the k-th image (video) pad token of the batch t*h*w/4 times, the number of merged
-        tokens its grid makes (SPEC §2.6)."""
+        tokens its grid makes (as Qwen2_5_VLProcessor does)."""
         out = list(texts)
         for token, grids in ((self.image_token, image_grid_thw), (self.video_token, video_grid_thw)):
             counts = [] if grids is None else [int(g.prod()) // MERGE_SIZE ** 2 for g in torch.as_tensor(grids)]
