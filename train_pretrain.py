@@ -1,6 +1,6 @@
 """
-train_pretrain.py — MiMo-VL's four pre-training stages (SPEC.md §6.1-§6.3), runnable from a
-2-core laptop to many GPUs with plain PyTorch and torch.distributed.
+train_pretrain.py — MiMo-VL's four pre-training stages (MiMo-VL report, arXiv 2506.03569, §2.1-2.3
+and Table 1), runnable from a 2-core laptop to many GPUs with plain PyTorch and torch.distributed.
 
     # the small-scale reproduction: stage 0 + stages 1-4 on the tiny preset, 2 CPU cores (17 min)
     python train_pretrain.py
@@ -13,15 +13,16 @@ train_pretrain.py — MiMo-VL's four pre-training stages (SPEC.md §6.1-§6.3), 
     # several nodes (run on every node, NODE = 0..N-1; the data are read per rank, shared disk for --out)
     torchrun --nnodes 4 --node_rank $NODE --nproc_per_node 8 --rdzv_backend c10d \\
         --rdzv_endpoint $MASTER_HOST:29500 train_pretrain.py --init ... --recipe paper --fsdp
-    # continue an interrupted run exactly where it stopped / run some stages
+    # continue an interrupted run where it stopped / start a finished one again
     python train_pretrain.py --resume
+    python train_pretrain.py --overwrite
     # the reasoning-data ablation: stage 4 again from the same stage-3 model, answers without CoT
     python train_pretrain.py --stage 4 --from runs/pretrain/stage3 --no-reasoning-data --out runs/pretrain-noreason
-    # score a checkpoint on any JSONL file whose lines carry an `answer` (SPEC §6.5)
-    python train_pretrain.py --eval-only runs/pretrain/stage4 --eval-jsonl my_benchmark.jsonl
+    # score a stage folder on the held-out suite or on any JSONL file: evaluate.py
+    python evaluate.py runs/pretrain/stage4 --jsonl my_benchmark.jsonl
 
-The recipe (SPEC §6.3, MiMo-VL report Table 1): a pretrained ViT (Qwen2.5-ViT) and a pretrained
-LM (MiMo-7B-Base) joined by a freshly initialised MLP projector (`model.visual.merger`), then
+The recipe (MiMo-VL report Table 1): a pretrained ViT (Qwen2.5-ViT) and a pretrained LM
+(MiMo-7B-Base) joined by a freshly initialised MLP projector (`model.visual.merger`), then
 
     stage 1  projector warm-up            projector only       image-caption pairs      LR 1e-3
     stage 2  vision-language alignment    ViT + projector      + interleaved data       LR 1e-4 -> 1e-5
@@ -36,9 +37,9 @@ there are no pretrained towers, so a stage 0 makes tiny ones first: `0-lm` train
 synthetic text corpus, `0-vit` trains the ViT to classify every 28-px cell of synthetic scenes
 through a small temporary head (measured: with random towers a projector-only stage 1 learns
 colour but not shape). The tiny values in STAGES below are ours, chosen so that each stage
-learns within minutes on a CPU (../shared/SMALL-SCALE-NOTES.md); PAPER_STAGES are the paper's.
+learns within minutes on a CPU; PAPER_STAGES are the paper's.
 
-Output (`--out`, default runs/pretrain):
+Output (`--out`, default runs/pretrain; a rerun needs --resume or --overwrite):
     tokenizer/            the from-scratch BPE tokenizer (synthetic.train_tokenizer)
     stage0-lm/ stage0-vit/ stage1/ ... stage4/
                           Hugging Face folders (config.json, model.safetensors, tokenizer.json,
@@ -47,16 +48,16 @@ Output (`--out`, default runs/pretrain):
     checkpoints/<stage>/step-NNNNNN/   resumable training state (safetensors + JSON)
     metrics.jsonl  eval.jsonl  summary.md
 
-Sections: 1 stage table · 2 compute_init and precision · 3 the model: init, freezing, wrapping
-· 4 optimiser and schedule · 5 checkpoints · 6 evaluation and scorers · 7 data streams ·
-8 the training loop · 9 command line. Tests: tests/test_pretrain.py.
+Sections: 1 the stage table · 2 the model: init and freezing · 3 what each stage trains on
+(objectives) · 4 the training loop · 5 evaluation after each stage · 6 command line.
+The shared mechanics (compute, wrapping, optimiser, checkpoints, run folder) are in training.py.
+Tests: tests/test_pretrain.py.
 """
 
 import argparse
 import json
 import math
 import os
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, replace
@@ -68,24 +69,25 @@ import torch.nn.functional as F
 
 import packing
 import synthetic
+from evaluate import (PRIMARY_METRICS, answer_loss, eval_suites, format_results, heldout_suite,
+                      majority_answers, run_suite)
 from mimovl import MiMoVL, MiMoVLConfig
-from evaluate import (PRIMARY_METRICS, answer_loss, eval_suites, evaluate, format_results,
-                      heldout_suite, majority_answers, run_suite, summarise)
-from training import (Compute, all_reduce_sum, atomic_dir, build_optimizer, commit_dir, compute_init,
-                      full_state, gather_objects, grad_sync, list_checkpoints, load_training_state, lr_at,
-                      memory_estimate_gib, pick_threads, save_stage_folder, save_training_state, unwrap,
-                      wrap_model)
-from processor import Processor, patchify, preprocess_image
+from processor import Processor, preprocess_image
+from training import (Compute, JsonlLog, add_dummy_vision, all_reduce_sum, atomic_dir,
+                      build_optimizer, clean_stale_tmp, commit_dir, compute_init, fail, full_state,
+                      gather_objects, grad_sync, list_checkpoints, load_training_state, lr_at,
+                      memory_estimate_gib, prepare_run_dir, resume_checkpoint, save_stage_folder,
+                      save_training_state, set_threads, set_trainable, wrap_model)
 
 
 # -----------------------------------------------------------------------------
-# 1. The stage table (SPEC §6.3)
+# 1. The stage table (MiMo-VL report Table 1)
 
 @dataclass
 class Stage:
     key: str            # "0-lm", "0-vit", "1" .. "4"
     purpose: str
-    trainable: tuple    # parts of the model (PARTS) that get gradients
+    trainable: tuple    # parts of the model (training.PARTS) that get gradients
     lr: float           # peak learning rate, reached after `warmup` steps
     min_lr: float       # the cosine decay ends here
     warmup: int         # optimiser steps of linear warm-up
@@ -96,10 +98,11 @@ class Stage:
     paper: str          # the paper's setting for this stage
 
 
-# Tiny-scale values. Learning rates: 3e-4 got a tiny model off the no-image plateau where 1e-3
-# kept it there (SMALL-SCALE-NOTES.md); the projector-only stage keeps the paper's 1e-3, since
-# a small randomly initialised MLP between two frozen towers tolerates it. Stage 4 doubles the
-# row length (long-context packing) and, as the paper, raises the LR above stage 3's.
+# Tiny-scale values. Learning rates, measured in this project on the 4 M-parameter model: 3e-4
+# got it off the no-image plateau (the loss the text alone allows) where 1e-3 kept it there;
+# the projector-only stage keeps the paper's 1e-3, since a small randomly initialised MLP
+# between two frozen towers tolerates it. Stage 4 doubles the row length (long-context
+# packing) and, as the paper, raises the LR above stage 3's.
 STAGES = {
     "0-lm": Stage("0-lm", "LM pre-training (stands in for MiMo-7B-Base)", ("llm",),
                   1e-3, 1e-4, 20, 400, 2048, 1, "synthetic text: documents, text scenes, word problems",
@@ -139,42 +142,43 @@ def stage_table(stages):
     return "\n".join(lines)
 
 
-# -----------------------------------------------------------------------------
-# 2. compute_init: one entry point for CPU, one GPU and torchrun; the precision policy
+def stage_mixture(key, args):
+    """The data of a stage: synthetic.stage_mixture (each stage adds data types, MiMo-VL report
+    §2.2) or --mixture, plus --replay of the earlier stages' mixtures (1..k-1, equal shares).
+    Measured: without replay stage 3 erased stage 1's big-shape captions (accuracy 0.81 -> 0.00)."""
+    if key == "0-lm":
+        return synthetic.stage_mixture(0)
+    k, reasoning = int(key), not args.no_reasoning_data
+    mix = parse_mixture(args.mixture) if args.mixture else synthetic.stage_mixture(k, reasoning)
+    earlier = [synthetic.stage_mixture(j, reasoning) for j in range(1, k)]
+    if not earlier or args.replay <= 0:
+        return mix
+
+    def scaled(items, share):
+        total = sum(m.weight for m in items)
+        return [replace(m, weight=m.weight / total * share) for m in items]
+    return scaled(mix, 1 - args.replay) + sum((scaled(e, args.replay / len(earlier)) for e in earlier), [])
+
+
+def parse_mixture(text):
+    """'count:2,ground_box:1' -> [MixItem] with default difficulty."""
+    items = []
+    for part in text.split(","):
+        task, _, w = part.partition(":")
+        if task.strip() not in synthetic.TASKS:
+            fail(f"--mixture: unknown task {task.strip()!r}; choose from {', '.join(sorted(synthetic.TASKS))}")
+        try:
+            items.append(synthetic.MixItem(task.strip(), float(w or 1)))
+        except ValueError:
+            fail(f"--mixture: weight {w!r} of {task.strip()} is not a number")
+    return items
 
 
 # -----------------------------------------------------------------------------
-# 3. The model: configs, initialisation, freezing, wrapping
-
-# Every parameter belongs to exactly one part (tested): the stages freeze and train parts.
-PARTS = {
-    "vit": ("visual.patch_embed.", "visual.blocks."),
-    "projector": ("visual.merger.",),
-    "llm": ("model.", "lm_head."),
-}
-
-
-def part_of(name):
-    for part, prefixes in PARTS.items():
-        if name.startswith(prefixes):
-            return part
-    raise ValueError(f"parameter {name} belongs to no part of {list(PARTS)}")
-
-
-def set_trainable(model, parts):
-    """requires_grad = True exactly on the parameters of `parts`; returns the trainable count."""
-    for p in parts:
-        if p not in PARTS:
-            raise ValueError(f"unknown model part {p!r}; choose from {', '.join(PARTS)}")
-    n = 0
-    for name, p in model.named_parameters():
-        p.requires_grad_(part_of(name) in parts)
-        n += p.numel() if p.requires_grad else 0
-    return n
-
+# 2. The model: initialisation (freezing: training.set_trainable over training.PARTS)
 
 def reinit_projector(model):
-    """A fresh projector, as the paper's stage 1 starts with (SPEC §6.1)."""
+    """A fresh projector, as the paper's stage 1 starts with (MiMo-VL report §2.1)."""
     merger = model.visual.merger
     merger.apply(MiMoVL._init_weights)
     nn.init.ones_(merger.ln_q.weight)
@@ -200,10 +204,115 @@ def tiny_config(scale=1):
     return cfg.validate()
 
 
+def fresh_model(a):
+    """A from-scratch model (stage 0-lm's start): the tiny preset (widened by --scale) or --preset."""
+    cfg = tiny_config(a.scale) if a.preset == "tiny" else MiMoVLConfig.preset(a.preset)
+    torch.manual_seed(a.seed)               # identical initial weights on every rank
+    model = MiMoVL(cfg)
+    with torch.no_grad():
+        # std-0.02 patch embeddings drown the shapes in the background; measured in this
+        # project, x5 made the tiny model learn counting images several times faster
+        model.visual.patch_embed.proj.weight.mul_(a.patch_embed_scale)
+    return model
+
+
+# -----------------------------------------------------------------------------
+# 3. What each stage trains on: an objective = the trainee, its data stream, one step's
+#    forward/backward, and its evaluation. The loop (section 4) is the same for all.
+
+class NextTokenObjective:
+    """Stage 0-lm: the model itself on packed rows of the stage's mixture (`per_rank` rows per
+    rank per step, the micro-batches), next-token loss on the labelled tokens."""
+    needs_vision = False      # True where every rank must call the vision tower in every step
+    extra_files = ()          # files beside the weights that a checkpoint of this stage holds
+
+    def __init__(self, run, key, model, processor, resume_from):
+        self.run, self.key, self.model, self.processor = run, key, model, processor
+        self.trainee = model
+
+    def start(self, per_rank, step, loader_state):
+        a, c = self.run.args, self.run.compute
+        self.per_rank = per_rank
+        vision_trainable = any(p.requires_grad for p in self.model.visual.parameters())
+        self.dummy_vision = vision_trainable or (self.needs_vision and a.fsdp and c.distributed)
+        self.loader = packing.PackedLoader(
+            synthetic.SyntheticDataset(stage_mixture(self.key, a), "train", a.seed), self.processor,
+            max_tokens=self.run.stages[self.key].seq_len, chunk_size=a.chunk_size, num_workers=a.workers,
+            rank=c.rank, world_size=c.world_size, seed=a.seed, on_too_long="skip")
+        if loader_state is not None:
+            self.loader.load_state_dict(loader_state)
+        self.stream = iter(self.loader)
+
+    def next_batch(self):
+        rows = [next(self.stream) for _ in range(self.per_rank)]
+        if self.dummy_vision:
+            video = self.run.args.fsdp and self.run.compute.distributed
+            rows = [add_dummy_vision(r, self.processor, video=video) for r in rows]
+        return rows
+
+    def forward_backward(self, wrapped, rows):
+        """The loss is normalised by the number of labelled tokens of the whole global step, so
+        any split over ranks and micro-batches gives the same gradient as one big batch."""
+        c = self.run.compute
+        n_valid = [int((r["labels"][:, 1:] != packing.IGNORE_INDEX).sum()) for r in rows]
+        counts = torch.tensor([float(sum(n_valid)), float(sum(r["input_ids"].shape[1] for r in rows))])
+        counts = all_reduce_sum(counts, c)
+        total = max(counts[0].item(), 1.0)
+        loss_sum = torch.zeros((), device=c.device)
+        for i, r in enumerate(rows):
+            with grad_sync(wrapped, i == len(rows) - 1), c.autocast():
+                out = wrapped(r["input_ids"].to(c.device), labels=r["labels"].to(c.device),
+                              cu_seqlens=r["cu_seqlens"].to(c.device), **packing.vision_inputs(r, c.device))
+                (out.loss * (n_valid[i] * c.world_size / total)).backward()
+            loss_sum += out.loss.detach().float() * n_valid[i]
+        loss_sum = all_reduce_sum(loss_sum, c)
+        return float(loss_sum) / total, {"tokens": int(counts[1]), "labelled": int(counts[0])}
+
+    def loader_state(self, step):
+        return self.loader.state_dict()
+
+    def progress(self, extra, tok_s):
+        return f" {tok_s:,.0f} tok/s"
+
+    def split(self, state):
+        """-> (MiMoVL weights, extra weights saved beside them)."""
+        return state, {}
+
+    @staticmethod
+    def evaluate(run, key, model, processor, folder, cache):
+        """Held-out text loss per labelled token."""
+        a, c = run.args, run.compute
+        ds = synthetic.SyntheticDataset(synthetic.stage_mixture(0), "heldout", a.seed)
+        samples = [ds[i] for i in range(c.rank, a.eval_n, c.world_size)]
+        sums = all_reduce_sum(torch.tensor(answer_loss(model, processor, samples), dtype=torch.float64,
+                                           device=c.device), c).tolist()
+        res = {"text_loss": sums[0] / max(sums[1], 1)}
+        return res, f"stage 0-lm: held-out text loss {res['text_loss']:.3f} (per labelled token)"
+
+
+class MultimodalObjective(NextTokenObjective):
+    """Stages 1-4: the same loss on packed multimodal rows; evaluated on the held-out suite
+    (model, majority answer, blank image). Under FSDP2 every rank calls the vision tower in every
+    step, so rows without an image (or video) get a dummy one (training.add_dummy_vision)."""
+    needs_vision = True
+
+    @staticmethod
+    def evaluate(run, key, model, processor, folder, cache):
+        a = run.args
+        if "suite" not in cache:
+            suite, losses = eval_suites(a.eval_tasks)
+            cache["suite"] = heldout_suite(a.eval_n, a.seed, suite)
+            cache["loss"] = heldout_suite(a.eval_n, a.seed, losses)
+            cache["majority"] = majority_answers(suite, seed=a.seed)
+        res = run_suite(model, processor, cache["suite"], run.compute, a.eval_batch, cache["majority"],
+                        cache["loss"])
+        return res, format_results(res, f"stage {key}: held-out suite, {a.eval_n} items per task, greedy")
+
+
 class CellClassifier(nn.Module):
-    """Stage 0-vit's objective: the class of every 28-px cell (synthetic.CELL_CLASSES) from the merged
-    visual token that covers it. The head is temporary: stage 1 drops it and re-initialises the
-    merger, keeping only what the ViT blocks learned."""
+    """Stage 0-vit's trainee: the class of every 28-px cell (synthetic.CELL_CLASSES) from the
+    merged visual token that covers it. The head is temporary: stage 1 drops it and re-initialises
+    the merger, keeping only what the ViT blocks learned."""
 
     def __init__(self, model, n_classes):
         super().__init__()
@@ -217,57 +326,9 @@ class CellClassifier(nn.Module):
         return loss, (logits.argmax(-1) == cell_labels).sum()
 
 
-# -----------------------------------------------------------------------------
-# 4. Optimiser and schedule
-
-
-# -----------------------------------------------------------------------------
-# 5. Checkpoints: HF stage folders and resumable training state (safetensors + JSON, atomic)
-
-
-def split_state(state, trainee):
-    """-> (MiMoVL weights, extra weights such as the 0-vit head)."""
-    if isinstance(unwrap(trainee), CellClassifier):
-        model = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
-        extra = {k: v for k, v in state.items() if not k.startswith("model.")}
-        return model, extra
-    return state, {}
-
-
-# -----------------------------------------------------------------------------
-# 7. Data streams
-
-def add_dummy_vision(row, processor, video=False):
-    """Append a 56x56 black image (and, with video=True, a 2-frame black video) as one unlabelled
-    document when the row has none. DDP and FSDP need every rank to use the same parameters in
-    every step, and FSDP2 needs every rank to call the vision tower the same number of times
-    (once for the images, once for the videos) so that the all-gathers pair up. The document adds
-    no loss and no gradient."""
-    need_image = row.get("pixel_values") is None
-    need_video = video and row.get("pixel_values_videos") is None
-    if not (need_image or need_video):
-        return row
-    tok = processor.tokenizer
-    start, end = tok.token_to_id("<|vision_start|>"), tok.token_to_id("<|vision_end|>")
-    black = patchify(torch.zeros(2, 3, 56, 56))[0]            # (16, 1176): 4 merged tokens
-    ids, out = [], dict(row)
-    if need_image:
-        ids += [start] + [processor.image_token_id] * 4 + [end]
-        out["pixel_values"], out["image_grid_thw"] = black, torch.tensor([[1, 4, 4]])
-    if need_video:
-        ids += [start] + [processor.video_token_id] * 4 + [end]
-        out["pixel_values_videos"], out["video_grid_thw"] = black, torch.tensor([[1, 4, 4]])
-        out["second_per_grid_ts"] = torch.tensor([1.0])
-    ids = torch.tensor(ids, dtype=row["input_ids"].dtype)[None]
-    out["input_ids"] = torch.cat([row["input_ids"], ids], dim=1)
-    out["labels"] = torch.cat([row["labels"], torch.full_like(ids, packing.IGNORE_INDEX)], dim=1)
-    out["cu_seqlens"] = torch.cat([row["cu_seqlens"], row["cu_seqlens"][-1:] + ids.shape[1]])
-    return out
-
-
-class _ClassifySteps(torch.utils.data.Dataset):
-    """Item `step` = this rank's share of the 0-vit batch of that step (a pure function of the
-    step, so resuming needs only the step)."""
+class CellBatches(torch.utils.data.Dataset):
+    """Item `step` = this rank's share of the 0-vit batch of that step: (pixel values, grids,
+    cell labels) of `per_rank` scenes. A pure function of the step, so resuming needs only it."""
 
     def __init__(self, per_rank, rank, world, seed, split="train"):
         self.per_rank, self.rank, self.world, self.seed, self.split = per_rank, rank, world, seed, split
@@ -281,59 +342,106 @@ class _ClassifySteps(torch.utils.data.Dataset):
         for i in range(first, first + self.per_rank):
             s = synthetic.classification_sample(i, self.split, self.seed)
             pv, grid = preprocess_image(s["image"], resized_height=s["image"].height,
-                                             resized_width=s["image"].width)
+                                        resized_width=s["image"].width)
             pvs.append(pv)
             grids.append(grid)
             labels += s["cell_labels"]
         return torch.cat(pvs), torch.tensor(grids), torch.tensor(labels)
 
 
-class _StepSampler(torch.utils.data.Sampler):
-    def __init__(self, start):
-        self.start = start
+class CellObjective:
+    """Stage 0-vit: ViT + merger + a temporary linear head (CellClassifier) classify every cell of
+    synthetic scenes, one batch of `per_rank` images per rank per step. The head is saved beside
+    the weights as extra.safetensors, which loaders of the model ignore."""
+    extra_files = ("extra.safetensors",)
 
-    def __iter__(self):
-        return iter(range(self.start, 1 << 40))
+    def __init__(self, run, key, model, processor, resume_from):
+        from safetensors.torch import load_file
+        self.run = run
+        torch.manual_seed(run.args.seed + 2)
+        self.trainee = CellClassifier(model, len(synthetic.CELL_CLASSES))
+        if resume_from:
+            self.trainee.head.load_state_dict(
+                {k[len("head."):]: v for k, v in load_file(os.path.join(resume_from, "extra.safetensors")).items()})
+
+    def start(self, per_rank, step, loader_state):
+        a, c = self.run.args, self.run.compute
+        ds = CellBatches(per_rank, c.rank, c.world_size, a.seed)
+        self.stream = iter(torch.utils.data.DataLoader(
+            ds, batch_size=None, sampler=packing.SamplerFrom(step), num_workers=a.workers,
+            worker_init_fn=packing.worker_init if a.workers else None))
+
+    def next_batch(self):
+        return [next(self.stream)]
+
+    def forward_backward(self, wrapped, batches):
+        c = self.run.compute
+        n = torch.tensor([float(sum(len(b[2]) for b in batches))])
+        total = all_reduce_sum(n, c).item()
+        loss_sum, correct = torch.zeros(()), torch.zeros(())
+        for i, (pv, grid, labels) in enumerate(batches):
+            with grad_sync(wrapped, i == len(batches) - 1), c.autocast():
+                loss, right = wrapped(pv.to(c.device), grid, labels.to(c.device))
+                (loss * (len(labels) * c.world_size / total)).backward()
+            loss_sum += loss.detach().float().cpu() * len(labels)
+            correct += right.cpu()
+        both = all_reduce_sum(torch.stack([loss_sum, correct]).to(c.device), c).cpu()
+        return float(both[0]) / total, {"cell_acc": float(both[1]) / total}
+
+    def loader_state(self, step):
+        return {"step": step}
+
+    def progress(self, extra, tok_s):
+        return f" cell acc {extra['cell_acc']:.2f}"
+
+    def split(self, state):
+        model = {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+        return model, {k: v for k, v in state.items() if not k.startswith("model.")}
+
+    @staticmethod
+    @torch.no_grad()
+    def evaluate(run, key, model, processor, folder, cache):
+        """Accuracy of the saved head on held-out scenes, beside always answering "empty"."""
+        from safetensors.torch import load_file
+        c = run.compute
+        head = nn.Linear(model.cfg.vision.out_hidden_size, len(synthetic.CELL_CLASSES)).to(c.device, model.dtype)
+        head.load_state_dict({k[len("head."):]: v for k, v in
+                              load_file(os.path.join(folder, "extra.safetensors")).items()})
+        right = total = empty = 0
+        for step in range(c.rank, max(1, run.args.eval_n // 32), c.world_size):
+            pv, grid, labels = CellBatches(32, 0, 1, run.args.seed, "heldout")[step]
+            logits = head(model.visual(pv.to(c.device, model.dtype), grid)).float()
+            right += int((logits.argmax(-1).cpu() == labels).sum())
+            total += len(labels)
+            empty += int((labels == 0).sum())
+        right, total, empty = all_reduce_sum(torch.tensor([right, total, empty], dtype=torch.float64), c).tolist()
+        res = {"cell_acc": right / total, "majority": empty / total}
+        return res, (f"stage 0-vit: held-out cell accuracy {res['cell_acc']:.3f} "
+                     f"(majority 'empty' {res['majority']:.3f}; linear head on the merged tokens)")
 
 
-def classify_stream(per_rank, compute, seed, start_step, workers):
-    ds = _ClassifySteps(per_rank, compute.rank, compute.world_size, seed)
-    return iter(torch.utils.data.DataLoader(ds, batch_size=None, sampler=_StepSampler(start_step),
-                                            num_workers=workers, worker_init_fn=packing.worker_init
-                                            if workers else None))
+OBJECTIVES = {"0-lm": NextTokenObjective, "0-vit": CellObjective, "1": MultimodalObjective,
+              "2": MultimodalObjective, "3": MultimodalObjective, "4": MultimodalObjective}
 
 
-def stage_mixture(key, args):
-    """The data of a stage: synthetic.stage_mixture (SPEC §6.3: each stage adds data types) or
-    --mixture, plus --replay of the earlier stages' mixtures (1..k-1, equal shares). Measured:
-    without replay stage 3 erased stage 1's big-shape captions (accuracy 0.81 -> 0.00)."""
-    if key == "0-lm":
-        return synthetic.stage_mixture(0)
-    k, reasoning = int(key), not args.no_reasoning_data
-    mix = parse_mixture(args.mixture) if args.mixture else synthetic.stage_mixture(k, reasoning)
-    earlier = [synthetic.stage_mixture(j, reasoning) for j in range(1, k)]
-    if not earlier or args.replay <= 0:
-        return mix
+class PoisonedLoss:
+    """--debug-nan-at-step (for the tests of the NaN guard): the wrapped objective, except that
+    step `at` (0-based) reports a NaN loss, as a diverging run would."""
 
-    def scaled(items, share):
-        total = sum(m.weight for m in items)
-        return [replace(m, weight=m.weight / total * share) for m in items]
-    return scaled(mix, 1 - args.replay) + sum((scaled(e, args.replay / len(earlier)) for e in earlier), [])
+    def __init__(self, objective, at, step):
+        self.objective, self.at, self.step = objective, at, step
 
+    def __getattr__(self, name):
+        return getattr(self.objective, name)
 
-def parse_mixture(text):
-    """'count:2,ground_box:1' -> [MixItem] with default difficulty."""
-    items = []
-    for part in text.split(","):
-        task, _, w = part.partition(":")
-        if task.strip() not in synthetic.TASKS:
-            raise ValueError(f"--mixture: unknown task {task.strip()!r}; choose from {', '.join(sorted(synthetic.TASKS))}")
-        items.append(synthetic.MixItem(task.strip(), float(w or 1)))
-    return items
+    def forward_backward(self, wrapped, batch):
+        loss, extra = self.objective.forward_backward(wrapped, batch)
+        self.step += 1
+        return (float("nan") if self.step - 1 == self.at else loss), extra
 
 
 # -----------------------------------------------------------------------------
-# 8. The training loop
+# 4. The training loop
 
 class NonFiniteLoss(RuntimeError):
     pass
@@ -347,16 +455,15 @@ class Run:
     out: str
     stages: dict            # key -> Stage (after overrides)
 
+    def __post_init__(self):
+        self.metrics = JsonlLog(os.path.join(self.out, "metrics.jsonl"), self.compute)
+        self.evals = JsonlLog(os.path.join(self.out, "eval.jsonl"), self.compute)
+
     def stage_dir(self, key):
         return os.path.join(self.out, f"stage{key}")
 
     def ckpt_root(self, key):
         return os.path.join(self.out, "checkpoints", f"stage{key}")
-
-    def log(self, name, record):
-        if self.compute.master:
-            with open(os.path.join(self.out, name), "a") as f:
-                f.write(json.dumps(record) + "\n")
 
 
 def start_folder(run, key, first):
@@ -372,8 +479,8 @@ def start_folder(run, key, first):
     prev = STAGE_ORDER[STAGE_ORDER.index(key) - 1]
     path = run.stage_dir(prev)
     if not os.path.isfile(os.path.join(path, "config.json")):
-        raise SystemExit(f"stage {key} starts from stage {prev}'s output {path}, which does not exist: "
-                         f"run stage {prev} first, pass --from DIR, or --init DIR (stage 1)")
+        fail(f"stage {key} starts from stage {prev}'s output {path}, which does not exist: "
+             f"run stage {prev} first, pass --from DIR, or --init DIR (stage 1)")
     return path
 
 
@@ -391,62 +498,48 @@ def load_processor(run, folder):
     return Processor.from_pretrained(path)
 
 
-def fresh_model(a):
-    """A from-scratch model (stage 0-lm's start): the tiny preset (widened by --scale) or --preset."""
-    cfg = tiny_config(a.scale) if a.preset == "tiny" else MiMoVLConfig.preset(a.preset)
-    torch.manual_seed(a.seed)               # identical initial weights on every rank
-    model = MiMoVL(cfg)
-    with torch.no_grad():
-        # std-0.02 patch embeddings drown the shapes in the background; x5 made the tiny model
-        # learn images several times faster (SMALL-SCALE-NOTES.md, lesson 5)
-        model.visual.patch_embed.proj.weight.mul_(a.patch_embed_scale)
+def load_model(run, key, src, resume_from, processor):
+    """The stage's starting model in fp32: its checkpoint when resuming, else `src` or (None) a
+    fresh model; stage 1 starts with a fresh projector (MiMo-VL report §2.1)."""
+    if resume_from or src:
+        model = MiMoVL.from_pretrained(resume_from or src, dtype=torch.float32, progress=False)
+    else:
+        model = fresh_model(run.args)
+    if processor.tokenizer.get_vocab_size() > model.cfg.text.vocab_size:
+        fail(f"the tokenizer has {processor.tokenizer.get_vocab_size()} tokens, more than "
+             f"the model's vocab_size {model.cfg.text.vocab_size}")
+    if key == "1" and not resume_from:
+        torch.manual_seed(run.args.seed + 1)
+        reinit_projector(model)
     return model
 
 
 def run_stage(run, key, first):
     """Train one stage and write its HF folder (main() evaluates it). Returns the folder."""
     a, c = run.args, run.compute
-    stage = run.stages[key]
-    final = run.stage_dir(key)
-    ckpt_root = run.ckpt_root(key)
+    stage, final, ckpt_root = run.stages[key], run.stage_dir(key), run.ckpt_root(key)
     if a.resume and os.path.isfile(os.path.join(final, "pretrain_stage.json")):
         c.print(f"stage {key}: done earlier ({final}); skipping")
         return final
-    resume_from = (list_checkpoints(ckpt_root) or [None])[-1] if a.resume else None
-    if not a.resume and c.master:
-        shutil.rmtree(ckpt_root, ignore_errors=True)
-    c.barrier()
+    set_threads(c, a.threads, f"stage {key}")
+    per_rank = stage.rows // c.world_size
+    if per_rank * c.world_size != stage.rows or per_rank == 0:
+        fail(f"stage {key}: --rows {stage.rows} must be a positive multiple of the number of "
+             f"processes ({c.world_size})")
+    Objective = OBJECTIVES[key]
+    resume_from = None
+    if a.resume:            # rank 0 checks the checkpoints; every rank resumes from its choice
+        found = resume_checkpoint(ckpt_root, Objective.extra_files, c.print) if c.master else None
+        resume_from = gather_objects(found, c)[0]
 
-    # --- model -----------------------------------------------------------------------------
     src = start_folder(run, key, first)
     processor = load_processor(run, resume_from or src)
-    if resume_from:
-        model = MiMoVL.from_pretrained(resume_from, dtype=torch.float32, progress=False)
-    elif src is None:
-        model = fresh_model(a)
-    else:
-        model = MiMoVL.from_pretrained(src, dtype=torch.float32, progress=False)
-    cfg = model.cfg
-    if processor.tokenizer.get_vocab_size() > cfg.text.vocab_size:
-        raise SystemExit(f"the tokenizer has {processor.tokenizer.get_vocab_size()} tokens, more than "
-                         f"the model's vocab_size {cfg.text.vocab_size}")
-    if key == "1" and not resume_from:
-        torch.manual_seed(a.seed + 1)
-        reinit_projector(model)              # SPEC §6.1: the projector starts random
-    n_train = set_trainable(model, stage.trainable)
+    model = load_model(run, key, src, resume_from, processor)
+    set_trainable(model, stage.trainable)
     model.visual.gradient_checkpointing = model.model.gradient_checkpointing = a.grad_checkpointing
-    if key == "0-vit":
-        torch.manual_seed(a.seed + 2)
-        trainee = CellClassifier(model, len(synthetic.CELL_CLASSES))
-        if resume_from:
-            from safetensors.torch import load_file
-            trainee.head.load_state_dict({k[len("head."):]: v for k, v in
-                                          load_file(os.path.join(resume_from, "extra.safetensors")).items()})
-        n_train += sum(p.numel() for p in trainee.head.parameters())
-    else:
-        trainee = model
-    trainee.to(c.device).train()
-    wrapped = wrap_model(trainee, c, a.fsdp)
+    objective = Objective(run, key, model, processor, resume_from)
+    objective.trainee.to(c.device).train()
+    wrapped = wrap_model(objective.trainee, c, a.fsdp)
     if a.compile:
         # the dense part of every block; attention stays eager: its packed varlen loop has
         # data-dependent segment counts (and on GPU it is already one fused Triton kernel)
@@ -457,6 +550,10 @@ def run_stage(run, key, first):
     if resume_from:
         step, loader_state, _ = load_training_state(resume_from, wrapped, opt, c)
         c.print(f"stage {key}: resuming from {resume_from} (step {step})")
+    # this run logs the steps after `step` (again) and evaluates the stage anew
+    run.metrics.keep_only(lambda r: r.get("stage") != key or r.get("step", 0) <= step)
+    run.evals.keep_only(lambda r: r.get("stage") != key)
+    n_train = sum(p.numel() for p in objective.trainee.parameters() if p.requires_grad)
     n_total = sum(p.numel() for p in model.parameters())
     c.print(f"\n=== stage {key}: {stage.purpose} — trains {'+'.join(stage.trainable)} "
             f"({n_train / 1e6:.2f} M of {n_total / 1e6:.2f} M parameters), from "
@@ -464,75 +561,69 @@ def run_stage(run, key, first):
             f"{stage.min_lr:g}, warm-up {stage.warmup}; data: {stage.data}; paper: {stage.paper}")
     if c.device.type == "cuda":
         c.print(f"    estimated memory per GPU with FSDP2 + gradient checkpointing: "
-                f"{memory_estimate_gib(cfg, c.world_size, stage.seq_len, n_train / n_total):.1f} GiB")
+                f"{memory_estimate_gib(model.cfg, c.world_size, stage.seq_len, n_train / n_total):.1f} GiB")
 
-    # --- data ------------------------------------------------------------------------------
-    per_rank = stage.rows // c.world_size
-    if per_rank * c.world_size != stage.rows or per_rank == 0:
-        raise SystemExit(f"stage {key}: --rows {stage.rows} must be a positive multiple of the "
-                         f"number of processes ({c.world_size})")
-    if key == "0-vit":
-        stream = classify_stream(per_rank, c, a.seed, step, a.workers)
-        loader = None
-    else:
-        mixture = stage_mixture(key, a)
-        loader = packing.PackedLoader(synthetic.SyntheticDataset(mixture, "train", a.seed), processor,
-                                   max_tokens=stage.seq_len, chunk_size=a.chunk_size,
-                                   num_workers=a.workers, rank=c.rank, world_size=c.world_size,
-                                   seed=a.seed, on_too_long="skip")
-        if loader_state is not None:
-            loader.load_state_dict(loader_state)
-        stream = iter(loader)
-    vision_trainable = any(p.requires_grad for p in model.visual.parameters())
+    objective.start(per_rank, step, loader_state)
+    if a.debug_nan_at_step >= 0:
+        objective = PoisonedLoss(objective, a.debug_nan_at_step, step)
+    train(run, key, objective, wrapped, opt, step, model.cfg, processor)
 
-    # --- loop ------------------------------------------------------------------------------
+    state = full_state(wrapped)
+    if c.master:
+        model_state, extra = objective.split(state)
+        record = {"stage": key, "steps": stage.steps, "stage_config": asdict(stage),
+                  "started_from": src, "args": vars(a)}
+        save_stage_folder(final, model_state, model.cfg, processor, record,
+                          dtype=None if a.save_dtype == "float32" else getattr(torch, a.save_dtype),
+                          extra=extra)
+    c.barrier()
+    c.print(f"stage {key}: wrote {final}")
+    return final
+
+
+def train(run, key, objective, wrapped, opt, step, cfg, processor):
+    """Optimiser steps `step` .. stage.steps: schedule, forward/backward, the NaN guard, gradient
+    clipping, the metrics log and the checkpoints."""
     from tqdm import tqdm
+    a, c, stage = run.args, run.compute, run.stages[key]
     bar = tqdm(total=stage.steps, initial=step, desc=f"stage {key}", disable=not c.master,
                dynamic_ncols=True, mininterval=2, file=sys.stdout)
     params = [p for p in wrapped.parameters() if p.requires_grad]
     t_last = time.perf_counter()
     try:
         while step < stage.steps:
-            # LM stages: `per_rank` packed rows (micro-batches); 0-vit: one batch of per_rank images
-            micro = [next(stream) for _ in range(1 if key == "0-vit" else per_rank)]
+            batch = objective.next_batch()
             lr = lr_at(step, stage.lr, stage.min_lr, stage.warmup, stage.steps)
             for g in opt.param_groups:
                 g["lr"] = lr
-            if key == "0-vit":
-                loss, extra = _vit_step(wrapped, micro, c, step == a.debug_nan_at_step)
-            else:
-                if vision_trainable or (a.fsdp and c.distributed and key != "0-lm"):
-                    micro = [add_dummy_vision(r, processor, video=a.fsdp and c.distributed) for r in micro]
-                loss, extra = _lm_step(wrapped, micro, c, step == a.debug_nan_at_step)
+            loss, extra = objective.forward_backward(wrapped, batch)
             if not math.isfinite(loss):
                 raise NonFiniteLoss(f"stage {key}: the loss is {loss} at step {step + 1}")
             norm = torch.nn.utils.clip_grad_norm_(params, a.grad_clip)
-            if hasattr(norm, "full_tensor"):
+            if hasattr(norm, "full_tensor"):          # FSDP2: a sharded DTensor
                 norm = norm.full_tensor()
             if not math.isfinite(float(norm)):
                 raise NonFiniteLoss(f"stage {key}: the gradient norm is {float(norm)} at step {step + 1}")
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
+
             now = time.perf_counter()
             tok_s = extra.get("tokens", 0) / max(now - t_last, 1e-9)
             t_last = now
-            rec = {"stage": key, "step": step, "loss": loss, "lr": lr, "grad_norm": float(norm),
-                   **extra, "tok_per_s": round(tok_s, 1), "time": time.time()}
-            run.log("metrics.jsonl", rec)
-            bar.set_postfix_str(f"loss {loss:.3f} lr {lr:.1e}" +
-                                (f" {tok_s:,.0f} tok/s" if key != "0-vit" else f" cell acc {extra['cell_acc']:.2f}"),
-                                refresh=False)
+            run.metrics.write({"stage": key, "step": step, "loss": loss, "lr": lr, "grad_norm": float(norm),
+                               **extra, "tok_per_s": round(tok_s, 1), "time": time.time()})
+            bar.set_postfix_str(f"loss {loss:.3f} lr {lr:.1e}" + objective.progress(extra, tok_s), refresh=False)
             bar.update(1)
             if a.save_every and step % a.save_every == 0 and step < stage.steps:
-                save_training_state(ckpt_root, step, wrapped, opt, cfg, processor,
-                                    loader.state_dict() if loader else {"step": step}, c,
-                                    a.keep_last, {"stage": key}, split=lambda st, w=wrapped: split_state(st, w))
+                save_training_state(run.ckpt_root(key), step, wrapped, opt, cfg, processor,
+                                    objective.loader_state(step), c, a.keep_last, {"stage": key},
+                                    split=objective.split)
             if a.debug_stop_after and step == a.debug_stop_after:
                 c.print(f"stopping after step {step} (--debug-stop-after)")
                 raise SystemExit(3)
     except NonFiniteLoss as e:
-        last = (list_checkpoints(ckpt_root) or ["none (the stage had not saved one yet)"])[-1]
+        last = (list_checkpoints(run.ckpt_root(key)) or ["none (the stage had not saved one yet)"])[-1]
         raise SystemExit(f"\nERROR: {e}. Training stopped before the optimiser step, so no bad "
                          f"weights were written. Last good checkpoint: {last}. Lower the learning "
                          f"rate (--lr) or raise --warmup, then rerun (with --resume to continue "
@@ -540,110 +631,24 @@ def run_stage(run, key, first):
     finally:
         bar.close()
 
-    # --- output ----------------------------------------------------------------------------
-    state = full_state(wrapped)
-    if c.master:
-        model_state, extra = split_state(state, wrapped)
-        record = {"stage": key, "steps": stage.steps, "stage_config": asdict(stage),
-                  "started_from": src, "args": {k: v for k, v in vars(a).items()}}
-        save_stage_folder(final, model_state, cfg, processor, record,
-                          dtype=None if a.save_dtype == "float32" else getattr(torch, a.save_dtype),
-                          extra=extra)
-    c.barrier()
-    c.print(f"stage {key}: wrote {final}")
-    del stream, loader, wrapped, trainee, opt, model      # frees memory and ends loader workers
-    return final
 
+# -----------------------------------------------------------------------------
+# 5. Evaluation after each stage (evaluate.py: the held-out suite, baselines, tables)
 
-def _lm_step(wrapped, rows, c, poison):
-    """Forward/backward over this rank's rows (micro-batches). The loss is normalised by the
-    number of labelled tokens of the whole global step, so any split over ranks and micro-batches
-    gives the same gradient as one big batch."""
-    n_valid = [int((r["labels"][:, 1:] != packing.IGNORE_INDEX).sum()) for r in rows]
-    counts = torch.tensor([float(sum(n_valid)), float(sum(r["input_ids"].shape[1] for r in rows))])
-    counts = all_reduce_sum(counts, c)
-    total = max(counts[0].item(), 1.0)
-    loss_sum = torch.zeros((), device=c.device)
-    for i, r in enumerate(rows):
-        with grad_sync(wrapped, i == len(rows) - 1), c.autocast():
-            out = wrapped(r["input_ids"].to(c.device), labels=r["labels"].to(c.device),
-                          cu_seqlens=r["cu_seqlens"].to(c.device), **packing.vision_inputs(r, c.device))
-            loss = out.loss * (float("nan") if poison else 1.0)
-            (loss * (n_valid[i] * c.world_size / total)).backward()
-        loss_sum += loss.detach().float() * n_valid[i]
-    loss_sum = all_reduce_sum(loss_sum, c)
-    return float(loss_sum) / total, {"tokens": int(counts[1]), "labelled": int(counts[0])}
-
-
-def _vit_step(wrapped, batches, c, poison):
-    n = torch.tensor([float(sum(len(b[2]) for b in batches))])
-    total = all_reduce_sum(n, c).item()
-    loss_sum, correct = torch.zeros(()), torch.zeros(())
-    for i, (pv, grid, labels) in enumerate(batches):
-        with grad_sync(wrapped, i == len(batches) - 1), c.autocast():
-            loss, right = wrapped(pv.to(c.device), grid, labels.to(c.device))
-            loss = loss * (float("nan") if poison else 1.0)
-            (loss * (len(labels) * c.world_size / total)).backward()
-        loss_sum += loss.detach().float().cpu() * len(labels)
-        correct += right.cpu()
-    both = all_reduce_sum(torch.stack([loss_sum, correct]).to(c.device), c).cpu()
-    return float(both[0]) / total, {"cell_acc": float(both[1]) / total}
-
-
-# --- per-stage evaluation ------------------------------------------------------------------
-
-def evaluate_stage(run, key, folder, suite_cache):
+def evaluate_stage(run, key, folder, cache):
     """After stage `key`: stage 0 measures its towers (held-out text loss, cell accuracy); stages
     1-4 run the held-out suite (model, majority answer, blank image). Printed and logged."""
-    a, c = run.args, run.compute
+    c = run.compute
+    set_threads(c, run.args.threads, f"stage {key} evaluation")
     model = MiMoVL.from_pretrained(folder, dtype=c.eval_dtype, device=c.device, progress=False).eval()
     processor = Processor.from_pretrained(folder)
     t0 = time.perf_counter()
-    if key == "0-lm":
-        ds = synthetic.SyntheticDataset(synthetic.stage_mixture(0), "heldout", a.seed)
-        samples = [ds[i] for i in range(c.rank, a.eval_n, c.world_size)]
-        sums = all_reduce_sum(torch.tensor(answer_loss(model, processor, samples), dtype=torch.float64,
-                                           device=c.device), c).tolist()
-        res = {"text_loss": sums[0] / max(sums[1], 1)}
-        text = f"stage 0-lm: held-out text loss {res['text_loss']:.3f} (per labelled token)"
-    elif key == "0-vit":
-        res = _eval_cells(model, folder, run)
-        text = (f"stage 0-vit: held-out cell accuracy {res['cell_acc']:.3f} "
-                f"(majority 'empty' {res['majority']:.3f}; linear head on the merged tokens)")
-    else:
-        if "suite" not in suite_cache:
-            suite, losses = eval_suites(a.eval_tasks)
-            suite_cache["suite"] = heldout_suite(a.eval_n, a.seed, suite)
-            suite_cache["loss"] = heldout_suite(a.eval_n, a.seed, losses)
-            suite_cache["majority"] = majority_answers(suite, seed=a.seed)
-        res = run_suite(model, processor, suite_cache["suite"], c, a.eval_batch, suite_cache["majority"],
-                        suite_cache["loss"])
-        text = format_results(res, f"stage {key}: held-out suite, {a.eval_n} items per task, greedy")
+    res, text = OBJECTIVES[key].evaluate(run, key, model, processor, folder, cache)
     res["eval_seconds"] = round(time.perf_counter() - t0, 1)
     c.print(text + f"\n(evaluation took {res['eval_seconds']} s)")
-    run.log("eval.jsonl", {"stage": key, "folder": folder, **{k: v for k, v in res.items() if k != "examples"},
-                           "examples": res.get("examples")})
+    run.evals.write({"stage": key, "folder": folder, **{k: v for k, v in res.items() if k != "examples"},
+                     "examples": res.get("examples")})
     return res
-
-
-@torch.no_grad()
-def _eval_cells(model, folder, run):
-    """0-vit: accuracy of the stage's cell-classification head (saved beside the weights as
-    extra.safetensors) on held-out scenes, beside always answering "empty"."""
-    from safetensors.torch import load_file
-    c = run.compute
-    head = nn.Linear(model.cfg.vision.out_hidden_size, len(synthetic.CELL_CLASSES)).to(c.device, model.dtype)
-    head.load_state_dict({k[len("head."):]: v for k, v in
-                          load_file(os.path.join(folder, "extra.safetensors")).items()})
-    right = total = empty = 0
-    for step in range(c.rank, max(1, run.args.eval_n // 32), c.world_size):
-        pv, grid, labels = _ClassifySteps(32, 0, 1, run.args.seed, "heldout")[step]
-        logits = head(model.visual(pv.to(c.device, model.dtype), grid)).float()
-        right += int((logits.argmax(-1).cpu() == labels).sum())
-        total += len(labels)
-        empty += int((labels == 0).sum())
-    right, total, empty = all_reduce_sum(torch.tensor([right, total, empty], dtype=torch.float64), c).tolist()
-    return {"cell_acc": right / total, "majority": empty / total}
 
 
 def write_summary(run, results):
@@ -682,21 +687,22 @@ def write_summary(run, results):
 
 
 # -----------------------------------------------------------------------------
-# 9. Command line
+# 6. Command line
 
-def parse_stage_values(text, kind, stage_keys):
+def parse_stage_values(text, kind, stage_keys, flag):
     """'3e-4' (every selected stage) or '1:1e-3,3:2e-4' (per stage) -> {stage key: value}."""
     if text is None:
         return {}
     out = {}
     for part in text.split(","):
-        if ":" in part:
-            k, v = part.split(":", 1)
-            if k not in STAGE_ORDER:
-                raise SystemExit(f"unknown stage {k!r} in {text!r}; stages are {', '.join(STAGE_ORDER)}")
-            out[k] = kind(v)
-        else:
-            out.update({k: kind(part) for k in stage_keys})
+        k, v = part.split(":", 1) if ":" in part else (None, part)
+        if k is not None and k not in STAGE_ORDER:
+            fail(f"{flag} {text!r}: unknown stage {k!r}; stages are {', '.join(STAGE_ORDER)}")
+        try:
+            value = kind(v)
+        except ValueError:
+            fail(f"{flag} {text!r}: cannot read {v!r}; give 'V' or 'STAGE:V,STAGE:V'")
+        out.update({k: value} if k else {s: value for s in stage_keys})
     return out
 
 
@@ -707,41 +713,38 @@ def selected_stages(text, init):
         keys = []
         for part in text.split(","):
             part = part.strip()
-            if part == "0":
-                keys += ["0-lm", "0-vit"]
-            elif part in STAGE_ORDER:
-                keys.append(part)
-            else:
-                raise SystemExit(f"--stage {text!r}: use all, 0, 0-lm, 0-vit, 1, 2, 3, 4 or a comma list")
+            if part not in ("0", *STAGE_ORDER):
+                fail(f"--stage {text!r}: use all, 0, 0-lm, 0-vit, 1, 2, 3, 4 or a comma list")
+            keys += ["0-lm", "0-vit"] if part == "0" else [part]
     if init and any(k.startswith("0") for k in keys):
-        raise SystemExit("--init gives pretrained towers: stage 0 (tower pre-training from scratch) "
-                         "does not apply; run stages 1-4")
+        fail("--init gives pretrained towers: stage 0 (tower pre-training from scratch) "
+             "does not apply; run stages 1-4")
     return sorted(set(keys), key=STAGE_ORDER.index)
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="MiMo-VL pre-training, stages 0-4 (SPEC §6.3)",
+    p = argparse.ArgumentParser(description="MiMo-VL pre-training, stages 0-4 (MiMo-VL report Table 1)",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("what to run")
     g.add_argument("--stage", default="all", help="all, 0 (= 0-lm,0-vit), 0-lm, 0-vit, 1, 2, 3, 4, or a comma list")
     g.add_argument("--out", default="runs/pretrain", help="output folder (stage folders, checkpoints, logs)")
     g.add_argument("--resume", action="store_true",
-                   help="skip finished stages and continue the current one from its last checkpoint")
+                   help="skip finished stages and continue the current one from its newest intact checkpoint")
+    g.add_argument("--overwrite", action="store_true",
+                   help="delete the selected stages' folders and checkpoints in --out and train them again")
     g.add_argument("--from", dest="from_dir", default=None,
                    help="start the first selected stage from this HF folder instead of the previous stage's output")
     g.add_argument("--init", default=None,
                    help="a Qwen2.5-VL-format checkpoint: ViT and LM from there, projector re-initialised; "
                         "skips stage 0")
-    g.add_argument("--eval-only", default=None, metavar="DIR", help="only evaluate this HF folder")
-    g.add_argument("--eval-jsonl", default=None,
-                   help="with --eval-only: score this JSONL file (lines with messages + answer) instead of the suite")
+    g.add_argument("--eval-only", default=None, help=argparse.SUPPRESS)      # moved to evaluate.py
 
     g = p.add_argument_group("model")
     g.add_argument("--preset", default="tiny", choices=MiMoVLConfig.PRESETS, help="architecture of a from-scratch model")
     g.add_argument("--scale", type=float, default=1,
                    help="quality knob: multiplies every stage's steps and (>= 3) widens the tiny model by round(sqrt(scale))")
     g.add_argument("--patch-embed-scale", type=float, default=5.0,
-                   help="multiply the from-scratch patch-embedding init by this (SMALL-SCALE-NOTES lesson 5)")
+                   help="multiply the from-scratch patch-embedding init by this (see fresh_model)")
     g.add_argument("--vocab-size", type=int, default=None, help="BPE vocabulary bound for a from-scratch tokenizer")
 
     g = p.add_argument_group("stage table overrides ('V' for every selected stage, or 'STAGE:V,STAGE:V')")
@@ -777,7 +780,7 @@ def build_parser():
     g.add_argument("--grad-checkpointing", action="store_true", help="recompute block activations in backward")
     g.add_argument("--compile", action="store_true", help="torch.compile every ViT block and LM layer")
     g.add_argument("--threads", type=int, default=None,
-                   help="torch CPU threads (default: the cores not kept busy by other processes)")
+                   help="torch CPU threads (default: chosen per stage, the cores not kept busy by other processes)")
     g.add_argument("--workers", type=int, default=1, help="data-loader worker processes per rank")
     g.add_argument("--chunk-size", type=int, default=256, help="samples packed together per data chunk")
 
@@ -807,44 +810,40 @@ def resolve_stages(args, keys):
                 recipe = "paper" if MiMoVLConfig.from_hf_dict(json.load(f)).text.hidden_size >= 2048 else "tiny"
     table = {**STAGES, **(PAPER_STAGES if recipe == "paper" else {})}
     args.recipe = recipe
-    out = {}
-    for k in STAGE_ORDER:
-        s = table[k]
-        if args.scale != 1:
-            s = replace(s, steps=max(1, round(s.steps * args.scale)))
-        out[k] = s
+    out = {k: replace(s, steps=max(1, round(s.steps * args.scale))) if args.scale != 1 else s
+           for k, s in ((k, table[k]) for k in STAGE_ORDER)}
     fields = {"lr": float, "min_lr": float, "warmup": int, "steps": int, "seq_len": int, "rows": int,
               "trainable": lambda v: tuple(x for x in v.split("+") if x)}
     for name, kind in fields.items():
-        for k, v in parse_stage_values(getattr(args, name), kind, keys).items():
+        flag = "--" + name.replace("_", "-")
+        for k, v in parse_stage_values(getattr(args, name), kind, keys, flag).items():
             out[k] = replace(out[k], **{name: v})
     return out
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    compute = compute_init(args.device, args.precision)
-    if compute.device.type == "cpu":
-        n, why = pick_threads(args.threads)
-        torch.set_num_threads(n)
-        compute.print(f"torch CPU threads: {n} ({why})")
-    os.makedirs(args.out, exist_ok=True)
-    t_start = time.perf_counter()
-
     if args.eval_only:
-        return eval_only(args, compute)
-
+        fail(f"evaluation moved to evaluate.py: python evaluate.py {args.eval_only} [--jsonl FILE]")
+    compute = compute_init(args.device, args.precision)
+    t_start = time.perf_counter()
     keys = selected_stages(args.stage, args.init)
     run = Run(args, compute, args.out, resolve_stages(args, keys))
-    compute.print(f"stages to run ({args.recipe} table):\n"
-                  + stage_table([run.stages[k] for k in keys]))
+    outputs = [p for k in keys for p in (f"stage{k}", os.path.join("checkpoints", f"stage{k}"))]
+    if "0-lm" in keys and not args.from_dir:
+        outputs.append("tokenizer")              # the from-scratch tokenizer, made by stage 0-lm
+    prepare_run_dir(args.out, args.resume, args.overwrite, outputs, compute)
+    if compute.master:
+        clean_stale_tmp(args.out, compute.print)
+    compute.print(f"stages to run ({args.recipe} table):\n" + stage_table([run.stages[k] for k in keys]))
+
     results, suite_cache = {}, {}
     for i, key in enumerate(keys):
         folder = run_stage(run, key, first=(i == 0))
         if args.no_eval:
             continue
-        done = _logged_eval(run, key) if args.resume else None
-        results[key] = done or evaluate_stage(run, key, folder, suite_cache)
+        logged = [r for r in run.evals.records() if r.get("stage") == key] if args.resume else []
+        results[key] = logged[-1] if logged else evaluate_stage(run, key, folder, suite_cache)
     table = None if args.no_eval else write_summary(run, results)
     if table:
         compute.print("\nheld-out results after each stage (greedy; majority = always the most "
@@ -853,44 +852,6 @@ def main(argv=None):
     if compute.distributed:
         dist.destroy_process_group()
     return results
-
-
-def _logged_eval(run, key):
-    path = os.path.join(run.out, "eval.jsonl")
-    if not os.path.isfile(path):
-        return None
-    found = None
-    with open(path) as f:
-        for line in f:
-            rec = json.loads(line)
-            if rec.get("stage") == key:
-                found = rec
-    return found
-
-
-def eval_only(args, compute):
-    model = MiMoVL.from_pretrained(args.eval_only, dtype=compute.eval_dtype, device=compute.device,
-                                   progress=False).eval()
-    processor = Processor.from_pretrained(args.eval_only)
-    if args.eval_jsonl:
-        ds = packing.JsonlDataset(args.eval_jsonl)
-        samples = [s for s in ds if s.get("answer") is not None]
-        if not samples:
-            raise SystemExit(f"{args.eval_jsonl}: no line has an `answer` field to score against")
-        mine = samples[compute.rank::compute.world_size]
-        res = evaluate(model, processor, mine, args.eval_batch)
-        records = sum(gather_objects(res["records"], compute), [])
-        summary = summarise(records)
-        compute.print(f"{args.eval_jsonl}: {len(samples)} scored items")
-        for task, m in summary.items():
-            compute.print(f"  {task:<20} " + "  ".join(f"{k} {v:.3f}" if k != "n" else f"n {v}"
-                                                       for k, v in m.items()))
-        return summary
-    suite, losses = eval_suites(args.eval_tasks)
-    res = run_suite(model, processor, heldout_suite(args.eval_n, args.seed, suite), compute, args.eval_batch,
-                    majority_answers(suite, seed=args.seed), heldout_suite(args.eval_n, args.seed, losses))
-    compute.print(format_results(res, f"{args.eval_only}: held-out suite, {args.eval_n} items per task"))
-    return res
 
 
 if __name__ == "__main__":

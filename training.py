@@ -6,7 +6,8 @@ the optimiser and the learning-rate schedule; atomic checkpoints that resume exa
     from training import compute_init, wrap_model, build_optimizer, lr_at
     compute = compute_init("auto")              # prints the device, processes and precision
 
-Sections: 1 compute and precision · 2 wrapping · 3 optimiser and schedule · 4 checkpoints ·
+Sections: 1 compute and precision · 2 freezing and wrapping (with the dummy vision input
+that DDP/FSDP need) · 3 optimiser and schedule · 4 checkpoints ·
 5 the run folder: refuse to overwrite, resume from the newest intact checkpoint, the JSONL logs.
 Used by train_pretrain.py and train_rl.py; imports the model, never the other way round.
 """
@@ -27,7 +28,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+import packing
 from mimovl import MiMoVL
+from processor import patchify
 
 
 # -----------------------------------------------------------------------------
@@ -72,7 +75,8 @@ class Compute:
 
 def cpu_has_native_bf16():
     """True when the CPU has bf16 matrix instructions (x86 avx512_bf16 / AMX). Without them bf16
-    matmuls are emulated and slower than fp32 (MACHINE-NOTES.md)."""
+    matmuls are emulated and slower than fp32 (measured in this project on an AMD Zen 5 with
+    avx512_bf16: bf16 matmul ~850 GFLOP/s against ~210 for fp32 on 2 cores)."""
     try:
         with open("/proc/cpuinfo") as f:
             flags = set(f.read().split())
@@ -161,7 +165,7 @@ def all_reduce_sum(x, compute):
     return x
 
 # -----------------------------------------------------------------------------
-# 2. Wrapping for data parallelism
+# 2. Freezing and wrapping for data parallelism
 
 def wrap_model(trainee, compute, fsdp=False):
     """DDP (a full replica per rank) for small models; FSDP2 (`fully_shard` every ViT block, LM
@@ -183,6 +187,61 @@ def wrap_model(trainee, compute, fsdp=False):
     from torch.nn.parallel import DistributedDataParallel as DDP
     ids = [compute.device.index] if compute.device.type == "cuda" else None
     return DDP(trainee, device_ids=ids)
+
+
+# Every parameter belongs to exactly one part (tested): training stages freeze and train parts.
+PARTS = {
+    "vit": ("visual.patch_embed.", "visual.blocks."),
+    "projector": ("visual.merger.",),
+    "llm": ("model.", "lm_head."),
+}
+
+
+def part_of(name):
+    for part, prefixes in PARTS.items():
+        if name.startswith(prefixes):
+            return part
+    raise ValueError(f"parameter {name} belongs to no part of {list(PARTS)}")
+
+
+def set_trainable(model, parts):
+    """requires_grad = True exactly on the parameters of `parts` (PARTS); returns the trainable count."""
+    for p in parts:
+        if p not in PARTS:
+            fail(f"unknown model part {p!r} in --trainable; choose from {', '.join(PARTS)}")
+    n = 0
+    for name, p in model.named_parameters():
+        p.requires_grad_(part_of(name) in parts)
+        n += p.numel() if p.requires_grad else 0
+    return n
+
+
+def add_dummy_vision(row, processor, video=False):
+    """Append a 56x56 black image (and, with video=True, a 2-frame black video) as one unlabelled
+    document when the row has none. DDP and FSDP need every rank to use the same parameters in
+    every step, and FSDP2 needs every rank to call the vision tower the same number of times
+    (once for the images, once for the videos) so that the all-gathers pair up. The document adds
+    no loss and no gradient."""
+    need_image = row.get("pixel_values") is None
+    need_video = video and row.get("pixel_values_videos") is None
+    if not (need_image or need_video):
+        return row
+    tok = processor.tokenizer
+    start, end = tok.token_to_id("<|vision_start|>"), tok.token_to_id("<|vision_end|>")
+    black = patchify(torch.zeros(2, 3, 56, 56))[0]            # (16, 1176): 4 merged tokens
+    ids, out = [], dict(row)
+    if need_image:
+        ids += [start] + [processor.image_token_id] * 4 + [end]
+        out["pixel_values"], out["image_grid_thw"] = black, torch.tensor([[1, 4, 4]])
+    if need_video:
+        ids += [start] + [processor.video_token_id] * 4 + [end]
+        out["pixel_values_videos"], out["video_grid_thw"] = black, torch.tensor([[1, 4, 4]])
+        out["second_per_grid_ts"] = torch.tensor([1.0])
+    ids = torch.tensor(ids, dtype=row["input_ids"].dtype)[None]
+    out["input_ids"] = torch.cat([row["input_ids"], ids], dim=1)
+    out["labels"] = torch.cat([row["labels"], torch.full_like(ids, packing.IGNORE_INDEX)], dim=1)
+    out["cu_seqlens"] = torch.cat([row["cu_seqlens"], row["cu_seqlens"][-1:] + ids.shape[1]])
+    return out
 
 
 def unwrap(wrapped):

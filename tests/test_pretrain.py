@@ -31,14 +31,9 @@ def weights(folder):
 
 
 def losses(out, stage):
-    """Last logged loss of every step of a stage (a resumed run may log a step twice)."""
-    by_step = {}
+    """(loss, grad norm) of every logged step of a stage, in log order."""
     with open(os.path.join(out, "metrics.jsonl")) as f:
-        for line in f:
-            r = json.loads(line)
-            if r["stage"] == stage:
-                by_step[r["step"]] = (r["loss"], r["grad_norm"])
-    return [by_step[k] for k in sorted(by_step)]
+        return [(r["loss"], r["grad_norm"]) for r in map(json.loads, f) if r["stage"] == stage]
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +47,9 @@ def chain(tmp_path_factory):
 
 def test_every_part_of_the_model_belongs_to_one_stage_part():
     model = MiMoVL(MiMoVLConfig.preset("tiny"))
-    parts = {tp.part_of(n) for n, _ in model.named_parameters()}
-    assert parts == set(tp.PARTS)
-    assert tp.set_trainable(model, ("projector",)) == sum(p.numel() for p in model.visual.merger.parameters())
+    parts = {training.part_of(n) for n, _ in model.named_parameters()}
+    assert parts == set(training.PARTS)
+    assert training.set_trainable(model, ("projector",)) == sum(p.numel() for p in model.visual.merger.parameters())
 
 
 def test_every_stage_runs_and_frozen_parameters_stay_bit_identical(chain):
@@ -65,29 +60,65 @@ def test_every_stage_runs_and_frozen_parameters_stay_bit_identical(chain):
         after = weights(f"{chain}/stage{key}")
         assert set(after) == set(before[key])
         for name, w in after.items():
-            part = tp.part_of(name)
+            part = training.part_of(name)
             if part in stage.trainable:
                 continue
             assert torch.equal(w, before[key][name]), f"stage {key} changed frozen {name}"
-        changed = {tp.part_of(n) for n, w in after.items() if not torch.equal(w, before[key][n])}
+        changed = {training.part_of(n) for n, w in after.items() if not torch.equal(w, before[key][n])}
         assert changed == set(stage.trainable), f"stage {key} trained {changed}, expected {stage.trainable}"
         assert len(losses(chain, key)) == 2 and all(math.isfinite(l) for l, _ in losses(chain, key))
-    # stage 1 starts from a fresh projector (SPEC §6.1), not from stage 0-vit's classifier merger
+    # stage 1 starts from a fresh projector (MiMo-VL report §2.1), not from stage 0-vit's classifier merger
     assert os.path.isfile(f"{chain}/stage0-vit/extra.safetensors")      # the temporary cell head
 
 
-def test_resume_after_a_crash_gives_the_same_losses(chain, tmp_path):
-    common = ["--stage", "3", "--from", f"{chain}/stage2", *FAST, "--steps", "4", "--save-every", "2"]
+def test_resume_after_a_crash_gives_the_same_losses(chain, tmp_path, capsys):
+    common = ["--stage", "3", "--from", f"{chain}/stage2", *FAST, "--steps", "4", "--save-every", "1"]
     full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
     tp.main(["--out", full, *common])
     with pytest.raises(SystemExit) as e:
         tp.main(["--out", cut, *common, "--debug-stop-after", "3"])   # "crashes" after step 3
     assert e.value.code == 3
-    assert [os.path.basename(p) for p in training.list_checkpoints(f"{cut}/checkpoints/stage3")] == ["step-000002"]
+    ckpts = f"{cut}/checkpoints/stage3"
+    assert [os.path.basename(p) for p in training.list_checkpoints(ckpts)] == ["step-000002", "step-000003"]
+    # the newest checkpoint is damaged, and a killed write left its temporary folder behind
+    with open(f"{ckpts}/step-000003/model.safetensors", "r+b") as f:
+        f.truncate(1000)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    os.makedirs(f"{ckpts}/step-000004.tmp-{dead.pid}")
+    capsys.readouterr()
     tp.main(["--out", cut, *common, "--resume"])                       # resumes from step 2
-    assert losses(cut, "3") == losses(full, "3")                      # bit-identical, fp32 CPU
+    said = capsys.readouterr().out
+    assert f"skipping checkpoint {ckpts}/step-000003: model.safetensors: header of" in said
+    assert f"step-000004.tmp-{dead.pid}" in said and not os.path.exists(f"{ckpts}/step-000004.tmp-{dead.pid}")
+    assert f"resuming from {ckpts}/step-000002 (step 2)" in said
+    assert losses(cut, "3") == losses(full, "3")                      # bit-identical, no step twice
     a, b = weights(f"{full}/stage3"), weights(f"{cut}/stage3")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_rerun_without_resume_or_overwrite_refuses_and_deletes_nothing(chain, capsys):
+    before = {d: os.path.getmtime(f"{chain}/{d}") for d in os.listdir(chain)}
+    with pytest.raises(SystemExit) as e:
+        tp.main(["--out", chain, *FAST])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and chain in err and "--resume" in err and "--overwrite" in err
+    assert {d: os.path.getmtime(f"{chain}/{d}") for d in os.listdir(chain)} == before
+
+
+def test_cpu_threads_are_chosen_again_for_every_stage(tmp_path, monkeypatch, capsys):
+    busy = iter([2.0, 3.0])                 # the machine gets busier between the two stages
+    monkeypatch.setattr(training, "busy_cores", lambda window_s=0.5: next(busy))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    before = torch.get_num_threads()
+    try:
+        tp.main(["--out", str(tmp_path), "--stage", "0", *FAST, "--steps", "1", "--seq-len", "256"])
+    finally:
+        torch.set_num_threads(before)
+    out = capsys.readouterr().out
+    assert "stage 0-lm: torch CPU threads: 2 (4 cores, 2.0 busy" in out
+    assert "stage 0-vit: torch CPU threads: 1 (4 cores, 3.0 busy" in out
 
 
 def _torchrun(out, extra, nproc):
@@ -166,9 +197,9 @@ def test_init_from_a_qwen25vl_checkpoint_reinitialises_only_the_projector(chain,
     after = weights(f"{out}/stage1")
     start = MiMoVL.from_pretrained(init).state_dict()
     for name, w in after.items():
-        if tp.part_of(name) == "projector" and name.endswith("weight") and w.ndim == 2:
+        if training.part_of(name) == "projector" and name.endswith("weight") and w.ndim == 2:
             assert not torch.equal(w, start[name]), name                # re-initialised
-        elif tp.part_of(name) != "projector":
+        elif training.part_of(name) != "projector":
             assert torch.equal(w, start[name]), name                    # ViT and LM as loaded
 
 

@@ -38,3 +38,120 @@ def test_rerun_without_a_flag_refuses_and_deletes_nothing(tmp_path, capsys):
     # a new folder needs no flag
     training.prepare_run_dir(str(tmp_path / "new"), False, False, outputs)
     assert (tmp_path / "new").is_dir()
+
+
+def fake_checkpoint(root, step, world_size=1):
+    """The files save_training_state writes, with tiny tensors."""
+    path = os.path.join(root, f"step-{step:06d}")
+    os.makedirs(path)
+    save_file({"w": torch.ones(3)}, os.path.join(path, "model.safetensors"))
+    save_file({"w::exp_avg": torch.zeros(3)}, os.path.join(path, "optimizer.safetensors"))
+    save_file({f"rank{r}.torch": torch.zeros(4, dtype=torch.uint8) for r in range(world_size)},
+              os.path.join(path, "rng.safetensors"))
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump({"model_type": "qwen2_5_vl"}, f)
+    with open(os.path.join(path, "trainer_state.json"), "w") as f:
+        json.dump({"step": step, "world_size": world_size, "param_groups": [], "loader": [{}] * world_size,
+                   "python_rng": [[3, [], None]] * world_size, "numpy_rng": [["MT19937", [], 0, 0, 0.0]] * world_size}, f)
+    return path
+
+
+def _truncate(path, keep):
+    with open(path, "rb") as f:
+        data = f.read()
+    with open(path, "wb") as f:
+        f.write(data[:keep])
+
+
+def _edit_state(path, **changes):
+    with open(os.path.join(path, "trainer_state.json")) as f:
+        ts = json.load(f)
+    ts.update(changes)
+    with open(os.path.join(path, "trainer_state.json"), "w") as f:
+        json.dump(ts, f)
+
+
+DAMAGE = {   # kind -> (how to damage a checkpoint folder, words the message must contain)
+    "missing file": (lambda p: os.remove(f"{p}/optimizer.safetensors"), "optimizer.safetensors is missing"),
+    "truncated safetensors": (lambda p: _truncate(f"{p}/model.safetensors", -5), "model.safetensors: truncated"),
+    "empty safetensors": (lambda p: _truncate(f"{p}/rng.safetensors", 0), "rng.safetensors: shorter"),
+    "garbage safetensors header": (lambda p: open(f"{p}/model.safetensors", "r+b").write(b"\xff" * 16),
+                                   "model.safetensors: header of"),
+    "bad JSON": (lambda p: _truncate(f"{p}/trainer_state.json", 20), "trainer_state.json is not valid JSON"),
+    "wrong step": (lambda p: _edit_state(p, step=7), "says step 7"),
+    "missing rank state": (lambda p: _edit_state(p, world_size=2), "each of its 2 rank(s)"),
+}
+
+
+@pytest.mark.parametrize("kind", list(DAMAGE))
+def test_resume_skips_a_damaged_latest_checkpoint(tmp_path, kind):
+    root = str(tmp_path / "checkpoints")
+    good = fake_checkpoint(root, 2)
+    bad = fake_checkpoint(root, 4)
+    assert training.checkpoint_problem(bad) is None
+    damage, words = DAMAGE[kind]
+    damage(bad)
+    said = []
+    assert training.resume_checkpoint(root, log=said.append) == good
+    assert len(said) == 1 and bad in said[0] and words in said[0], said
+    assert os.path.isdir(bad)                                  # kept for inspection
+
+
+def test_resume_checks_extra_files_and_finds_nothing_when_all_are_damaged(tmp_path):
+    root = str(tmp_path / "checkpoints")
+    only = fake_checkpoint(root, 2)
+    assert training.resume_checkpoint(root, required=("extra.safetensors",), log=lambda m: None) is None
+    save_file({"head.w": torch.ones(2)}, f"{only}/extra.safetensors")
+    assert training.resume_checkpoint(root, required=("extra.safetensors",), log=lambda m: None) == only
+
+
+def _dead_pid():
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_stale_temporary_folders_of_killed_writes_are_cleaned(tmp_path):
+    root = tmp_path / "checkpoints"
+    fake_checkpoint(str(root), 2)
+    dead, alive = _dead_pid(), os.getppid()                    # the parent runs as long as we do
+    (root / f"step-000004.tmp-{dead}").mkdir()                 # killed while writing
+    (root / f"step-000004.tmp-{alive}").mkdir()                # another process still writing
+    # killed between commit_dir's two renames: step-000006 is missing, its old version survives
+    os.rename(fake_checkpoint(str(root), 6), root / f"step-000006.old-{dead}")
+    (root / f"step-000006.tmp-{dead}").mkdir()
+    said = []
+    assert training.resume_checkpoint(str(root), log=said.append) == str(root / "step-000006")
+    assert sorted(os.listdir(root)) == ["step-000002", f"step-000004.tmp-{alive}", "step-000006"]
+    assert len(said) == 3 and all(str(dead) in m for m in said)
+
+
+def test_jsonl_log_keeps_only_what_is_asked_and_skips_a_cut_line(tmp_path):
+    log = training.JsonlLog(str(tmp_path / "metrics.jsonl"))
+    for s in (1, 2, 3):
+        log.write({"stage": "1", "step": s})
+    log.write({"stage": "2", "step": 1})
+    with open(log.path, "a") as f:
+        f.write('{"stage": "2", "st')                         # a write cut by a kill
+    assert len(log.records()) == 4
+    log.keep_only(lambda r: r["stage"] != "1" or r["step"] <= 2)
+    assert log.records() == [{"stage": "1", "step": 1}, {"stage": "1", "step": 2}, {"stage": "2", "step": 1}]
+
+
+def test_threads_are_picked_again_for_every_phase(monkeypatch, capsys):
+    busy = iter([2.0, 3.0])
+    monkeypatch.setattr(training, "busy_cores", lambda window_s=0.5: next(busy))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    compute = training.Compute(torch.device("cpu"))
+    before = torch.get_num_threads()
+    try:
+        assert training.set_threads(compute, None, "stage 1") == 2
+        assert training.set_threads(compute, None, "stage 2") == 1
+        assert torch.get_num_threads() == 1
+        assert training.set_threads(compute, 3, "stage 3") == 3
+    finally:
+        torch.set_num_threads(before)
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("stage 1: torch CPU threads: 2 (4 cores, 2.0 busy")
+    assert out[1].startswith("stage 2: torch CPU threads: 1 (4 cores, 3.0 busy")
+    assert out[2] == "stage 3: torch CPU threads: 3 (from --threads)"
