@@ -1,104 +1,67 @@
 """
-train_rl.py — MORL, Mixed On-policy Reinforcement Learning (SPEC.md §6.4; MiMo-VL report §3).
+train_rl.py — MORL, Mixed On-policy Reinforcement Learning: the RL stage of MiMo-VL (MiMo-VL
+technical report, arXiv 2506.03569, §3), at small scale on the synthetic tasks of synthetic.py.
 
-    # the small-scale reproduction, from the stage-4 output of `python train_pretrain.py`
-    python train_rl.py --train-rm           # Bradley-Terry reward model -> runs/rl/reward_model
-    python train_rl.py                      # MORL (uses the reward model if it exists) -> runs/rl/final
-    python train_rl.py --debug --steps 3    # print a few rollouts with their rewards
-    python train_rl.py --compare            # on-policy vs vanilla GRPO on text math (report Fig. 7)
+    python train_rl.py --train-rm          # Bradley-Terry reward model -> runs/rl/reward_model
+    python train_rl.py                     # MORL from runs/pretrain/stage4 -> runs/rl/final
+    python train_rl.py --resume            # continue from the newest intact checkpoint in runs/rl
+    python train_rl.py --debug --steps 3   # print a few rollouts with their rewards
+    python train_rl.py --compare           # on-policy vs vanilla GRPO on text math (report Fig. 7)
     python train_rl.py --algo grpo --updates-per-batch 4 --kl-beta 0.01    # vanilla GRPO + KL
-    python train_rl.py --resume             # continue from the last checkpoint in runs/rl
-    # the whole reproduction on a fresh machine: pre-training, reward model, MORL, tables, chat (24 min)
-    python train_rl.py --all
-    # one GPU / several processes: each rank generates its share of the prompts, DDP update
-    python train_rl.py --device cuda --sft runs/pretrain-s4/stage4 --steps 200
+    python train_rl.py --all               # the whole reproduction: pre-training, reward model,
+                                           # MORL, tables and a chat answer, one progress bar
+    python train_rl.py --device cuda --sft runs/pretrain-s4/stage4 --steps 200        # one GPU
     torchrun --standalone --nproc_per_node 8 train_rl.py --sft DIR --prompts-per-step 64
 
-One RL run turns the SFT model (the output of pre-training stage 4) into the RL model by
-optimising, jointly, verifiable rewards (math answers, counts, boxes, points, OCR, temporal
-spans) and the preference score of a Bradley-Terry reward model. Every reward lies in [0, 1];
-there is no format reward and no other auxiliary reward.
+One run turns the SFT model (pre-training stage 4) into the RL model by optimising, jointly,
+verifiable rewards (math answers, counts, boxes, points, OCR, temporal spans) and the score of a
+Bradley-Terry reward model on open-ended answers. Rewards live in rewards.py, each in [0, 1];
+there is no format reward.
 
-The update — "a fully on-policy variant of GRPO" (report eq. 1-2), the default `--algo onpolicy`:
+The update, "a fully on-policy variant of GRPO" (report eq. 1-2; GRPO: DeepSeekMath,
+arXiv 2402.03300), the default `--algo onpolicy`:
 
-    for each prompt q, sample a group of G responses o_1..o_G from the current policy pi_theta
-    r_i  = reward router(task of q, o_i, ground truth of q)                     in [0, 1]
-    A_i  = (r_i - mean(r_1..G)) / (std(r_1..G) + eps)     sample std (Bessel, G - 1), as verl
-    L    = -(1 / sum_i |o_i|) * sum_i sum_t A_i * log pi_theta(o_i,t | q, o_i,<t)
+    for each prompt q, sample G responses o_1..o_G from the current policy pi_theta
+    r_i = reward router(task of q, o_i, ground truth of q)                           in [0, 1]
+    A_i = (r_i - mean(r_1..G)) / (std(r_1..G) + eps)       sample std (G - 1), as verl and TRL
+    L   = -(1 / n_groups) sum_groups (1 / sum_i |o_i|) sum_i sum_t A_i log pi_theta(o_i,t | q, o_i,<t)
 
-  * token-level normalisation: the sums and the normaliser run over ALL response tokens of the
-    rollout batch (every group), not per response (DAPO-style), so long responses are not
-    down-weighted token by token;
+  * the normaliser as eq. 1 writes it: each group's tokens are averaged over the group's own
+    response tokens, then groups are averaged (`--loss-norm group`). `--loss-norm token-mean`
+    averages over every response token of the batch instead (DAPO, arXiv 2503.14476, eq. 8;
+    verl's loss_agg_mode "token-mean"), so groups with longer responses weigh more;
   * exactly ONE optimiser step per rollout batch: the policy that is updated is the policy that
-    sampled, so the importance ratio pi_theta / pi_old is exactly 1 and no clipped surrogate is
-    needed. The loss is written as the formula itself, -A * logp; the clipped surrogate at
-    ratio exp(logp - logp.detach()) == 1 has the same gradient, A * grad(logp) (tested);
+    sampled, so the ratio pi_theta / pi_old is exactly 1 and no clipping is needed; the loss is
+    the formula itself, -A log pi (the clipped surrogate at ratio 1 has the same gradient: tested);
+  * rollouts sample from pi_theta itself: temperature 1, no top-p truncation. The update's
+    log-probs are those of the full, untempered softmax; a sample drawn at another temperature or
+    from a truncated distribution would come from another policy, the ratio would not be 1 and
+    the gradient would be biased (so would vanilla GRPO's pi_old). `--temperature` and `--top-p`
+    other than 1 are therefore refused with an error rather than silently mis-weighted;
   * no KL term and no reference model.
 
-How it differs from vanilla GRPO (DeepSeekMath), selectable with `--algo grpo` so that the
-report's comparison (Fig. 7) can be rerun: vanilla GRPO takes several optimiser steps on each
-rollout batch, so from the second step on the data is off-policy; it therefore uses the clipped
-surrogate min(rho * A, clip(rho, 1 - eps_low, 1 + eps_high) * A) with rho = pi_theta / pi_old
-(asymmetric "clip-higher" bounds, eps_low 0.2, eps_high 0.28) and, optionally, a KL penalty
-beta * KL(pi_theta || pi_ref) to a frozen reference (the k3 estimator). Both modes here use the
-same token-level normalisation (the original GRPO averages per response, then per group), so the
-comparison isolates the update rule.
+`--algo grpo` is vanilla GRPO, for the report's comparison (Fig. 7): several optimiser steps per
+rollout batch (--updates-per-batch, default 4), so from the second on the data is off-policy; it
+uses the clipped surrogate min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A), rho = pi_theta /
+pi_old, with DAPO's asymmetric "clip-higher" bounds (0.2 / 0.28) and optionally a k3 KL penalty to
+the frozen SFT model (--kl-beta). Both modes share the normaliser, so the comparison isolates the
+update rule. From MiMo-7B's RL recipe (arXiv 2505.07608, §3.3): dynamic sampling (groups whose
+rewards are all equal carry no gradient: dropped, the batch refilled) and the easy pool (prompts
+every sample of which passes leave the stream and come back with probability 0.1).
 
-Inherited from MiMo-7B's RL recipe: dynamic sampling (groups whose rewards are all equal have
-zero advantage everywhere and carry no gradient: drop them and refill the batch) and the easy
-pool (prompts solved by every sample leave the main stream and are re-drawn with probability 0.1).
-
-Rewards run as a service (the report's "Reward-as-a-Service"): a router maps each task tag to a
-plain function, and a pool of worker processes scores a rollout batch with a per-item timeout,
-so one slow or pathological response never stalls the rollout. No reward ever runs Python's
-evaluation of model text: math answers go through the small arithmetic parser of section 2.
-
-One RL step here (section 13): draw this rank's prompts (the synthetic RL tasks of synthetic.py, in
-turn, or from the easy pool); sample G responses per prompt with MiMoVL.generate(n=G) (one
-prefill and KV cache shared by the group; temperature 1, so the sampled distribution is pi
-itself); score them in the reward pool; drop uniform groups and refill; pack every
-prompt + response into rows (labels on the response) and recompute log pi by the packed training
-forward (MiMoVL.token_logprobs, under DDP through Policy.forward); one AdamW step on the loss
-above. Per-task reward, pass rate, response length, truncation rate, entropy and gradient norm
-go to the progress bar and to <out>/metrics.jsonl. `python train_rl.py` with no arguments first
-scores the SFT model on held-out prompts with real and with black images, trains on the tasks
-where the images help (there the groups carry reward signal), and ends with a before/after
-table (<out>/summary.md): the held-out reward of greedy answers and avg@k, the mean reward of k
-answers sampled at the rollout temperature (the policy's expected reward, which RL maximises). Scale-out: DDP only (no FSDP2: generation needs whole weights).
-
-Outputs (--out, default runs/rl): final/ (the RL model, a Hugging Face folder that
-`python mimovl.py --model runs/rl/final` chats with), reward_model/, checkpoints/step-N/,
-metrics.jsonl, eval.jsonl (--eval-every), eval_sft.json, summary.md.
-
-Tests: tests/test_rewards.py, tests/test_grpo.py (rewards, pool, loss math), tests/test_rl.py
-(the loop through a tiny model: loss by hand, ratio 1, learning, reward model, resume, torchrun).
-
-Sections:
-  1. Reading the answer out of a response (think block, size bound, \\boxed{})
-  2. A safe arithmetic parser (recursive descent, bounded)
-  3. Reward functions
-  4. The reward router
-  5. The reward pool (Reward-as-a-Service)
-  6. GRPO math: group advantages and the policy loss
-  7. Sampling: dynamic sampling and the easy pool
-  8. Prompts: the RL prompt stream and the held-out sets
-  9. Rollouts: G responses per prompt from one prefill, scored by the reward pool
- 10. The update: packed rows, log-probs from the training forward, the optimiser step
- 11. The Bradley-Terry reward model (--train-rm)
- 12. Evaluation: held-out reward per task, the no-image baseline, the before/after table
- 13. The RL run
- 14. On-policy vs vanilla GRPO (--compare) and the main job (--all)
- 15. Command line
+Outputs (--out, default runs/rl): final/ (the RL model, a Hugging Face folder:
+`python mimovl.py --model runs/rl/final`), reward_model/, checkpoints/step-N/, metrics.jsonl,
+eval.jsonl (--eval-every), eval_sft.json, summary.md (the before/after table), progress.json.
+An existing run is never deleted: pass --resume to continue it or --overwrite to start again.
+Tests: tests/test_grpo.py (advantages, normalisers, losses by hand), tests/test_rl.py (the loop
+through a tiny model: loss by hand, ratio 1, learning, reward model, resume, torchrun).
 """
 
 import argparse
-import contextlib
 import json
 import math
 import os
 import random
-import re
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -110,26 +73,26 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import packing
+import reward_model
 import synthetic
-import train_pretrain as tp
-from evaluate import MAX_NEW_TOKENS, evaluate_rewards, has_media, mean_reward, results_table, rl_tag_of, summarise_rewards
+import train_pretrain
 import training
+from evaluate import evaluate_rewards, mean_reward, results_table, rl_tag_of, summarise_rewards
 from mimovl import MiMoVL
 from processor import Processor
 from rewards import DATA_REWARDS, RewardPool, passed, register_reward_model, reward_tag
 
 
 # -----------------------------------------------------------------------------
-# 6. GRPO math: group advantages and the policy loss
+# 1. GRPO math: group advantages, the loss normaliser, the policy loss
 # -----------------------------------------------------------------------------
 
 def group_advantages(rewards, eps=1e-6):
     """A = (r - mean) / (std + eps) within each group. rewards: (n_groups, G) -> (n_groups, G).
 
-    std is the sample standard deviation (Bessel's correction, divisor G - 1), as in verl's GRPO
-    (the framework MiMo-VL trained with) and TRL; the report writes std() without saying which.
-    A group whose rewards are all equal gets advantage exactly 0 (set explicitly: r - mean can be
-    one rounding step away from 0, and std + eps would not always absorb it).
+    std is the sample standard deviation (divisor G - 1), as in verl's GRPO (the framework
+    MiMo-VL trained with) and TRL; the report writes std() without saying which. A group whose
+    rewards are all equal gets advantage exactly 0 (r - mean can be one rounding step off 0).
     """
     r = torch.as_tensor(rewards, dtype=torch.float64 if not torch.is_tensor(rewards) else None)
     if r.dim() != 2 or r.shape[1] < 2:
@@ -140,114 +103,84 @@ def group_advantages(rewards, eps=1e-6):
     return torch.where(all_equal, torch.zeros_like(r), (r - mean) / (std + eps))
 
 
-def policy_loss(logprobs, old_logprobs, advantages, mask, mode="onpolicy", eps_low=0.2,
-                eps_high=0.28, kl_beta=0.0, ref_logprobs=None, n_tokens=None):
-    """Token-level-normalised policy-gradient loss and its metrics.
+LOSS_NORMS = ("group", "token-mean")
 
-    logprobs:      (B, T) log pi_theta of the sampled tokens (with grad)
-    old_logprobs:  (B, T) log pi_old from the sampling policy; used by mode "grpo" only (in
-                   "onpolicy" it only feeds the `logprob_diff` metric, when given)
-    advantages:    (B,) one per response (broadcast over its tokens) or (B, T)
-    mask:          (B, T) 1 on response tokens, 0 on prompt and padding
-    n_tokens:      the normaliser; default mask.sum(). With micro-batches pass the token count of
-                   the whole rollout batch so that the accumulated gradient is the same.
 
-    onpolicy: per-token -A * logp, gradient -A * grad(logp) / N. The importance ratio
-              rho = exp(logp - logp.detach()) is exactly 1 and is not needed: the clipped
-              surrogate below at rho == 1 has this very gradient (its value is -A, not -A logp).
-    grpo:     per-token -min(rho * A, clip(rho, 1 - eps_low, 1 + eps_high) * A) with
-              rho = exp(logp - old_logp).
-    kl_beta > 0 (either mode) adds kl_beta * k3 per token, k3 = exp(ref - logp) - (ref - logp) - 1
-              (Schulman's unbiased, always >= 0 estimator of KL(pi_theta || pi_ref)).
-    Returns (loss, metrics dict of floats).
-    """
-    if mode not in ("onpolicy", "grpo"):
-        raise ValueError(f"mode must be 'onpolicy' or 'grpo', got {mode!r}")
-    mask = mask.to(logprobs.dtype)
-    adv = advantages.to(logprobs.dtype)
-    if adv.dim() == 1:
-        adv = adv[:, None]                                           # (B, 1) -> broadcast
-    n = mask.sum() if n_tokens is None else torch.as_tensor(n_tokens, dtype=logprobs.dtype)
-    n_here = mask.sum().clamp(min=1.0)
+def loss_weights(lengths, norm="group", n_groups=None, n_tokens=None):
+    """w_i, the weight of every token of response i in L = sum_i w_i sum_t loss_i,t.
+    lengths: (n_groups, G) token counts |o_i|, 0 for a response that does not count.
 
-    def token_mean(x):                     # for metrics: mean over this batch's response tokens
-        return float((x.detach() * mask).sum() / n_here)
+      group       w_i = 1 / (n_groups * sum_{j in i's group} |o_j|)     report eq. 1 (default)
+      token-mean  w_i = 1 / sum_{all j in the batch} |o_j|              DAPO; verl "token-mean"
 
-    metrics = {"n_tokens": float(n)}
-    if mode == "onpolicy":
-        ratio = torch.ones_like(logprobs)        # pi_theta == pi_old: exactly one update per batch
-        per_token = -adv * logprobs
-        if old_logprobs is not None:             # rollout engine vs training forward, numerically
-            metrics["logprob_diff"] = token_mean((logprobs - old_logprobs).abs())
+    n_groups / n_tokens: the totals over all ranks (default: over `lengths`), so that ranks and
+    micro-batches add up to the loss of the whole batch. Groups without tokens do not count."""
+    n = torch.as_tensor(lengths, dtype=torch.float64)
+    if norm == "group":
+        groups = float((n.sum(1) > 0).sum()) if n_groups is None else n_groups
+        denom = groups * n.sum(1, keepdim=True).expand_as(n)
+    elif norm == "token-mean":
+        denom = torch.full_like(n, float(n.sum()) if n_tokens is None else n_tokens)
     else:
+        raise ValueError(f"loss normaliser must be one of {LOSS_NORMS}, got {norm!r}")
+    return torch.where(n > 0, 1.0 / denom.clamp(min=1.0), torch.zeros_like(n))
+
+
+def policy_loss(logprobs, advantages, weights, old_logprobs=None, mode="onpolicy", eps_low=0.2,
+                eps_high=0.28, kl_beta=0.0, ref_logprobs=None):
+    """sum over tokens of weight * per-token loss, for one batch of responses.
+
+    logprobs (B, T): log pi_theta of the sampled tokens (with grad); advantages (B,) or (B, T);
+    weights (B, T): loss_weights on response tokens, 0 on prompt and padding.
+      onpolicy  -A log pi_theta: one step per batch, so pi_old == pi_theta and the clipped
+                surrogate below would have the same gradient, A grad(log pi) (its value is -A)
+      grpo      -min(rho A, clip(rho, 1 - eps_low, 1 + eps_high) A), rho = exp(logp - old_logp)
+      kl_beta   adds kl_beta * k3 per token, k3 = exp(ref - logp) - (ref - logp) - 1 (Schulman's
+                unbiased, non-negative estimator of KL(pi_theta || pi_ref))
+    """
+    adv = advantages.to(logprobs.dtype)
+    adv = adv[:, None] if adv.dim() == 1 else adv                     # (B, 1) broadcasts over T
+    if mode == "onpolicy":
+        per_token = -adv * logprobs
+    elif mode == "grpo":
         if old_logprobs is None:
             raise ValueError("mode 'grpo' needs old_logprobs (log-probs of the sampling policy)")
         ratio = torch.exp(logprobs - old_logprobs.detach())
-        clipped = ratio.clamp(1.0 - eps_low, 1.0 + eps_high)
-        per_token = -torch.minimum(ratio * adv, clipped * adv)
-        metrics["clip_frac"] = token_mean((ratio * adv > clipped * adv).to(mask.dtype))
+        per_token = -torch.minimum(ratio * adv, ratio.clamp(1.0 - eps_low, 1.0 + eps_high) * adv)
+    else:
+        raise ValueError(f"mode must be 'onpolicy' or 'grpo', got {mode!r}")
     if kl_beta > 0:
         if ref_logprobs is None:
             raise ValueError("kl_beta > 0 needs ref_logprobs from the frozen reference model")
         d = ref_logprobs.detach() - logprobs
-        kl = torch.exp(d) - d - 1.0                                     # k3 estimator, >= 0
-        per_token = per_token + kl_beta * kl
-        metrics["kl"] = token_mean(kl)
-    metrics["ratio_mean"] = token_mean(ratio)
-    loss = (per_token * mask).sum() / n.clamp(min=1.0)
-    metrics["loss"] = float(loss.detach())
-    return loss, metrics
+        per_token = per_token + kl_beta * (torch.exp(d) - d - 1.0)
+    return (per_token * weights.to(logprobs.dtype)).sum()
 
 
 # -----------------------------------------------------------------------------
-# 7. Sampling: dynamic sampling and the easy pool
+# 2. Sampling: dynamic sampling and the easy pool
 # -----------------------------------------------------------------------------
 
-def _rewards_of(group):
-    if isinstance(group, dict):
-        return group["rewards"]
-    return getattr(group, "rewards", group)
-
-
-def dynamic_sampling_filter(groups, tol=1e-6):
-    """(kept, dropped): drop groups whose rewards are all equal (within tol).
-
-    Such a group has advantage 0 for every response and contributes no gradient, but its tokens
-    would still count in the token-level normaliser. A group is a sequence of rewards, a dict
-    with "rewards" or an object with a `.rewards` attribute. The caller refills the batch.
-    """
-    kept, dropped = [], []
-    for group in groups:
-        rewards = [float(r) for r in _rewards_of(group)]
-        (dropped if max(rewards) - min(rewards) <= tol else kept).append(group)
-    return kept, dropped
-
-
-def _default_key(prompt):
-    if isinstance(prompt, dict) and "id" in prompt:
-        return prompt["id"]
-    return json.dumps(prompt, sort_keys=True, default=str)
+def has_signal(rewards, tol=1e-6):
+    """Dynamic sampling keeps a group only if its rewards differ: equal rewards give advantage 0
+    everywhere (no gradient), yet their tokens would still count in the normaliser."""
+    return max(rewards) - min(rewards) > tol
 
 
 class EasyPool:
-    """MiMo-7B's easy-data re-sampling.
+    """MiMo-7B's easy-data re-sampling. A prompt whose every response passes (rewards.passed,
+    the pass of the metrics) leaves the main stream for the easy pool; each draw comes from the
+    easy pool with probability `prob`, else from the stream, skipping prompts in the pool. An easy
+    prompt drawn again and no longer passed by every response returns to the stream.
 
-    A prompt whose every sample is solved (all rewards >= solved) leaves the main stream for the
-    easy pool; each draw comes from the easy pool with probability `prob` (0.1), otherwise from
-    the main stream, skipping prompts that are in the easy pool. An easy prompt that is drawn
-    again and no longer solved by every sample returns to the main stream.
-
-        pool = EasyPool(prob=0.1, seed=0)
-        prompt, from_easy = pool.draw(stream)      # stream: an iterator of prompts
-        pool.update(prompt, rewards)               # after scoring its group
+        prompt, from_easy = pool.draw(stream)      # stream: an iterator of prompts with an "id"
+        pool.update(prompt, solved)                # after scoring its group
     """
 
-    def __init__(self, prob=0.1, seed=0, solved=1.0, key=_default_key):
+    def __init__(self, prob=0.1, seed=0):
         if not 0.0 <= prob <= 1.0:
             raise ValueError(f"easy-pool probability must be in [0, 1], got {prob!r}")
-        self.prob, self.solved, self.key = prob, solved, key
-        self.rng = random.Random(seed)
-        self.easy = {}                                # key -> prompt (insertion-ordered)
+        self.prob, self.rng, self.easy = prob, random.Random(seed), {}    # id -> prompt
 
     def __len__(self):
         return len(self.easy)
@@ -256,30 +189,25 @@ class EasyPool:
         if self.easy and self.rng.random() < self.prob:
             return self.easy[self.rng.choice(list(self.easy))], True
         for prompt in stream:
-            if self.key(prompt) not in self.easy:
+            if prompt["id"] not in self.easy:
                 return prompt, False
         raise StopIteration("the prompt stream is exhausted")
 
-    def update(self, prompt, rewards):
-        """Record a scored group; returns True if the prompt is (now) in the easy pool."""
-        k = self.key(prompt)
-        if min(float(r) for r in rewards) >= self.solved:
-            self.easy[k] = prompt
-            return True
-        self.easy.pop(k, None)
-        return False
+    def update(self, prompt, solved):
+        if solved:
+            self.easy[prompt["id"]] = prompt
+        else:
+            self.easy.pop(prompt["id"], None)
 
 
 # -----------------------------------------------------------------------------
-# 8. Prompts: the RL prompt stream and the held-out sets
+# 3. Prompts: the RL prompt stream and the held-out sets
 # -----------------------------------------------------------------------------
-# An RL prompt is a synthetic.py sample without its answer turn: {"task", "messages" (ending with the
-# user turn), "answer" (ground truth), "reward" (which reward scores it)} plus an "id" that the
-# easy pool and the checkpoints use (prompts hold images, so a checkpoint stores only ids).
+# An RL prompt is a synthetic.py sample without its answer turn: {"task", "messages" (ending with
+# the user turn), "answer", "reward" (which reward scores it)} plus an "id" that the easy pool
+# and the checkpoints use (prompts hold images, so a checkpoint stores only ids).
 
 def rl_prompt(task, index, split="train", seed=0):
-    """Prompt `index` of `task` in `split` (synthetic.rl_prompt) with its id: reproducible from these
-    four values alone."""
     return {**synthetic.rl_prompt(task, index, split, seed), "id": f"{split}/{task}/{index}"}
 
 
@@ -288,16 +216,16 @@ def prompt_from_id(prompt_id, seed=0):
     return rl_prompt(task, int(index), split, seed)
 
 
-# Pre-training draws its training samples from index 0 upward; RL prompts start far above, so
-# the policy is trained on prompts it has never seen (on reused ones, the sampled reward rises
-# by memory while the held-out reward does not).
+# Pre-training draws its samples from index 0 upward; RL prompts start far above, so the policy
+# trains on prompts it has never seen (measured in this project: on reused prompts the sampled
+# reward rose by memory while the held-out reward fell).
 FRESH = 10 ** 9
 
 
 class PromptStream:
     """This rank's endless stream of training prompts: global position k holds task
     tasks[k % n] (the tasks in turn, so every batch mixes them evenly), index k // n; rank r
-    reads positions r, r + world, r + 2 world, ... `position` (per rank) is all a resume needs."""
+    reads positions r, r + world, ... `position` (per rank) is all a resume needs."""
 
     def __init__(self, tasks, seed=0, rank=0, world_size=1, position=0):
         if not tasks:
@@ -316,26 +244,34 @@ class PromptStream:
 
 
 def heldout_prompts(tasks, n, seed=0, first=0):
-    """n held-out prompts per task, indices first..first+n-1 of data's held-out split (never
-    seen in training). The before/after table uses the first n; choosing the tasks to train
-    uses the next n, so that the choice does not favour tasks the SFT model got lucky on."""
+    """n held-out prompts per task, indices first..first+n-1 of the held-out split. The
+    before/after table uses the first n; choosing the tasks uses the next n, so that the choice
+    does not favour tasks the SFT model got lucky on."""
     return [rl_prompt(task, i, "heldout", seed) for task in tasks for i in range(first, first + n)]
 
 
 # -----------------------------------------------------------------------------
-# 9. Rollouts: G responses per prompt from one prefill, scored by the reward pool
+# 4. Rollouts: G responses per prompt from one prefill, scored by the reward pool
 # -----------------------------------------------------------------------------
 
 VISION_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw",
                "second_per_grid_ts")
 
+# The response budget of RL, in tokens: about twice the longest answer of the task in the SFT
+# data (synthetic.py at default difficulty: count 2, ocr 4, caption 13, video_grounding 14,
+# text_math 21, ground_point 22, visual_math 28, ground_box 32), so a response may run a little
+# longer than the data before it is cut; a cut response has no final answer and scores as such
+# (rewards.py). Evaluation keeps its own, more generous budgets (evaluate.MAX_NEW_TOKENS).
+RESPONSE_BUDGET = {"count": 8, "video_count": 8, "ocr": 16, "caption": 32, "video_grounding": 32,
+                   "text_math": 48, "ground_point": 48, "visual_math": 64, "ground_box": 64}
+
 
 @dataclass
 class Response:
     ids: list               # response token ids, ending with the stop token if the model stopped
-    logprobs: list          # log pi_old(id) of each, as the sampler computed them
+    logprobs: list          # log pi(id) of each, as the sampler computed them
     text: str               # decoded, without the stop token
-    truncated: bool         # ran into max_new_tokens before a stop token
+    truncated: bool         # ran into the budget before a stop token
     reward: float = 0.0
     components: dict = field(default_factory=dict)
     trainable: bool = True  # False: a stand-in for an empty response (nothing to learn from)
@@ -343,7 +279,7 @@ class Response:
 
 @dataclass
 class Group:
-    """One prompt and its G responses: the unit of the advantage (and of dynamic sampling)."""
+    """One prompt and its G responses: the unit of the advantage and of dynamic sampling."""
     prompt: dict
     encoded: dict           # the prompt's input_ids (L,) and vision tensors (encode_prompt)
     responses: list
@@ -357,6 +293,10 @@ class Group:
     @property
     def task(self):
         return self.prompt["task"]
+
+    @property
+    def solved(self):
+        return all(passed(reward_tag(self.prompt), r) for r in self.rewards)
 
 
 def encode_prompt(processor, prompt):
@@ -382,19 +322,12 @@ def collate_prompts(encoded, pad_id):
     return out
 
 
-def response_budget(task, max_new_tokens=None):
-    """Tokens a response may have: --max-new-tokens, else the evaluation's budget of the task."""
-    return max_new_tokens or MAX_NEW_TOKENS.get(task, 64)
-
-
 @torch.no_grad()
-def sample_groups(model, processor, prompts, group_size, temperature=1.0, top_p=1.0,
-                  max_new_tokens=None, seed=0, max_rows=128, autocast=None):
-    """Sample `group_size` responses for every prompt with model.generate(n=G): the G samples of
-    a prompt share one prefill and its KV cache. Prompts are generated task by task (each task
-    has its own response budget) in calls of at most max_rows // G prompts. -> [Group].
-    The RL run samples in the weights' dtype (autocast=None: fp32 master weights here), so the
-    sampled distribution is the policy's own; only the update uses the precision policy."""
+def sample_groups(model, processor, prompts, group_size, max_new_tokens=None, seed=0, max_rows=128):
+    """G responses per prompt at temperature 1 with model.generate(n=G): the G samples of a
+    prompt share one prefill and its KV cache. Task by task (each has its own budget), at most
+    max_rows // G prompts per call, in the weights' dtype (no autocast: the sampled distribution
+    is the policy's own). -> [Group]."""
     model.eval()
     encoded = [encode_prompt(processor, p) for p in prompts]
     by_task = {}
@@ -409,20 +342,17 @@ def sample_groups(model, processor, prompts, group_size, temperature=1.0, top_p=
     for task, idx in by_task.items():
         for a in range(0, len(idx), per_call):
             chunk = idx[a:a + per_call]
-            batch = {k: v.to(model.device)
-                     for k, v in collate_prompts([encoded[i] for i in chunk],
-                                                 processor.pad_token_id).items()}
-            with autocast or contextlib.nullcontext():
-                tokens, logprobs = model.generate(
-                    **batch, max_new_tokens=response_budget(task, max_new_tokens),
-                    temperature=temperature, top_p=top_p, seed=seed * 7919 + call,
-                    stop_token_ids=processor.eos_token_ids, n=group_size, return_logprobs=True)
+            batch = collate_prompts([encoded[i] for i in chunk], processor.pad_token_id)
+            tokens, logprobs = model.generate(
+                **{k: v.to(model.device) for k, v in batch.items()}, n=group_size,
+                max_new_tokens=max_new_tokens or RESPONSE_BUDGET.get(task, 64), temperature=1.0,
+                seed=seed * 7919 + call, stop_token_ids=processor.eos_token_ids, return_logprobs=True)
             call += 1
             tokens, logprobs = tokens.cpu().tolist(), logprobs.float().cpu().tolist()
             for j, i in enumerate(chunk):
                 responses = []
-                for row in range(j * group_size, (j + 1) * group_size):
-                    ids, lps = tokens[row], logprobs[row]
+                for ids, lps in zip(tokens[j * group_size:(j + 1) * group_size],
+                                    logprobs[j * group_size:(j + 1) * group_size]):
                     end = next((t for t, x in enumerate(ids) if x in stops or x in placeholders),
                                len(ids))
                     stopped = end < len(ids) and ids[end] in stops
@@ -438,7 +368,7 @@ def sample_groups(model, processor, prompts, group_size, temperature=1.0, top_p=
 
 
 def score_groups(groups, pool):
-    """Fill every response's reward and components through the reward pool (Reward-as-a-Service).
+    """Every response's reward and components through the reward pool (Reward-as-a-Service).
     Rewards scored in this process (the reward model) also get the prompt, to judge against."""
     items = []
     for g in groups:
@@ -458,9 +388,10 @@ class RLConfig:
     algo: str = "onpolicy"          # "onpolicy" (MiMo-VL) or "grpo" (vanilla, clipped)
     group_size: int = 8             # G responses per prompt
     prompts_per_rank: int = 8       # groups per rollout batch on each rank
-    temperature: float = 1.0
-    top_p: float = 1.0
-    max_new_tokens: int = None      # None: each task's evaluation budget
+    loss_norm: str = "group"        # LOSS_NORMS: report eq. 1, or DAPO's token-mean
+    temperature: float = 1.0        # only 1: the update's log-probs are the policy's own
+    top_p: float = 1.0              # only 1, for the same reason
+    max_new_tokens: int = None      # None: RESPONSE_BUDGET of each task
     updates_per_batch: int = 1      # optimiser steps per rollout batch (on-policy: exactly 1)
     eps_low: float = 0.2
     eps_high: float = 0.28
@@ -474,6 +405,13 @@ class RLConfig:
     def validate(self):
         if self.algo not in ("onpolicy", "grpo"):
             raise ValueError(f"--algo must be onpolicy or grpo, got {self.algo!r}")
+        if self.loss_norm not in LOSS_NORMS:
+            raise ValueError(f"--loss-norm must be one of {', '.join(LOSS_NORMS)}, got {self.loss_norm!r}")
+        if self.temperature != 1.0 or self.top_p != 1.0:
+            raise ValueError(f"--temperature {self.temperature:g} / --top-p {self.top_p:g}: rollouts "
+                             "must sample from the policy itself (temperature 1, top-p 1), because the "
+                             "update's log-probs are those of the full untempered softmax; any other "
+                             "sampling distribution makes the policy gradient biased")
         if self.algo == "onpolicy" and self.updates_per_batch != 1:
             raise ValueError("--algo onpolicy takes exactly one optimiser step per rollout batch "
                              f"(--updates-per-batch 1), got {self.updates_per_batch}; use --algo grpo")
@@ -487,35 +425,28 @@ class RLConfig:
         return self
 
 
-def collect_groups(model, processor, stream, easy_pool, pool, cfg, seed=0, autocast=None):
+def collect_groups(model, processor, stream, easy_pool, pool, cfg, seed=0):
     """This rank's groups for one rollout batch -> (kept, sampled).
 
     Prompts come from the stream or, with probability easy_pool.prob, from the easy pool. With
-    dynamic sampling, groups whose rewards are all equal (zero advantage: no gradient) are
-    dropped and new prompts are drawn, at most cfg.max_refills more times. `sampled` is every
-    group scored (the metrics describe what the policy does, not only what is kept). If fewer
-    than cfg.updates_per_batch groups survive, dropped groups are added as padding (no token
-    counts), so that every rank joins every (DDP) update."""
+    dynamic sampling, groups without signal are dropped and new prompts drawn, at most
+    cfg.max_refills more times. `sampled` is every group scored (the metrics describe what the
+    policy does, not only what is kept). If fewer than cfg.updates_per_batch groups survive,
+    dropped ones come back as padding (no token counts) so every rank joins every DDP update."""
     kept, dropped, sampled = [], [], []
-    rounds = 1 + (cfg.max_refills if cfg.dynamic_sampling else 0)
-    for attempt in range(rounds):
+    for attempt in range(1 + (cfg.max_refills if cfg.dynamic_sampling else 0)):
         need = cfg.prompts_per_rank - len(kept)
         if need <= 0:
             break
         draws = [easy_pool.draw(stream) for _ in range(need)]
         groups = sample_groups(model, processor, [p for p, _ in draws], cfg.group_size,
-                               cfg.temperature, cfg.top_p, cfg.max_new_tokens,
-                               seed * 31 + attempt, cfg.max_rows, autocast)
+                               cfg.max_new_tokens, seed * 31 + attempt, cfg.max_rows)
         score_groups(groups, pool)
         for g, (_, from_easy) in zip(groups, draws):
             g.from_easy = from_easy
-            easy_pool.update(g.prompt, g.rewards)
+            easy_pool.update(g.prompt, g.solved)
+            (kept if not cfg.dynamic_sampling or has_signal(g.rewards) else dropped).append(g)
         sampled += groups
-        if cfg.dynamic_sampling:
-            k, d = dynamic_sampling_filter(groups)
-            kept, dropped = kept + k, dropped + d
-        else:
-            kept += groups
     while len(kept) < cfg.updates_per_batch:
         g = dropped.pop()
         g.padding = True
@@ -524,7 +455,7 @@ def collect_groups(model, processor, stream, easy_pool, pool, cfg, seed=0, autoc
 
 
 # -----------------------------------------------------------------------------
-# 10. The update: packed rows, log-probs from the training forward, the optimiser step
+# 5. The update: packed rows, log-probs from the training forward, the optimiser step
 # -----------------------------------------------------------------------------
 
 class Policy(MiMoVL):
@@ -537,28 +468,28 @@ class Policy(MiMoVL):
         return super().forward(input_ids, labels=labels, **inputs)
 
 
-def pack_rows(groups, advantages, max_tokens=4096, processor=None):
-    """Rows of the update: each response as its own document `prompt + response` (labels on the
-    response tokens, including the stop token) packed with others of the same task into (1, T)
-    rows with cu_seqlens (packing.best_fit_pack / collate_packed), as in pre-training. Besides the
-    packing keys each row has, aligned with input_ids: `adv` (the response's advantage on its
-    tokens), `old` (the sampler's log-probs) and `mask` (tokens that count: the responses of
-    non-padding groups). Rows are ordered by task. With `processor` (DDP) a row without pixels
-    gets a dummy image (train_pretrain.add_dummy_vision) so every ViT parameter gets a gradient."""
+ROW_KEYS = ("adv", "weight", "sampled")     # per-token values that travel with a packed row
+
+
+def pack_rows(groups, advantages, weights, max_tokens=4096, processor=None):
+    """The rows of the update: each response as its own document `prompt + response` (labels
+    on the response, its stop token included) packed with others of its task into (1, T) rows
+    with cu_seqlens (packing.best_fit_pack / collate_packed), as in pre-training. Aligned with
+    input_ids, each row also has `adv` (advantage), `weight` (loss_weights, 0 off the response)
+    and `sampled` (the sampler's log-probs). With `processor` (DDP) a row without pixels gets a
+    dummy image (train_pretrain.add_dummy_vision) so every ViT parameter gets a gradient."""
     by_task = {}
-    for g, adv in zip(groups, advantages):
+    for g, adv, w in zip(groups, advantages.tolist(), weights.tolist()):
         p = g.encoded["input_ids"]
         vision = {k: g.encoded[k] for k in VISION_KEYS if k in g.encoded}
-        for r, a in zip(g.responses, adv.tolist()):
+        for r, a, wi in zip(g.responses, adv, w):
             ids = torch.cat([p, torch.tensor(r.ids, dtype=p.dtype)])
             labels = torch.full_like(ids, packing.IGNORE_INDEX)
             labels[len(p):] = ids[len(p):]
             seq = {"input_ids": ids, "labels": labels, "task": g.task, **vision,
-                   "adv": torch.zeros(len(ids)), "old": torch.zeros(len(ids)),
-                   "mask": torch.zeros(len(ids))}
-            seq["adv"][len(p):] = a
-            seq["old"][len(p):] = torch.tensor(r.logprobs)
-            seq["mask"][len(p):] = 0.0 if g.padding or not r.trainable else 1.0
+                   **{k: torch.zeros(len(ids)) for k in ROW_KEYS}}
+            seq["adv"][len(p):], seq["weight"][len(p):] = a, wi
+            seq["sampled"][len(p):] = torch.tensor(r.logprobs)
             by_task.setdefault(g.task, []).append(seq)
     rows = []
     for task, seqs in by_task.items():
@@ -566,15 +497,14 @@ def pack_rows(groups, advantages, max_tokens=4096, processor=None):
         for idx in packing.best_fit_pack(lengths, max(max_tokens, max(lengths))):
             part = [seqs[i] for i in idx]
             row = packing.collate_packed(part)
-            for k in ("adv", "old", "mask"):
+            for k in ROW_KEYS:
                 row[k] = torch.cat([s[k] for s in part])[None]
             if processor is not None:
                 n = row["input_ids"].shape[1]
-                row = tp.add_dummy_vision(row, processor)
-                extra = row["input_ids"].shape[1] - n
-                for k in ("adv", "old", "mask"):
-                    row[k] = torch.cat([row[k], torch.zeros(1, extra)], dim=1)
-            row["task"] = task
+                row = train_pretrain.add_dummy_vision(row, processor)
+                for k in ROW_KEYS:
+                    row[k] = F.pad(row[k], (0, row["input_ids"].shape[1] - n))
+            row["task"], row["mask"] = task, (row["weight"] > 0).float()
             rows.append(row)
     return rows
 
@@ -587,296 +517,114 @@ def row_logprobs(model, row, device, with_entropy=False):
                  **packing.vision_inputs(row, device))
 
 
-def _all_reduce(values, compute):
-    t = torch.tensor(values, dtype=torch.float64)
-    if compute.distributed:
-        dist.all_reduce(t)
-    return t.tolist()
-
-
-def _gradient_since(params, snapshot):
-    """(squared norm of the gradient accumulated since `snapshot`, a new snapshot): one task's
-    contribution to the batch gradient, for the per-task gradient norm (single process only)."""
-    sq, now = 0.0, []
-    for j, p in enumerate(params):
-        g = p.grad.detach() if p.grad is not None else torch.zeros_like(p)
-        sq += float((g - snapshot[j] if snapshot is not None else g).float().pow(2).sum())
-        now.append(g.clone())
-    return sq, now
+def batch_weights(groups, norm, compute):
+    """loss_weights of this rank's groups with the totals over all ranks, times the number of
+    ranks (DDP averages the ranks' gradients; the loss is their sum)."""
+    lengths = torch.tensor([[0.0 if g.padding or not r.trainable else float(len(r.ids))
+                             for r in g.responses] for g in groups], dtype=torch.float64)
+    totals = training.all_reduce_sum(torch.stack([(lengths.sum(1) > 0).sum().double(),
+                                                  lengths.sum()]), compute)
+    return loss_weights(lengths, norm, float(totals[0]), float(totals[1])) * compute.world_size
 
 
 def policy_update(wrapped, optimizer, groups, cfg, compute, processor=None, ref_model=None):
-    """One rollout batch -> cfg.updates_per_batch optimiser steps (on-policy: exactly one).
-
-    Advantages within each group; the batch (this rank's groups) is split into the updates'
-    mini-batches; every mini-batch's loss is normalised by its number of response tokens over
-    all ranks (token-level normalisation), so micro-batching and ranks do not change the
-    gradient. vanilla GRPO needs pi_old: the training forward's log-probs before the first step
-    (the sampler's own log-probs differ by numerics: KV cache, batching); the on-policy update
-    only logs how far the sampler's log-probs are from the training forward's.
-    Returns a dict of metrics (per task: entropy, grad_norm)."""
-    model = training.unwrap(wrapped)
-    device = compute.device
-    model.train()
-    adv = group_advantages([g.rewards for g in groups]).float()              # (n_groups, G)
-    chunks = [list(c) for c in np.array_split(np.arange(len(groups)), cfg.updates_per_batch)]
-    minibatches = [pack_rows([groups[i] for i in c], adv[c], cfg.max_tokens,
-                             processor if compute.distributed else None) for c in chunks]
+    """One rollout batch -> cfg.updates_per_batch optimiser steps (on-policy: exactly one), each
+    on its share of the groups. vanilla GRPO's pi_old is the training forward before the first
+    step (the sampler's log-probs differ by numerics: KV cache, batching). Returns the metrics
+    of each step (update_metrics)."""
+    model, device = training.unwrap(wrapped), compute.device
+    adv = group_advantages([g.rewards for g in groups]).float()                 # (n_groups, G)
+    minibatches = []
+    for idx in np.array_split(np.arange(len(groups)), cfg.updates_per_batch):
+        idx = idx.tolist()
+        part = [groups[i] for i in idx]
+        minibatches.append(pack_rows(part, adv[idx], batch_weights(part, cfg.loss_norm, compute),
+                                     cfg.max_tokens, processor))
     if cfg.algo == "grpo" or cfg.kl_beta > 0:
         with torch.no_grad(), compute.autocast():
-            for rows in minibatches:
-                for row in rows:
-                    if cfg.algo == "grpo":
-                        row["old"] = row_logprobs(model, row, device).float().cpu()
-                    if cfg.kl_beta > 0:
-                        row["ref"] = row_logprobs(ref_model, row, device).float().cpu()
-
+            for row in (row for rows in minibatches for row in rows):
+                if cfg.algo == "grpo":
+                    row["old"] = row_logprobs(model, row, device).float().cpu()
+                if cfg.kl_beta > 0:
+                    row["ref"] = row_logprobs(ref_model, row, device).float().cpu()
+    model.train()
     params = [p for p in wrapped.parameters() if p.requires_grad]
-    per_task_norms = not compute.distributed       # a rank's own gradients are only its share
-    sums = {}                                      # metric -> summed over tokens (first update)
-    task_sums = {}                                 # task -> [entropy sum, tokens, grad_norm^2]
-    step_metrics = []
-    for u, rows in enumerate(minibatches):
-        n_local = sum(float(r["mask"].sum()) for r in rows)
-        (n_total,) = _all_reduce([n_local], compute)
-        if n_total == 0:                           # nothing to learn from on any rank
+    steps = []
+    for rows in minibatches:
+        n_tokens = training.all_reduce_sum(torch.tensor(sum(float(r["mask"].sum()) for r in rows)), compute)
+        if n_tokens == 0:                          # nothing to learn from on any rank
             continue
-        # DDP averages gradients over ranks: scale so the sum over ranks / n_total is the loss
-        n_norm = n_total / compute.world_size
-        snapshot = None
         for i, row in enumerate(rows):
-            last = i == len(rows) - 1
-            with training.grad_sync(wrapped, last), compute.autocast():
-                lp, ent = row_logprobs(wrapped, row, device, with_entropy=True)
-                lp = lp.float()
-                mask = row["mask"].to(device)
-                loss, m = policy_loss(lp, row["old"].to(device), row["adv"].to(device), mask,
-                                      cfg.algo, cfg.eps_low, cfg.eps_high, cfg.kl_beta,
-                                      row["ref"].to(device) if "ref" in row else None,
-                                      n_tokens=n_norm)
-                loss.backward()
-            n_row = float(mask.sum())
-            for k in ("ratio_mean", "clip_frac", "kl", "logprob_diff"):
-                if k in m:
-                    sums[(u, k)] = sums.get((u, k), 0.0) + m[k] * n_row
-            sums[(u, "loss")] = sums.get((u, "loss"), 0.0) + m["loss"] * n_norm
-            if u == 0:
-                t = task_sums.setdefault(row["task"], [0.0, 0.0, 0.0])
-                t[0] += float((ent.detach().float() * mask).sum())
-                t[1] += n_row
-            if per_task_norms and u == 0 and (last or rows[i + 1]["task"] != row["task"]):
-                sq, snapshot = _gradient_since(params, snapshot)     # rows are ordered by task
-                task_sums[row["task"]][2] += sq
-        norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        if not math.isfinite(float(norm)):
+            with training.grad_sync(wrapped, i == len(rows) - 1), compute.autocast():
+                lp, entropy = row_logprobs(wrapped, row, device, with_entropy=True)
+                loss = policy_loss(lp.float(), row["adv"].to(device), row["weight"].to(device),
+                                   row["old"].to(device) if "old" in row else None, cfg.algo,
+                                   cfg.eps_low, cfg.eps_high, cfg.kl_beta,
+                                   row["ref"].to(device) if "ref" in row else None)
+            loss.backward()
+            row.update(logp=lp.detach().float().cpu(), entropy=entropy.float().cpu(), loss=float(loss.detach()))
+        norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+        if not math.isfinite(norm):
             optimizer.zero_grad(set_to_none=True)
-            raise FloatingPointError(f"the gradient norm is {float(norm)}: the update is skipped "
-                                     "and training stops; lower --lr")
+            raise FloatingPointError(f"the gradient norm is {norm}: the update is skipped and "
+                                     "training stops; lower --lr")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        keys = sorted({k for uu, k in sums if uu == u})
-        reduced = _all_reduce([sums[(u, k)] for k in keys], compute)
-        step_metrics.append({"grad_norm": float(norm),
-                             **{k: v / n_total for k, v in zip(keys, reduced)}})
+        steps.append(update_metrics(rows, norm, cfg, compute))
+    return steps
 
-    out = {"updates": len(step_metrics), "tasks": {}}
-    if step_metrics:
-        out.update({k: v for k, v in step_metrics[0].items()})          # the first update
-        if len(step_metrics) > 1:                                       # vanilla: the last one
-            out.update({f"last_{k}": v for k, v in step_metrics[-1].items()})
-    for task, (ent_sum, n, sq) in task_sums.items():
-        out["tasks"][task] = {"entropy": ent_sum / max(n, 1)}
-        if per_task_norms:
-            out["tasks"][task]["grad_norm"] = math.sqrt(sq)
+
+def update_metrics(rows, grad_norm, cfg, compute):
+    """One optimiser step's metrics over all ranks: the loss, the gradient norm, token means of
+    |log pi_sampler - log pi_train| (numerics only, on-policy), the ratio and clipped fraction
+    (grpo), the k3 KL, and each task's mean entropy."""
+    sums = {}
+
+    def add(key, x, mask):
+        sums[key] = sums.get(key, 0.0) + float((x * mask).sum())
+    for row in rows:
+        m, lp, task = row["mask"], row["logp"], row["task"]
+        sums["loss"] = sums.get("loss", 0.0) + row["loss"] / compute.world_size
+        add("tokens", 1.0, m)
+        add("logprob_diff", (lp - row["sampled"]).abs(), m)
+        if "old" in row:
+            ratio = torch.exp(lp - row["old"])
+            add("ratio_mean", ratio, m)
+            clipped = ratio.clamp(1.0 - cfg.eps_low, 1.0 + cfg.eps_high)
+            add("clip_frac", (ratio * row["adv"] > clipped * row["adv"]).float(), m)
+        if "ref" in row:
+            d = row["ref"] - lp
+            add("kl", torch.exp(d) - d - 1.0, m)
+        add(f"entropy/{task}", row["entropy"], m)
+        add(f"tokens/{task}", 1.0, m)
+    total = {}
+    for part in training.gather_objects(sums, compute):
+        for k, v in part.items():
+            total[k] = total.get(k, 0.0) + v
+    n = max(total.pop("tokens"), 1.0)
+    out = {"loss": total.pop("loss"), "grad_norm": grad_norm, "tasks": {}}
+    for k, v in total.items():
+        if k.startswith("entropy/"):
+            out["tasks"][k[8:]] = {"entropy": v / max(total["tokens/" + k[8:]], 1.0)}
+        elif not k.startswith("tokens/"):
+            out[k] = v / n
     return out
 
 
 # -----------------------------------------------------------------------------
-# 11. The Bradley-Terry reward model (train_rl.py --train-rm)
-# -----------------------------------------------------------------------------
-# The report trains two BT reward models, text-only and multimodal (on MiMo-VL-7B). Here: one,
-# the SFT model's backbone with a scalar head on the final hidden state of the last token,
-# trained on synthetic.py's preference pairs (a prompt, a chosen and a rejected response) with
-#     L = -log sigmoid(r(prompt, chosen) - r(prompt, rejected)),
-# then queried through the reward router ("preference" task) with score sigmoid(r) in [0, 1].
-
-class RewardModel(nn.Module):
-    def __init__(self, backbone):
-        super().__init__()
-        self.backbone = backbone
-        self.head = nn.Linear(backbone.cfg.text.hidden_size, 1)
-        nn.init.zeros_(self.head.weight)            # every response starts at score 0
-        nn.init.zeros_(self.head.bias)
-        if not backbone.cfg.text.tie_word_embeddings:
-            backbone.lm_head.weight.requires_grad_(False)   # unused (DDP needs every used param)
-
-    def forward(self, input_ids, attention_mask=None, **vision):
-        """(B, L) left-padded conversations (+ pixels) -> (B,) Bradley-Terry logits."""
-        x, pos, cu, _, _ = self.backbone.embed(input_ids, attention_mask, **vision)
-        h = self.backbone.model(x, pos, cu)                           # (T, D), packed
-        last = h[cu[1:].long() - 1]                                   # (B, D) last token of each
-        return self.head(last).squeeze(-1).float()
-
-
-def pair_batch(pairs, processor):
-    """Preference pairs -> one batch of 2B conversations: the chosen ones, then the rejected."""
-    convs = [p["messages"] + [{"role": "assistant", "content": p[k]}]
-             for k in ("chosen", "rejected") for p in pairs]
-    return processor(convs, add_generation_prompt=False)
-
-
-@torch.no_grad()
-def reward_model_accuracy(rm, processor, pairs, compute, batch_size=32):
-    """Fraction of pairs with r(chosen) > r(rejected) (a tie counts half), overall and per
-    source task."""
-    rm.eval()
-    right = {}
-    for a in range(0, len(pairs), batch_size):
-        part = pairs[a:a + batch_size]
-        batch = {k: v.to(compute.device) for k, v in pair_batch(part, processor).items()}
-        with compute.autocast():
-            s = rm(**batch)
-        margin = s[:len(part)] - s[len(part):]
-        for p, m in zip(part, margin.tolist()):
-            right.setdefault(p.get("source_task", "all"), []).append(float(m > 0) + 0.5 * (m == 0))
-    every = sum(right.values(), [])
-    return {"accuracy": sum(every) / max(len(every), 1),
-            **{f"accuracy_{k}": sum(v) / len(v) for k, v in sorted(right.items())}}
-
-
-def load_reward_model(path, device="cpu"):
-    """A reward model folder (--train-rm's output) -> (RewardModel in eval mode, record)."""
-    from safetensors.torch import load_file
-    head_file = os.path.join(path, "extra.safetensors")
-    if not os.path.isfile(head_file):
-        raise FileNotFoundError(f"{path} is not a reward model folder (no extra.safetensors with "
-                                "the scalar head); train one with `python train_rl.py --train-rm`")
-    rm = RewardModel(MiMoVL.from_pretrained(path, dtype=torch.float32, progress=False))
-    rm.head.load_state_dict({k[len("head."):]: v for k, v in load_file(head_file).items()})
-    with open(os.path.join(path, "pretrain_stage.json")) as f:
-        record = json.load(f)
-    return rm.to(device).eval(), record
-
-
-def reward_model_scorer(rm, processor, compute):
-    """The router's "preference" reward: sigmoid of the BT logit of (prompt, response)."""
-    @torch.no_grad()
-    def score(response, ground_truth, messages=None, **meta):
-        if messages is None:
-            raise ValueError("the reward model needs the prompt: pass meta {'messages': ...}")
-        batch = processor([list(messages) + [{"role": "assistant", "content": response}]],
-                          add_generation_prompt=False)
-        with compute.autocast():
-            logit = float(rm(**{k: v.to(compute.device) for k, v in batch.items()})[0])
-        return 1.0 / (1.0 + math.exp(-max(-60.0, min(60.0, logit)))), {"rm_logit": logit}
-    return score
-
-
-def fit_reward_model(wrapped, optimizer, processor, pairs_at, schedule, compute, desc="reward model"):
-    """Bradley-Terry training: for step in range(schedule["steps"]), this rank's pairs_at(step) (a
-    list of {"messages", "chosen", "rejected"}), loss -log sigmoid(r_chosen - r_rejected), clipped
-    AdamW step with the warm-up + cosine schedule (training.lr_at(step, **schedule))."""
-    from tqdm import tqdm
-    rm = training.unwrap(wrapped)
-    params = [p for p in wrapped.parameters() if p.requires_grad]
-    bar = tqdm(range(schedule["steps"]), desc=desc, disable=not compute.master, dynamic_ncols=True,
-               mininterval=2, file=sys.stdout)
-    for step in bar:
-        rm.train()
-        pairs = pairs_at(step)
-        for g in optimizer.param_groups:
-            g["lr"] = training.lr_at(step, **schedule)
-        batch = {k: v.to(compute.device) for k, v in pair_batch(pairs, processor).items()}
-        with compute.autocast():
-            s = wrapped(**batch)
-        margin = s[:len(pairs)] - s[len(pairs):]
-        loss = -F.logsigmoid(margin).mean()
-        loss.backward()
-        norm = torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        bar.set_postfix_str(f"loss {loss.item():.3f} acc {(margin > 0).float().mean().item():.2f} "
-                            f"gn {float(norm):.2f}")
-    bar.close()
-
-
-def save_reward_model(path, wrapped, processor, record, compute):
-    """The backbone as a Hugging Face folder + the head in extra.safetensors (all ranks call)."""
-    state = training.full_state(wrapped)
-    if compute.master:
-        backbone = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
-        head = {k: v for k, v in state.items() if k.startswith("head.")}
-        training.save_stage_folder(path, backbone, training.unwrap(wrapped).backbone.cfg, processor, record,
-                             extra=head)
-    compute.barrier()
-
-
-def train_reward_model(args, compute):
-    """--train-rm: fine-tune the SFT model into a BT reward model; writes <out>/reward_model."""
-    sft = check_sft(args.sft)
-    processor = Processor.from_pretrained(sft)
-    torch.manual_seed(args.seed)
-    rm = RewardModel(MiMoVL.from_pretrained(sft, dtype=torch.float32, progress=False))
-    rm.to(compute.device)
-    wrapped = training.wrap_model(rm, compute)
-    schedule = dict(lr=args.rm_lr, min_lr=args.rm_lr / 10, warmup=max(1, args.rm_steps // 10),
-                    steps=args.rm_steps)
-    opt = training.build_optimizer(wrapped, args.rm_lr, 0.0, (0.9, 0.95), compute.device)
-    heldout = [synthetic.make_sample("preference", i, "heldout", args.seed)
-               for i in range(compute.rank, args.rm_eval_n, compute.world_size)]
-
-    def accuracy():
-        acc = reward_model_accuracy(rm, processor, heldout, compute)
-        keys = sorted(acc)
-        vals = _all_reduce([acc[k] * len(heldout) for k in keys] + [len(heldout)], compute)
-        return {k: v / vals[-1] for k, v in zip(keys, vals[:-1])}
-
-    t0 = time.perf_counter()
-    before = accuracy()
-    compute.print(f"reward model: held-out pair accuracy before training {before['accuracy']:.3f} "
-                  f"(chance 0.5; {args.rm_eval_n} pairs)")
-    per_rank = max(1, args.rm_batch // compute.world_size)
-
-    def pairs_at(step):
-        first = (step * compute.world_size + compute.rank) * per_rank
-        return [synthetic.make_sample("preference", i, "train", args.seed)
-                for i in range(first, first + per_rank)]
-
-    fit_reward_model(wrapped, opt, processor, pairs_at, schedule, compute)
-    after = accuracy()
-    record = {"stage": "reward_model", "started_from": sft, "steps": args.rm_steps,
-              "heldout_pairs": args.rm_eval_n, "before": before, "after": after,
-              "minutes": round((time.perf_counter() - t0) / 60, 2)}
-    path = os.path.join(args.out, "reward_model")
-    save_reward_model(path, wrapped, processor, record, compute)
-    lines = ["| held-out preference pairs | before | after |", "|---|---|---|"]
-    for k in sorted(after):
-        lines.append(f"| {k.replace('accuracy_', '').replace('accuracy', 'all')} | "
-                     f"{before.get(k, float('nan')):.3f} | {after[k]:.3f} |")
-    compute.print("reward model: pair accuracy (r(chosen) > r(rejected)) on held-out pairs\n"
-                  + "\n".join(lines) + f"\nwrote {path} ({record['minutes']} min)")
-    return record
-
-
-# -----------------------------------------------------------------------------
-# 12. Evaluation: held-out reward per task, the no-image baseline, the before/after table
+# 6. Evaluation beside training: avg@k and the choice of tasks
 # -----------------------------------------------------------------------------
 
-
-def evaluate_sampled(model, processor, prompts, compute, pool, k, temperature=1.0, top_p=1.0,
-                     seed=0, max_rows=128):
-    """avg@k: the mean reward of k responses sampled per held-out prompt at the rollout
-    temperature -> {task: {reward, pass, length, n}}. This is the policy's expected reward, the
-    quantity RL maximises (the report's Fig. 7 plots avg@32); greedy answers can move
-    differently, so the before/after table shows both. The seed is fixed, so the SFT and RL
-    models are scored on the same prompts with the same random stream."""
+def evaluate_sampled(model, processor, prompts, compute, pool, k, seed=0, max_rows=128):
+    """avg@k: the mean reward of k responses sampled per held-out prompt, as in the rollouts
+    -> {task: {reward, pass, length, n}}. It is the policy's expected reward, what RL maximises
+    (the report's Fig. 7 plots avg@32); greedy answers can move differently, so the before/after
+    table shows both. The seed is fixed: SFT and RL models see the same random stream."""
     mine = prompts[compute.rank::compute.world_size]
-    groups = sample_groups(model, processor, mine, k, temperature, top_p, seed=seed + 17 * compute.rank,
+    groups = sample_groups(model, processor, mine, k, seed=seed + 17 * compute.rank,
                            max_rows=max_rows) if mine else []
     score_groups(groups, pool)
-    records = [{"task": g.task, "reward": r.reward, "pass": float(passed(reward_tag(g.prompt), r.reward)),
-                "length": len(r.ids)} for g in groups for r in g.responses]
-    return summarise_rewards(sum(training.gather_objects(records, compute), []))
+    return summarise_rewards(sum(training.gather_objects(step_records(groups), compute), []))
 
 
 def select_tasks(sft, blank, min_gain=0.1):
@@ -895,35 +643,57 @@ def select_tasks(sft, blank, min_gain=0.1):
     return tasks, why
 
 
+def baseline_eval(args, compute, processor, pool, eval_tasks):
+    """The SFT model's held-out rewards with real and with black images, on the prompts of the
+    before/after table and (--tasks auto) on the separate prompts that choose the tasks; avg@k.
+    Cached in <out>/eval_sft.json under a key of everything it depends on."""
+    path = os.path.join(args.out, "eval_sft.json")
+    key = {"sft": os.path.abspath(args.sft), "tasks": eval_tasks, "n": args.eval_n,
+           "seed": args.seed, "rm": args.rm, "select": args.tasks == "auto",
+           "samples": args.eval_samples}
+    if os.path.isfile(path):
+        with open(path) as f:
+            cached = json.load(f)
+        if cached.get("key") == key:
+            return cached
+    model = MiMoVL.from_pretrained(args.sft, dtype=torch.float32, device=compute.device,
+                                   progress=False).eval()
+    res = {"key": key}
+    for prefix, first in [("", 0)] + ([("select_", args.eval_n)] if key["select"] else []):
+        prompts = heldout_prompts(eval_tasks, args.eval_n, args.seed, first)
+        for name, blank in (("sft", False), ("blank", True)):
+            res[prefix + name], _ = evaluate_rewards(model, processor, prompts, compute, pool,
+                                                     args.eval_batch, blank=blank)
+    if args.eval_samples:
+        res["sft_sampled"] = evaluate_sampled(model, processor, heldout_prompts(
+            eval_tasks, args.eval_n, args.seed), compute, pool, args.eval_samples, args.seed,
+            args.gen_rows)
+    if compute.master:
+        training.write_json(path, res)
+    return res
+
+
 # -----------------------------------------------------------------------------
-# 13. The RL run
+# 7. The RL run
 # -----------------------------------------------------------------------------
 
 def default_sft():
-    return os.path.join(tp.build_parser().get_default("out"), "stage4")
+    return os.path.join(train_pretrain.build_parser().get_default("out"), "stage4")
 
 
 def check_sft(path):
     if not os.path.isfile(os.path.join(path, "config.json")):
-        raise SystemExit(f"no SFT model at {path}: RL starts from the stage-4 output of "
-                         "pre-training. Run `python train_pretrain.py` first (it writes "
-                         f"{default_sft()}), or pass --sft DIR.")
+        training.fail(f"no SFT model at {path}: RL starts from the stage-4 output of pre-training. "
+                      f"Run `python train_pretrain.py` first (it writes {default_sft()}), or pass --sft DIR")
     return path
 
 
-def rl_config(args, compute):
-    per_rank = args.prompts_per_step // compute.world_size
-    if per_rank * compute.world_size != args.prompts_per_step:
-        raise SystemExit(f"--prompts-per-step {args.prompts_per_step} must be a multiple of the "
-                         f"number of processes ({compute.world_size})")
-    updates = args.updates_per_batch or (1 if args.algo == "onpolicy" else 4)
-    try:
-        return RLConfig(args.algo, args.group_size, per_rank, args.temperature, args.top_p,
-                        args.max_new_tokens, updates, args.eps_low, args.eps_high, args.kl_beta,
-                        not args.no_dynamic_sampling, args.max_refills, args.max_tokens,
-                        args.gen_rows, args.grad_clip).validate()
-    except ValueError as e:
-        raise SystemExit(f"error: {e}") from None
+def write_progress(out, phase, step, total, status, compute):
+    """<out>/progress.json: where the run is, for `--all`'s progress bar (and anyone watching)."""
+    if compute.master:
+        tmp = os.path.join(out, f"progress.json.tmp-{os.getpid()}")
+        training.write_json(tmp, {"phase": phase, "step": step, "total": total, "status": status})
+        os.replace(tmp, os.path.join(out, "progress.json"))
 
 
 def step_records(groups):
@@ -932,19 +702,35 @@ def step_records(groups):
             for g in groups for r in g.responses]
 
 
-def step_metrics(records):
-    out = {}
-    for task, m in summarise_rewards(records).items():
+def step_log(step, lr, records, kept, sampled, easy, updates, compute):
+    """The metrics.jsonl record of a step: rewards, pass rate, length and truncation over all
+    sampled responses, overall and per task; the first (and, with several, the last) update's
+    metrics; the group counts of dynamic sampling and the easy pool."""
+    counts = training.all_reduce_sum(torch.tensor(
+        [len(sampled), sum(not g.padding for g in kept), len(easy), sum(g.from_easy for g in sampled)],
+        dtype=torch.float64), compute).tolist()
+    per_task = summarise_rewards(records)
+    for task in per_task:
         rs = [r for r in records if r["task"] == task]
-        out[task] = {**m, "truncated": sum(r["truncated"] for r in rs) / len(rs)}
-    return out
+        per_task[task]["truncated"] = sum(r["truncated"] for r in rs) / len(rs)
+    first = dict(updates[0]) if updates else {"tasks": {}}
+    for task, m in first.pop("tasks").items():
+        per_task.setdefault(task, {}).update(m)
+    rec = {"step": step, "lr": lr, **{k: sum(r[k] for r in records) / len(records)
+                                      for k in ("reward", "pass", "length", "truncated")},
+           "sampled_groups": int(counts[0]), "kept_groups": int(counts[1]),
+           "easy_pool": int(counts[2]), "from_easy": int(counts[3]), "updates": len(updates), **first}
+    if len(updates) > 1:                                            # vanilla GRPO: the last one
+        rec.update({f"last_{k}": v for k, v in updates[-1].items() if k != "tasks"})
+    return {**rec, "tasks": per_task}
 
 
-def progress_line(rec, per_task):
+def progress_line(rec):
     """The progress bar's summary of a step: mean and per-task reward, then pass rate, response
     length, truncation rate, mean entropy, gradient norm and kept/sampled groups."""
+    per_task = rec["tasks"]
     short = {t: t if len(t) <= 6 else "".join(w[:3] for w in t.split("_")) for t in per_task}
-    tasks = " ".join(f"{short[t]} {m['reward']:.2f}" for t, m in sorted(per_task.items()))
+    tasks = " ".join(f"{short[t]} {m['reward']:.2f}" for t, m in sorted(per_task.items()) if "reward" in m)
     entropy = [m["entropy"] for m in per_task.values() if "entropy" in m]
     return (f"r {rec['reward']:.2f} {tasks} | pass {rec['pass']:.2f} len {rec['length']:.0f} "
             f"trunc {rec['truncated']:.2f} H {sum(entropy) / max(len(entropy), 1):.2f} "
@@ -964,231 +750,162 @@ def print_debug(groups, compute, n_groups=2, n_responses=3):
                           f"{json.dumps(comps, default=str)[:160]}")
 
 
-def _log(path, record, compute):
-    if compute.master:
-        with open(path, "a") as f:
-            f.write(json.dumps(record, default=float) + "\n")
-
-
 def setup_rewards(args, compute, processor, tasks):
     """The reward pool, and the reward model when one is available (--rm): registered for the
     "preference" task. Tasks scored by a missing reward model are dropped, with a note."""
     pool = RewardPool(num_workers=args.reward_workers, timeout_s=args.reward_timeout)
-    rm_path = args.rm
-    if rm_path == "auto":
-        rm_path = os.path.join(args.out, "reward_model")
-        rm_path = rm_path if os.path.isfile(os.path.join(rm_path, "extra.safetensors")) else None
-    elif rm_path == "none":
+    rm_path = os.path.join(args.out, "reward_model") if args.rm == "auto" else args.rm
+    if args.rm == "none" or (args.rm == "auto" and not os.path.isfile(
+            os.path.join(rm_path, "extra.safetensors"))):
         rm_path = None
+    register_reward_model(None)
     if rm_path:
-        rm, record = load_reward_model(rm_path, compute.device)
-        register_reward_model(reward_model_scorer(rm, processor, compute))
-        acc = record.get("after", {}).get("accuracy", float("nan"))
-        compute.print(f"reward model: {rm_path} (held-out pair accuracy {acc:.3f}) scores the "
-                      "open-ended tasks")
-    else:
-        register_reward_model(None)
-        rm_tasks = [t for t in tasks if DATA_REWARDS.get(rl_tag_of(t)) == "preference"]
-        if rm_tasks:
-            compute.print(f"no reward model ({os.path.join(args.out, 'reward_model')} not found): "
-                          f"skipping {', '.join(rm_tasks)}; train one with `python train_rl.py "
-                          "--train-rm` for the full MORL mix")
-            tasks = [t for t in tasks if t not in rm_tasks]
-    return pool, tasks
+        rm, record = reward_model.load(rm_path, compute.device)
+        register_reward_model(reward_model.scorer(rm, processor, compute))
+        compute.print(f"reward model: {rm_path} (held-out pair accuracy "
+                      f"{record.get('after', {}).get('accuracy', float('nan')):.3f}) scores the open-ended tasks")
+        return pool, tasks
+    rm_tasks = [t for t in tasks if DATA_REWARDS.get(rl_tag_of(t)) == "preference"]
+    if rm_tasks:
+        compute.print(f"no reward model ({os.path.join(args.out, 'reward_model')} not found): "
+                      f"skipping {', '.join(rm_tasks)}; train one with `python train_rl.py "
+                      "--train-rm` for the full MORL mix")
+    return pool, [t for t in tasks if t not in rm_tasks]
 
 
-def baseline_eval(args, compute, processor, pool, eval_tasks, path):
-    """The SFT model's held-out rewards with real and with black images, on the prompts of the
-    before/after table and (--tasks auto) on the separate prompts that choose the tasks. Cached
-    in `path` (a rerun or --resume reuses it)."""
-    key = {"sft": os.path.abspath(args.sft), "tasks": eval_tasks, "n": args.eval_n,
-           "seed": args.seed, "rm": args.rm, "select": args.tasks == "auto",
-           "samples": args.eval_samples, "temperature": args.temperature, "top_p": args.top_p}
-    if os.path.isfile(path):
-        with open(path) as f:
-            cached = json.load(f)
-        if cached.get("key") == key:
-            return cached
-    model = MiMoVL.from_pretrained(args.sft, dtype=torch.float32, device=compute.device,
-                                   progress=False).eval()
-    t0 = time.perf_counter()
-    res = {"key": key}
-    sets = [("", 0)] + ([("select_", args.eval_n)] if key["select"] else [])
-    for prefix, first in sets:
-        prompts = heldout_prompts(eval_tasks, args.eval_n, args.seed, first)
-        res[prefix + "sft"], _ = evaluate_rewards(model, processor, prompts, compute, pool,
-                                                  args.eval_batch)
-        res[prefix + "blank"], _ = evaluate_rewards(model, processor, prompts, compute, pool,
-                                                    args.eval_batch, blank=True)
-    if args.eval_samples:
-        res["sft_sampled"] = evaluate_sampled(
-            model, processor, heldout_prompts(eval_tasks, args.eval_n, args.seed), compute, pool,
-            args.eval_samples, args.temperature, args.top_p, args.seed, args.gen_rows)
-    res["seconds"] = round(time.perf_counter() - t0, 1)
-    if compute.master:
-        with open(path, "w") as f:
-            json.dump(res, f, indent=1)
-    del model
-    return res
+def choose_tasks(args, compute, base, eval_tasks):
+    if args.tasks != "auto":
+        return eval_tasks
+    tasks, why = select_tasks(base["select_sft"], base["select_blank"], args.min_gain)
+    compute.print(f"task selection on {args.eval_n} separate held-out prompts per task (RL needs "
+                  "reward signal: the SFT model must beat its no-image baseline):\n" + "\n".join(
+                      f"  {'train' if t in tasks else 'skip '} {t:<16} {why[t]}" for t in why))
+    if not tasks:
+        training.fail("no task has reward signal: the SFT model is no better than with black "
+                      "images anywhere. Train the SFT model longer (train_pretrain.py --scale) or "
+                      "name tasks with --tasks")
+    return tasks
 
 
-def run_rl(args, compute):
-    """The MORL run: SFT baseline -> RL steps -> final folder -> before/after table."""
-    from tqdm import tqdm
-    check_sft(args.sft)
-    os.makedirs(args.out, exist_ok=True)
-    final = os.path.join(args.out, "final")
-    if args.resume and os.path.isfile(os.path.join(final, "rl.json")):
-        with open(os.path.join(final, "rl.json")) as f:
-            done = json.load(f)
-        compute.print(f"{final} is finished (--resume): nothing to do\n\n{done['table']}")
-        return done
-    t_start = time.perf_counter()
-    processor = Processor.from_pretrained(args.sft)
-    all_tasks = list(synthetic.RL_TASKS) if args.tasks == "auto" else args.tasks.split(",")
-    for t in all_tasks:
-        if t not in synthetic.TASKS:
-            raise SystemExit(f"--tasks: unknown task {t!r}; RL tasks are {', '.join(synthetic.RL_TASKS)}")
-    pool, eval_tasks = setup_rewards(args, compute, processor, all_tasks)
-    try:
-        return _run_rl(args, compute, processor, pool, eval_tasks, final, t_start, tqdm)
-    finally:
-        pool.close()
+@dataclass
+class Trainer:
+    """Everything one RL run updates, and what a checkpoint restores."""
+    policy: Policy
+    wrapped: nn.Module
+    optimizer: torch.optim.Optimizer
+    ref_model: Policy
+    stream: PromptStream
+    easy: EasyPool
+    tasks: list
+    step: int = 0
+    seen: int = 0           # responses trained on (non-padding groups x G)
 
 
-def _run_rl(args, compute, processor, pool, eval_tasks, final, t_start, tqdm):
-    base = baseline_eval(args, compute, processor, pool, eval_tasks,
-                         os.path.join(args.out, "eval_sft.json"))
-    if args.tasks == "auto":
-        tasks, why = select_tasks(base["select_sft"], base["select_blank"], args.min_gain)
-        compute.print(f"task selection on {args.eval_n} separate held-out prompts per task (RL "
-                      "needs reward signal: the SFT model must beat its no-image baseline):\n"
-                      + "\n".join(
-                          f"  {'train' if t in tasks else 'skip '} {t:<16} {why[t]}" for t in why))
-        if not tasks:
-            raise SystemExit("no task has reward signal: the SFT model is no better than with "
-                             "black images anywhere. Train the SFT model longer "
-                             "(train_pretrain.py --scale) or name tasks with --tasks.")
-    else:
-        tasks = eval_tasks
-    cfg = rl_config(args, compute)
-
-    ckpt_root = os.path.join(args.out, "checkpoints")
-    resume_from = (training.list_checkpoints(ckpt_root) or [None])[-1] if args.resume else None
-    if not args.resume and compute.master:
-        shutil.rmtree(ckpt_root, ignore_errors=True)
-        for name in ("metrics.jsonl", "eval.jsonl"):
-            if os.path.exists(os.path.join(args.out, name)):
-                os.remove(os.path.join(args.out, name))
-    compute.barrier()
+def start_trainer(args, compute, cfg, processor, tasks):
+    """The policy (from the SFT model, or the newest intact checkpoint with --resume), its
+    optimiser, the frozen reference (KL only), the prompt stream and the easy pool."""
+    root = os.path.join(args.out, "checkpoints")
+    resume_from = training.resume_checkpoint(root, log=compute.print) if args.resume else None
     policy = Policy.from_pretrained(resume_from or args.sft, dtype=torch.float32, progress=False)
-    tp.set_trainable(policy, tuple(x for x in args.trainable.split("+") if x))
-    policy.to(compute.device)
-    ref_model = None
+    train_pretrain.set_trainable(policy, tuple(x for x in args.trainable.split("+") if x))
+    ref = None
     if cfg.kl_beta > 0:
-        ref_model = Policy.from_pretrained(args.sft, dtype=torch.float32, device=compute.device,
-                                           progress=False).eval().requires_grad_(False)
-    wrapped = training.wrap_model(policy, compute)
+        ref = Policy.from_pretrained(args.sft, dtype=torch.float32, device=compute.device,
+                                     progress=False).eval().requires_grad_(False)
+    wrapped = training.wrap_model(policy.to(compute.device), compute)
     opt = training.build_optimizer(wrapped, args.lr, args.weight_decay, (0.9, 0.999), compute.device)
-    schedule = dict(lr=args.lr, min_lr=args.lr, warmup=args.warmup, steps=args.steps)
     step, loader = 0, {}
     if resume_from:
         step, loader, ts = training.load_training_state(resume_from, wrapped, opt, compute)
         tasks = ts.get("tasks", tasks)
         compute.print(f"resuming from {resume_from} (step {step})")
-    stream = PromptStream(tasks, args.seed, compute.rank, compute.world_size, loader.get("position", 0))
-    easy = EasyPool(args.easy_prob, seed=args.seed * 1000 + compute.rank)
+    for name in ("metrics.jsonl", "eval.jsonl"):       # drop what the resumed steps log again
+        training.JsonlLog(os.path.join(args.out, name), compute).keep_only(lambda r: r["step"] <= step)
+    t = Trainer(policy, wrapped, opt, ref, PromptStream(tasks, args.seed, compute.rank,
+                compute.world_size, loader.get("position", 0)),
+                EasyPool(args.easy_prob, seed=args.seed * 1000 + compute.rank), tasks, step,
+                loader.get("prompts_seen", 0))
     if loader.get("easy") is not None:
-        easy.easy = {k: prompt_from_id(k, args.seed) for k in loader["easy"]}
+        t.easy.easy = {k: prompt_from_id(k, args.seed) for k in loader["easy"]}
         s = loader["easy_rng"]
-        easy.rng.setstate((s[0], tuple(s[1]), s[2]))
-    compute.print(f"\n=== MORL ({cfg.algo}{', KL %g' % cfg.kl_beta if cfg.kl_beta else ''}): "
-                  f"{args.steps} steps x {args.prompts_per_step} prompts x G={cfg.group_size}, "
-                  f"lr {args.lr:g}, {cfg.updates_per_batch} optimiser step(s) per rollout batch; "
-                  f"tasks: {', '.join(tasks)}")
+        t.easy.rng.setstate((s[0], tuple(s[1]), s[2]))
+    return t
 
-    metrics_path = os.path.join(args.out, "metrics.jsonl")
-    curve_prompts = heldout_prompts(tasks, args.eval_n, args.seed) if args.eval_every else None
-    bar = tqdm(total=args.steps, initial=step, desc="rl", disable=not compute.master,
+
+def train(args, compute, cfg, processor, pool, t):
+    """The RL loop: rollout batch -> update -> metrics, held-out curve, checkpoint."""
+    from tqdm import tqdm
+    metrics = training.JsonlLog(os.path.join(args.out, "metrics.jsonl"), compute)
+    curve = training.JsonlLog(os.path.join(args.out, "eval.jsonl"), compute)
+    curve_prompts = heldout_prompts(t.tasks, args.eval_n, args.seed) if args.eval_every else None
+    schedule = dict(lr=args.lr, min_lr=args.lr, warmup=args.warmup, steps=args.steps)
+    bar = tqdm(total=args.steps, initial=t.step, desc="rl", disable=not compute.master,
                dynamic_ncols=True, mininterval=1, file=sys.stdout)
-    seen = loader.get("prompts_seen", 0)
-    while step < args.steps:
-        lr = training.lr_at(step, **schedule)
-        for g in opt.param_groups:
+    while t.step < args.steps:
+        lr = training.lr_at(t.step, **schedule)
+        for g in t.optimizer.param_groups:
             g["lr"] = lr
         t0 = time.perf_counter()
-        kept, sampled = collect_groups(policy, processor, stream, easy, pool, cfg,
-                                       seed=args.seed * 1_000_003 + step * 1009 + compute.rank)
+        kept, sampled = collect_groups(t.policy, processor, t.stream, t.easy, pool, cfg,
+                                       seed=args.seed * 1_000_003 + t.step * 1009 + compute.rank)
         t1 = time.perf_counter()
-        upd = policy_update(wrapped, opt, kept, cfg, compute,
-                            processor if compute.distributed else None, ref_model)
-        t2 = time.perf_counter()
-        step += 1
+        updates = policy_update(t.wrapped, t.optimizer, kept, cfg, compute,
+                                processor if compute.distributed else None, t.ref_model)
+        t.step += 1
         records = sum(training.gather_objects(step_records(sampled), compute), [])
-        counts = _all_reduce([len(sampled), sum(not g.padding for g in kept), len(easy),
-                              sum(g.from_easy for g in sampled)], compute)
-        seen += int(counts[1]) * cfg.group_size
-        per_task = step_metrics(records)
-        for task, m in upd.pop("tasks").items():
-            per_task.setdefault(task, {}).update(m)
-        rec = {"step": step, "lr": lr, "reward": sum(r["reward"] for r in records) / len(records),
-               "pass": sum(r["pass"] for r in records) / len(records),
-               "length": sum(r["length"] for r in records) / len(records),
-               "truncated": sum(r["truncated"] for r in records) / len(records),
-               "sampled_groups": int(counts[0]), "kept_groups": int(counts[1]),
-               "easy_pool": int(counts[2]), "from_easy": int(counts[3]),
-               "responses_trained": seen, **upd, "tasks": per_task,
-               "rollout_s": round(t1 - t0, 2), "update_s": round(t2 - t1, 2), "time": time.time()}
-        _log(metrics_path, rec, compute)
+        rec = step_log(t.step, lr, records, kept, sampled, t.easy, updates, compute)
+        t.seen += rec["kept_groups"] * cfg.group_size
+        rec.update(responses_trained=t.seen, rollout_s=round(t1 - t0, 2),
+                   update_s=round(time.perf_counter() - t1, 2), time=time.time())
+        metrics.write(rec)
         bar.update(1)
-        bar.set_postfix_str(progress_line(rec, per_task))
+        bar.set_postfix_str(progress_line(rec))
+        write_progress(args.out, "rl", t.step, args.steps, progress_line(rec), compute)
         if args.debug:
             print_debug(sampled, compute)
-        if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
-            res, _ = evaluate_rewards(policy, processor, curve_prompts, compute, pool, args.eval_batch)
-            res_k = evaluate_sampled(policy, processor, curve_prompts, compute, pool,
-                                     args.eval_samples, args.temperature, args.top_p, args.seed,
-                                     args.gen_rows) if args.eval_samples else None
-            _log(os.path.join(args.out, "eval.jsonl"),
-                 {"step": step, "responses_trained": seen, "tasks": res, "sampled": res_k}, compute)
-            bar.write(f"step {step}: held-out reward (greedy) " + " ".join(
-                f"{t} {m['reward']:.3f}" for t, m in res.items()) + (
-                f"; avg@{args.eval_samples} " + " ".join(
-                    f"{t} {m['reward']:.3f}" for t, m in res_k.items()) if res_k else ""))
-        if args.save_every and step % args.save_every == 0 and step < args.steps:
-            state = {"position": stream.position, "easy": list(easy.easy),
-                     "easy_rng": easy.rng.getstate(), "prompts_seen": seen}
-            training.save_training_state(ckpt_root, step, wrapped, opt, policy.cfg, processor, state,
-                                   compute, args.keep_last, {"stage": "rl", "tasks": tasks})
-        if args.debug_stop_after and step == args.debug_stop_after:
+        if args.eval_every and (t.step % args.eval_every == 0 or t.step == args.steps):
+            res, _ = evaluate_rewards(t.policy, processor, curve_prompts, compute, pool, args.eval_batch)
+            res_k = evaluate_sampled(t.policy, processor, curve_prompts, compute, pool,
+                                     args.eval_samples, args.seed, args.gen_rows) if args.eval_samples else None
+            curve.write({"step": t.step, "responses_trained": t.seen, "tasks": res, "sampled": res_k})
+            bar.write(f"step {t.step}: held-out reward (greedy) " + " ".join(
+                f"{k} {m['reward']:.3f}" for k, m in res.items()) + (f"; avg@{args.eval_samples} " + " ".join(
+                    f"{k} {m['reward']:.3f}" for k, m in res_k.items()) if res_k else ""))
+        if args.save_every and t.step % args.save_every == 0 and t.step < args.steps:
+            state = {"position": t.stream.position, "easy": list(t.easy.easy),
+                     "easy_rng": t.easy.rng.getstate(), "prompts_seen": t.seen}
+            training.save_training_state(os.path.join(args.out, "checkpoints"), t.step, t.wrapped,
+                                         t.optimizer, t.policy.cfg, processor, state, compute,
+                                         args.keep_last, {"stage": "rl", "tasks": t.tasks})
+        if args.debug_stop_after and t.step == args.debug_stop_after:
             bar.close()
-            compute.print(f"stopping after step {step} (--debug-stop-after)")
+            compute.print(f"stopping after step {t.step} (--debug-stop-after)")
             raise SystemExit(3)
     bar.close()
-    train_minutes = (time.perf_counter() - t_start) / 60
 
-    # --- the RL model: folder, held-out rewards, the before/after table ---------------------
-    state = training.full_state(wrapped)
-    record = {"stage": "rl", "algo": cfg.algo, "steps": args.steps, "tasks": tasks,
-              "started_from": os.path.abspath(args.sft), "config": asdict(cfg),
-              "args": vars(args)}
+
+def finish(args, compute, cfg, processor, pool, t, base, eval_tasks, t_start):
+    """The RL model's folder, its held-out rewards, and the before/after table (summary.md)."""
+    final = os.path.join(args.out, "final")
+    train_minutes = (time.perf_counter() - t_start) / 60
+    state = training.full_state(t.wrapped)
+    record = {"stage": "rl", "algo": cfg.algo, "steps": args.steps, "tasks": t.tasks,
+              "started_from": os.path.abspath(args.sft), "config": asdict(cfg), "args": vars(args)}
     if compute.master:
-        training.save_stage_folder(final + ".partial", state, policy.cfg, processor, record)
+        training.save_stage_folder(final + ".partial", state, t.policy.cfg, processor, record)
     compute.barrier()
     prompts = heldout_prompts(eval_tasks, args.eval_n, args.seed)
-    after, recs = evaluate_rewards(policy, processor, prompts, compute, pool, args.eval_batch)
-    after_sampled = evaluate_sampled(policy, processor, prompts, compute, pool, args.eval_samples,
-                                     args.temperature, args.top_p, args.seed, args.gen_rows) \
-        if args.eval_samples else None
-    table = results_table(base["sft"], after, base["blank"], tasks, base.get("sft_sampled"),
-                          after_sampled, args.eval_samples)
+    after, recs = evaluate_rewards(t.policy, processor, prompts, compute, pool, args.eval_batch)
+    after_k = evaluate_sampled(t.policy, processor, prompts, compute, pool, args.eval_samples,
+                               args.seed, args.gen_rows) if args.eval_samples else None
+    table = results_table(base["sft"], after, base["blank"], t.tasks, base.get("sft_sampled"),
+                          after_k, args.eval_samples)
     minutes = (time.perf_counter() - t_start) / 60
-    done = {"tasks": tasks, "sft": base["sft"], "rl": after, "blank": base["blank"],
-            "mean_sft": mean_reward(base["sft"], tasks), "mean_rl": mean_reward(after, tasks),
-            "sft_sampled": base.get("sft_sampled"), "rl_sampled": after_sampled,
-            "table": table, "minutes": round(minutes, 2), "train_minutes": round(train_minutes, 2),
-            "examples": {r["task"]: {"response": r["response"], "answer": r["answer"]}
-                         for r in recs}}
+    done = {"tasks": t.tasks, "sft": base["sft"], "rl": after, "blank": base["blank"],
+            "mean_sft": mean_reward(base["sft"], t.tasks), "mean_rl": mean_reward(after, t.tasks),
+            "sft_sampled": base.get("sft_sampled"), "rl_sampled": after_k, "table": table,
+            "minutes": round(minutes, 2), "train_minutes": round(train_minutes, 2),
+            "examples": {r["task"]: {"response": r["response"], "answer": r["answer"]} for r in recs}}
     if compute.master:
         with open(os.path.join(final + ".partial", "rl.json"), "w") as f:
             json.dump(done, f, indent=1, default=str)
@@ -1202,8 +919,60 @@ def _run_rl(args, compute, processor, pool, eval_tasks, final, t_start, tqdm):
     return done
 
 
+def rl_config(args, compute):
+    per_rank = args.prompts_per_step // compute.world_size
+    if per_rank * compute.world_size != args.prompts_per_step:
+        training.fail(f"--prompts-per-step {args.prompts_per_step} must be a multiple of the number "
+                      f"of processes ({compute.world_size})")
+    try:
+        return RLConfig(algo=args.algo, group_size=args.group_size, prompts_per_rank=per_rank,
+                        loss_norm=args.loss_norm, temperature=args.temperature, top_p=args.top_p,
+                        max_new_tokens=args.max_new_tokens,
+                        updates_per_batch=args.updates_per_batch or (1 if args.algo == "onpolicy" else 4),
+                        eps_low=args.eps_low, eps_high=args.eps_high, kl_beta=args.kl_beta,
+                        dynamic_sampling=not args.no_dynamic_sampling, max_refills=args.max_refills,
+                        max_tokens=args.max_tokens, max_rows=args.gen_rows,
+                        grad_clip=args.grad_clip).validate()
+    except ValueError as e:
+        training.fail(str(e))
+
+
+RL_OUTPUTS = ("metrics.jsonl", "eval.jsonl", "checkpoints", "final", "summary.md")
+
+
+def run_rl(args, compute):
+    """The MORL run: SFT baseline -> task choice -> RL steps -> final folder -> before/after table."""
+    check_sft(args.sft)
+    cfg = rl_config(args, compute)
+    done_file = os.path.join(args.out, "final", "rl.json")
+    if args.resume and os.path.isfile(done_file):
+        with open(done_file) as f:
+            done = json.load(f)
+        compute.print(f"{os.path.dirname(done_file)} is finished (--resume): nothing to do\n\n{done['table']}")
+        return done
+    training.prepare_run_dir(args.out, args.resume, args.overwrite, RL_OUTPUTS, compute)
+    t_start = time.perf_counter()
+    processor = Processor.from_pretrained(args.sft)
+    all_tasks = list(synthetic.RL_TASKS) if args.tasks == "auto" else args.tasks.split(",")
+    for task in all_tasks:
+        if task not in synthetic.RL_TASKS:
+            training.fail(f"--tasks: unknown task {task!r}; RL tasks are {', '.join(synthetic.RL_TASKS)}")
+    pool, eval_tasks = setup_rewards(args, compute, processor, all_tasks)
+    try:
+        base = baseline_eval(args, compute, processor, pool, eval_tasks)
+        t = start_trainer(args, compute, cfg, processor, choose_tasks(args, compute, base, eval_tasks))
+        compute.print(f"\n=== MORL ({cfg.algo}{', KL %g' % cfg.kl_beta if cfg.kl_beta else ''}, "
+                      f"loss norm {cfg.loss_norm}): {args.steps} steps x {args.prompts_per_step} prompts "
+                      f"x G={cfg.group_size}, lr {args.lr:g}, {cfg.updates_per_batch} optimiser "
+                      f"step(s) per rollout batch; tasks: {', '.join(t.tasks)}")
+        train(args, compute, cfg, processor, pool, t)
+        return finish(args, compute, cfg, processor, pool, t, base, eval_tasks, t_start)
+    finally:
+        pool.close()
+
+
 # -----------------------------------------------------------------------------
-# 14. On-policy vs vanilla GRPO (--compare) and the main job (--all)
+# 8. On-policy vs vanilla GRPO (--compare)
 # -----------------------------------------------------------------------------
 
 def compare_algorithms(args, compute):
@@ -1213,13 +982,11 @@ def compare_algorithms(args, compute):
     reward (greedy and avg@k) every --eval-every steps, printed side by side."""
     curves = {}
     for algo in ("onpolicy", "grpo"):
-        a = argparse.Namespace(**vars(args))
-        a.algo, a.out, a.rm = algo, os.path.join(args.out, algo), "none"
-        a.tasks = "text_math" if args.tasks == "auto" else args.tasks
-        a.eval_every = args.eval_every or max(1, args.steps // 6)
+        a = argparse.Namespace(**{**vars(args), "algo": algo, "out": os.path.join(args.out, algo),
+                                  "rm": "none", "eval_every": args.eval_every or max(1, args.steps // 6),
+                                  "tasks": "text_math" if args.tasks == "auto" else args.tasks})
         run_rl(a, compute)
-        with open(os.path.join(a.out, "eval.jsonl")) as f:
-            curves[algo] = [json.loads(line) for line in f]
+        curves[algo] = training.JsonlLog(os.path.join(a.out, "eval.jsonl")).records()
         with open(os.path.join(a.out, "eval_sft.json")) as f:
             sft = json.load(f)
         curves[algo].insert(0, {"step": 0, "responses_trained": 0, "tasks": sft["sft"],
@@ -1227,14 +994,12 @@ def compare_algorithms(args, compute):
     k = args.eval_samples
 
     def mean(rec, key):
-        res = rec.get(key)
-        return f"{mean_reward(res, list(res)):.3f}" if res else "-"
+        return f"{mean_reward(rec[key], list(rec[key])):.3f}" if rec.get(key) else "-"
     lines = ["| step | responses trained (on-policy / vanilla) | on-policy greedy | vanilla greedy "
              f"| on-policy avg@{k} | vanilla avg@{k} |", "|---|---|---|---|---|---|"]
-    for on, va in zip(curves["onpolicy"], curves["grpo"]):
-        lines.append(f"| {on['step']} | {on['responses_trained']} / {va['responses_trained']} | "
-                     f"{mean(on, 'tasks')} | {mean(va, 'tasks')} | {mean(on, 'sampled')} | "
-                     f"{mean(va, 'sampled')} |")
+    lines += [f"| {on['step']} | {on['responses_trained']} / {va['responses_trained']} | "
+              f"{mean(on, 'tasks')} | {mean(va, 'tasks')} | {mean(on, 'sampled')} | {mean(va, 'sampled')} |"
+              for on, va in zip(curves["onpolicy"], curves["grpo"])]
     table = "\n".join(lines)
     if compute.master:
         with open(os.path.join(args.out, "compare.md"), "w") as f:
@@ -1244,118 +1009,12 @@ def compare_algorithms(args, compute):
     return curves
 
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-# (name, seconds measured on 2 free CPU cores, README): the ETA of the main job's progress bar
-MAIN_JOB_PHASES = (("pre-training, stages 0-4", 1040), ("reward model", 45), ("MORL", 310),
-                   ("chat", 10))
-
-
-def _child_progress(text, phase):
-    """Fraction of a child's work done, read from the last tqdm bar in its output."""
-    bars = re.findall(r"(stage [\w-]+|reward model|rl):\s+\d+%\|[^|\n\r]*\|\s*(\d+)/(\d+)", text)
-    if not bars:
-        return 0.0
-    name, n, total = bars[-1]
-    if phase == 0 and name.startswith("stage "):      # pre-training: its stages in order
-        steps = {k: s.steps for k, s in tp.STAGES.items()}
-        key = name[len("stage "):]
-        if key in steps:
-            before = sum(steps[k] for k in tp.STAGE_ORDER[:tp.STAGE_ORDER.index(key)])
-            return (before + int(n)) / sum(steps.values())
-    return int(n) / max(int(total), 1)
-
-
-def _run_phase(cmd, log_path, bar, base, weight, phase):
-    """Run one phase as a child process (its output to log_path); move the job's bar as the
-    child's own progress bars move."""
-    import subprocess
-    with open(log_path, "w") as log:
-        log.write("$ " + " ".join(cmd) + "\n")
-        log.flush()
-        child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=os.getcwd(),
-                                 env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        while child.poll() is None:
-            time.sleep(1.0)
-            with open(log_path, errors="replace") as f:
-                f.seek(max(0, os.path.getsize(log_path) - 20000))
-                tail = f.read()
-            frac = min(0.99, _child_progress(tail, phase))
-            bar.n = min(base + frac * weight, bar.total)
-            last = [x for x in re.split(r"[\r\n]", tail) if x.strip()]
-            bar.set_postfix_str((last[-1].strip() if last else "")[:70], refresh=False)
-            bar.refresh()
-    if child.returncode != 0:
-        bar.close()
-        with open(log_path, errors="replace") as f:
-            tail = f.read()[-3000:]
-        raise SystemExit(f"\n{tail}\n\nERROR: `{' '.join(cmd)}` failed (exit {child.returncode}); "
-                         f"its full output is in {log_path}")
-
-
-def main_job(args):
-    """--all: the whole small-scale reproduction from nothing, with one progress bar and ETA:
-    pre-training stages 0-4 -> reward model -> MORL -> evaluation tables -> a chat answer from
-    the CLI about a freshly generated synthetic image. Rerunning continues where it stopped."""
-    from tqdm import tqdm
-    t0 = time.perf_counter()
-    pre_out = tp.build_parser().get_default("out")
-    sft = os.path.join(pre_out, "stage4")
-    os.makedirs(args.out, exist_ok=True)
-    py = sys.executable
-    common = ["--seed", str(args.seed)] + (["--threads", str(args.threads)] if args.threads else [])
-    cmds = [
-        [py, os.path.join(HERE, "train_pretrain.py"), "--out", pre_out, "--resume"] + common,
-        [py, os.path.join(HERE, "train_rl.py"), "--train-rm", "--sft", sft, "--out", args.out,
-         "--resume"] + common,
-        [py, os.path.join(HERE, "train_rl.py"), "--sft", sft, "--out", args.out, "--resume"] + common,
-    ]
-    total = sum(w for _, w in MAIN_JOB_PHASES)
-    print(f"main job: {len(MAIN_JOB_PHASES)} phases, about {total / 60:.0f} min on 2 CPU cores; "
-          f"logs in {args.out}/main-*.log", flush=True)
-    bar = tqdm(total=total, desc="main job", file=sys.stdout, dynamic_ncols=True,
-               bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed}<{remaining} {postfix}")
-    base = 0
-    for phase, (cmd, (name, weight)) in enumerate(zip(cmds, MAIN_JOB_PHASES)):
-        bar.set_description(f"main job [{phase + 1}/{len(MAIN_JOB_PHASES)} {name}]")
-        _run_phase(cmd, os.path.join(args.out, f"main-{phase + 1}.log"), bar, base, weight, phase)
-        base += weight
-        bar.n = base
-        bar.refresh()
-
-    # --- chat: ask the final model about an image it has never seen ---------------------------
-    bar.set_description(f"main job [4/4 chat]")
-    sample = synthetic.make_sample("count", 7, "heldout", args.seed + 1)
-    image_path = os.path.join(args.out, "chat_image.png")
-    sample["messages"][0]["content"][0]["image"].save(image_path)
-    question = sample["messages"][0]["content"][1]["text"]
-    final = os.path.join(args.out, "final")
-    cmd = [py, os.path.join(HERE, "mimovl.py"), "--model", final, "--image", image_path,
-           "--max-new-tokens", "64", question]
-    _run_phase(cmd, os.path.join(args.out, "main-4.log"), bar, base, MAIN_JOB_PHASES[-1][1], 3)
-    bar.n = total
-    bar.close()
-    with open(os.path.join(args.out, "main-4.log")) as f:
-        answer = [x for x in f.read().splitlines()[1:] if not x.startswith("loading ")]
-    minutes = (time.perf_counter() - t0) / 60
-
-    def read(path):
-        return open(path).read().strip() if os.path.isfile(path) else f"({path} missing)"
-    print("\n=== pre-training: held-out results after each stage\n" +
-          read(os.path.join(pre_out, "summary.md")))
-    print("\n=== reward model\n" + read(os.path.join(args.out, "reward_model", "pretrain_stage.json")))
-    print("\n=== MORL: held-out reward before and after\n" + read(os.path.join(args.out, "summary.md")))
-    print(f"\n=== chat\n$ python mimovl.py --model {final} --image {image_path} \"{question}\"\n"
-          + "\n".join(answer) + f"\n(ground truth: {sample['answer']})")
-    print(f"\nmain job done in {minutes:.1f} min")
-    return minutes
-
-
 # -----------------------------------------------------------------------------
-# 15. Command line
+# 9. Command line
 # -----------------------------------------------------------------------------
 
 def build_parser():
-    p = argparse.ArgumentParser(description="MORL: mixed on-policy RL (SPEC §6.4)",
+    p = argparse.ArgumentParser(description="MORL: mixed on-policy RL (MiMo-VL report §3)",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("what to run")
     g.add_argument("--sft", default=default_sft(), help="the SFT model (pre-training stage 4 folder)")
@@ -1368,7 +1027,10 @@ def build_parser():
                    help="on-policy vs vanilla GRPO on the reasoning task (report Fig. 7)")
     g.add_argument("--all", action="store_true",
                    help="the main job: pre-training, reward model, MORL, tables and a chat answer")
-    g.add_argument("--resume", action="store_true", help="continue from the last checkpoint in <out>")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the run in <out> from its newest intact checkpoint")
+    g.add_argument("--overwrite", action="store_true",
+                   help="delete the run already in <out> (metrics, checkpoints, final) and start again")
 
     g = p.add_argument_group("tasks")
     g.add_argument("--tasks", default="auto", help="comma list of synthetic.RL_TASKS, or auto: the "
@@ -1380,6 +1042,9 @@ def build_parser():
     g.add_argument("--algo", default="onpolicy", choices=("onpolicy", "grpo"),
                    help="onpolicy: MiMo-VL's update (1 optimiser step per batch, no clipping); "
                         "grpo: vanilla (several clipped steps per batch)")
+    g.add_argument("--loss-norm", default="group", choices=LOSS_NORMS,
+                   help="group: each group's token mean, averaged over groups (report eq. 1); "
+                        "token-mean: one mean over every response token of the batch (DAPO, verl)")
     g.add_argument("--steps", type=int, default=40, help="rollout batches")
     g.add_argument("--prompts-per-step", type=int, default=16, help="groups per batch, all ranks")
     g.add_argument("--group-size", type=int, default=8, help="G responses per prompt")
@@ -1394,15 +1059,16 @@ def build_parser():
     g.add_argument("--eps-low", type=float, default=0.2, help="grpo: lower clip of the ratio")
     g.add_argument("--eps-high", type=float, default=0.28, help="grpo: upper clip (clip-higher)")
     g.add_argument("--kl-beta", type=float, default=0.0, help="KL penalty to the frozen SFT model")
-    g.add_argument("--temperature", type=float, default=1.0, help="rollout sampling temperature")
-    g.add_argument("--top-p", type=float, default=1.0, help="rollout nucleus sampling")
+    g.add_argument("--temperature", type=float, default=1.0,
+                   help="rollout temperature: only 1 (the update needs the policy's own samples)")
+    g.add_argument("--top-p", type=float, default=1.0, help="rollout nucleus sampling: only 1 (idem)")
     g.add_argument("--max-new-tokens", type=int, default=None,
-                   help="response budget (default: each task's evaluation budget)")
+                   help="response budget of every task (default: RESPONSE_BUDGET per task)")
     g.add_argument("--no-dynamic-sampling", action="store_true",
                    help="keep groups whose rewards are all equal")
     g.add_argument("--max-refills", type=int, default=2, help="dynamic sampling: refill rounds")
     g.add_argument("--easy-prob", type=float, default=0.1,
-                   help="probability of drawing from the easy pool (prompts solved by every sample)")
+                   help="probability of drawing from the easy pool (prompts every sample passes)")
 
     g = p.add_argument_group("rewards")
     g.add_argument("--reward-workers", type=int, default=2, help="reward worker processes (0: inline)")
@@ -1415,7 +1081,7 @@ def build_parser():
     g = p.add_argument_group("compute")
     g.add_argument("--device", default="auto", help="cpu, cuda or auto")
     g.add_argument("--precision", default="auto", help="bf16 (autocast), fp32, or auto")
-    g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the free cores)")
     g.add_argument("--max-tokens", type=int, default=4096, help="tokens per packed row of the update")
     g.add_argument("--gen-rows", type=int, default=128, help="sequences per generate call")
     g.add_argument("--seed", type=int, default=0)
@@ -1426,8 +1092,7 @@ def build_parser():
     g.add_argument("--eval-n", type=int, default=128, help="held-out prompts per task")
     g.add_argument("--eval-batch", type=int, default=64, help="prompts per evaluation batch")
     g.add_argument("--eval-samples", type=int, default=4,
-                   help="k of the avg@k held-out reward (k responses per prompt at the rollout "
-                        "temperature); 0: greedy only")
+                   help="k of the avg@k held-out reward (k sampled responses per prompt); 0: greedy only")
     g.add_argument("--eval-every", type=int, default=0, help="held-out reward every N steps (a curve)")
     g.add_argument("--debug", action="store_true", help="print a few rollouts with rewards each step")
     g.add_argument("--debug-stop-after", type=int, default=0, help="exit with code 3 after this step")
@@ -1437,18 +1102,21 @@ def build_parser():
 def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.all:
-        return main_job(args)
+        import main_job
+        return main_job.run(args.out, args.seed, args.threads)
     compute = training.compute_init(args.device, args.precision)
-    if compute.device.type == "cpu":
-        n, why = training.pick_threads(args.threads)
-        torch.set_num_threads(n)
-        compute.print(f"torch CPU threads: {n} ({why})")
+    training.set_threads(compute, args.threads, "reward model" if args.train_rm else "rl")
     try:
         if args.train_rm:
-            if args.resume and os.path.isfile(os.path.join(args.out, "reward_model", "extra.safetensors")):
+            existing = training.prepare_run_dir(args.out, args.resume, args.overwrite,
+                                                ["reward_model"], compute)
+            if existing and args.resume:
                 compute.print(f"{args.out}/reward_model exists (--resume): skipping")
                 return None
-            return train_reward_model(args, compute)
+            return reward_model.train(
+                check_sft(args.sft), os.path.join(args.out, "reward_model"), compute, args.rm_steps,
+                args.rm_batch, args.rm_lr, args.rm_eval_n, args.seed,
+                lambda s, n, status: write_progress(args.out, "reward model", s, n, status, compute))
         if args.compare:
             return compare_algorithms(args, compute)
         return run_rl(args, compute)

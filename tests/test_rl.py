@@ -1,7 +1,9 @@
-"""train_rl.py's RL loop through the real model (SPEC.md §6.4): the update's loss equals a hand
-computation from an independent forward, the ratio is exactly 1 with one update per batch, a
-tiny policy learns a fixed answer with the real rollout + update code, dynamic sampling and the
-easy pool inside the rollout, the Bradley-Terry reward model, resume, and a 2-process torchrun.
+"""train_rl.py's RL loop through the real model (MiMo-VL report §3): the update's loss equals a
+hand computation from an independent forward under both normalisers, the ratio is exactly 1 with
+one update per batch, a tiny policy learns a fixed answer with the real rollout + update code,
+dynamic sampling and the easy pool inside the rollout, the Bradley-Terry reward model
+(reward_model.py), resume, no run deleted without a flag, a 2-process torchrun, and the main
+job's progress (main_job.py) read from the JSON files its children write.
 
 The policy is a tiny random MiMoVL (2 + 2 layers, width 64) with a word-level tokenizer of 38
 tokens, so that a random policy says the right number often enough to learn from. Everything
@@ -18,8 +20,9 @@ import pytest
 import torch
 
 import evaluate
+import main_job
+import reward_model
 import synthetic
-import train_pretrain as tp
 import training
 import rewards as R
 import train_rl as rl
@@ -114,16 +117,20 @@ def set_rewards(groups, pattern):
 # the update through the real model
 # -----------------------------------------------------------------------------
 
-def test_update_loss_equals_hand_computation_from_separate_forwards(processor):
+@pytest.mark.parametrize("norm", ["group", "token-mean"])
+def test_update_loss_equals_hand_computation_from_separate_forwards(processor, norm):
     policy = tiny_policy(processor, seed=1)
     groups = rollout(policy, processor)
     pattern = [[1.0, 0.0, 0.0, 1.0], [0.0, 0.0, 0.5, 0.0], [0.3, 0.3, 0.3, 0.3]]
     set_rewards(groups, pattern)
     # by hand: A = (r - mean) / (sample std + 1e-6) per group; every response's log-probs from its
-    # own unpacked, unpadded forward through the logits path (not token_logprobs, not packing)
-    total, n_tokens = 0.0, 0
+    # own unpacked, unpadded forward through the logits path (not token_logprobs, not packing);
+    # group: sum over groups of (group's sum of -A logp) / (3 groups * group's tokens);
+    # token-mean: (sum of -A logp over the batch) / (tokens of the batch)
+    per_group = []                                    # (sum of -A logp, tokens) per group
     with torch.no_grad():
         for g, rewards in zip(groups, pattern):
+            total, n_tokens = 0.0, 0
             r = torch.tensor(rewards, dtype=torch.float64)
             adv = torch.zeros(4, dtype=torch.float64) if r.max() == r.min() else \
                 (r - r.mean()) / (r.std() + 1e-6)
@@ -137,12 +144,16 @@ def test_update_loss_equals_hand_computation_from_separate_forwards(processor):
                 logp = logits.log_softmax(-1)[len(p) - 1:-1].gather(-1, torch.tensor(resp.ids)[:, None])
                 total += -a * float(logp.sum())
                 n_tokens += len(resp.ids)
-    expected = total / n_tokens
+            per_group.append((total, n_tokens))
+    if norm == "group":
+        expected = sum(s / (len(per_group) * n) for s, n in per_group)
+    else:
+        expected = sum(s for s, _ in per_group) / sum(n for _, n in per_group)
     opt = training.build_optimizer(policy, 1e-3, 0.0, (0.9, 0.999), CPU.device)
-    metrics = rl.policy_update(policy, opt, groups, rl.RLConfig(group_size=4, prompts_per_rank=3),
-                               CPU)
-    assert metrics["loss"] == pytest.approx(expected, rel=1e-5, abs=1e-7)
-    assert metrics["updates"] == 1
+    steps = rl.policy_update(policy, opt, groups, rl.RLConfig(group_size=4, prompts_per_rank=3,
+                                                              loss_norm=norm), CPU)
+    assert len(steps) == 1
+    assert steps[0]["loss"] == pytest.approx(expected, rel=1e-5, abs=1e-7)
 
 
 def test_one_update_per_batch_ratio_is_exactly_one_and_matches_the_onpolicy_step(processor):
@@ -152,8 +163,8 @@ def test_one_update_per_batch_ratio_is_exactly_one_and_matches_the_onpolicy_step
     twin = copy.deepcopy(policy)
     opt_a = training.build_optimizer(policy, 1e-3, 0.0, (0.9, 0.999), CPU.device)
     opt_b = training.build_optimizer(twin, 1e-3, 0.0, (0.9, 0.999), CPU.device)
-    on = rl.policy_update(policy, opt_a, groups, rl.RLConfig(group_size=4, prompts_per_rank=3), CPU)
-    van = rl.policy_update(twin, opt_b, groups, rl.RLConfig(
+    (on,) = rl.policy_update(policy, opt_a, groups, rl.RLConfig(group_size=4, prompts_per_rank=3), CPU)
+    (van,) = rl.policy_update(twin, opt_b, groups, rl.RLConfig(
         algo="grpo", group_size=4, prompts_per_rank=3, updates_per_batch=1), CPU)
     # pi_old by the training forward before the step == pi_theta at the step: ratio exactly 1
     assert van["ratio_mean"] == 1.0 and van["clip_frac"] == 0.0
@@ -166,7 +177,7 @@ def test_one_update_per_batch_ratio_is_exactly_one_and_matches_the_onpolicy_step
     # vanilla GRPO with several updates: from the second one on the ratio has moved
     van2 = rl.policy_update(twin, opt_b, groups, rl.RLConfig(
         algo="grpo", group_size=4, prompts_per_rank=3, updates_per_batch=3), CPU)
-    assert van2["updates"] == 3 and van2["ratio_mean"] == 1.0 and van2["last_ratio_mean"] != 1.0
+    assert len(van2) == 3 and van2[0]["ratio_mean"] == 1.0 and van2[-1]["ratio_mean"] != 1.0
 
 
 def test_rl_config_refuses_offpolicy_steps_in_onpolicy_mode():
@@ -214,7 +225,7 @@ def test_collect_groups_drops_uniform_groups_and_fills_the_easy_pool(processor, 
     # one dropped group comes back as padding (no tokens) so that an update can still run
     assert len(sampled) == 4 and len(easy) == 4
     assert len(kept) == 1 and kept[0].padding
-    rows = rl.pack_rows(kept, torch.zeros(1, 2), 4096)
+    rows = rl.pack_rows(kept, torch.zeros(1, 2), torch.zeros(1, 2), 4096)
     assert all(float(r["mask"].sum()) == 0 for r in rows)
 
 
@@ -238,20 +249,20 @@ def toy_pairs(n, seed):
 
 def test_reward_model_ranks_chosen_above_rejected_on_heldout_pairs(processor, tmp_path):
     torch.manual_seed(0)
-    rm = rl.RewardModel(tiny_policy(processor, seed=4))
+    rm = reward_model.RewardModel(tiny_policy(processor, seed=4))
     heldout = toy_pairs(40, seed=123)
-    before = rl.reward_model_accuracy(rm, processor, heldout, CPU)["accuracy"]
+    before = reward_model.accuracy(rm, processor, heldout, CPU)["accuracy"]
     opt = training.build_optimizer(rm, 3e-3, 0.0, (0.9, 0.95), CPU.device)
     stage = dict(lr=3e-3, min_lr=3e-4, warmup=3, steps=30)
-    rl.fit_reward_model(rm, opt, processor, lambda step: toy_pairs(8, seed=step), stage, CPU)
-    after = rl.reward_model_accuracy(rm, processor, heldout, CPU)["accuracy"]
+    reward_model.fit(rm, opt, processor, lambda step: toy_pairs(8, seed=step), stage, CPU)
+    after = reward_model.accuracy(rm, processor, heldout, CPU)["accuracy"]
     assert before == 0.5         # zero-initialised head: every score 0, every pair a tie
     assert after >= 0.95
     # saved, loaded and queried through the router like any other reward
-    rl.save_reward_model(str(tmp_path / "rm"), rm, processor, {"stage": "test"}, CPU)
-    loaded, _ = rl.load_reward_model(str(tmp_path / "rm"))
+    reward_model.save(str(tmp_path / "rm"), rm, processor, {"stage": "test"}, CPU)
+    loaded, _ = reward_model.load(str(tmp_path / "rm"))
     try:
-        R.register_reward_model(rl.reward_model_scorer(loaded, processor, CPU))
+        R.register_reward_model(reward_model.scorer(loaded, processor, CPU))
         p = heldout[0]
         good, comp = R.compute_reward("preference", p["chosen"], None, messages=p["messages"])
         bad, _ = R.compute_reward("preference", p["rejected"], None, messages=p["messages"])
@@ -304,11 +315,42 @@ def test_torchrun_two_processes(sft_dir, tmp_path):
     assert os.path.isfile(tmp_path / "ddp" / "final" / "model.safetensors")
 
 
-def test_main_job_reads_progress_from_the_child_bars():
-    steps = {k: s.steps for k, s in tp.STAGES.items()}
-    total = sum(steps.values())
-    log = ("stage 0-lm: 100%|#####| 200/200 [01:00<00:00]\n"
-           "stage 0-vit:  40%|##   | 80/200 [00:20<00:30, 4it/s]\r")
-    assert rl._child_progress(log, 0) == pytest.approx((steps["0-lm"] + 80) / total)
-    assert rl._child_progress("rl:  25%|##  | 10/40 [00:30<01:30]", 2) == 0.25
-    assert rl._child_progress("loading the model", 1) == 0.0
+def test_a_finished_run_is_not_deleted_without_resume_or_overwrite(sft_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    rl.main(run_args(sft_dir, out))
+    kept = {name: (out / name).read_bytes() for name in ("metrics.jsonl", "summary.md")}
+    with pytest.raises(SystemExit) as stop:
+        rl.main(run_args(sft_dir, out))
+    assert stop.value.code == 2 and "--overwrite" in capsys.readouterr().err
+    assert all((out / name).read_bytes() == b for name, b in kept.items())
+    assert (out / "final" / "model.safetensors").is_file()
+    rl.main(run_args(sft_dir, out, "--overwrite", "--steps", "1"))         # said so: starts again
+    assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [1]
+
+
+def test_nonfinite_reward_model_logit_scores_zero(processor):
+    rm = reward_model.RewardModel(tiny_policy(processor, seed=4))
+    with torch.no_grad():
+        rm.head.bias.fill_(float("nan"))
+    R.register_reward_model(reward_model.scorer(rm, processor, CPU))
+    try:
+        messages = [{"role": "user", "content": "How many red shapes ?"}]
+        reward, comp = R.compute_reward("preference", "good 1", None, messages=messages)
+    finally:
+        R.register_reward_model(None)
+    assert reward == 0.0 and "error" in comp
+
+
+def test_main_job_progress_comes_from_the_json_files_the_children_write(tmp_path):
+    pre, out = tmp_path / "pre", tmp_path / "rl"
+    pre.mkdir(), out.mkdir()
+    assert main_job.phase_progress("pre-training", str(pre), str(out)) is None     # nothing yet
+    stage = next(iter(main_job.train_pretrain.STAGES.values()))
+    with open(pre / "metrics.jsonl", "w") as f:
+        f.write(json.dumps({"stage": stage.key, "step": 7, "loss": 2.5}) + "\n")
+        f.write('{"stage": "' + stage.key + '", "st')                 # a line being written
+    assert main_job.phase_progress("pre-training", str(pre), str(out)) == (
+        f"stage {stage.key}", 7, stage.steps, "loss 2.500")
+    rl.write_progress(str(out), "rl", 3, 40, "r 0.50", CPU)
+    assert main_job.phase_progress("rl", str(pre), str(out)) == ("rl", 3, 40, "r 0.50")
+    assert main_job.phase_progress("reward model", str(pre), str(out)) is None   # another phase
