@@ -3,20 +3,27 @@ rewards.py — reading answers out of model responses and scoring them: every re
 RL (MiMo-VL report §3.2-3.3), the router that picks one per task, and the reward pool that runs
 them in worker processes with a per-item timeout (the report's "Reward-as-a-Service").
 
-Every reward is a plain function `reward(response, ground_truth, **meta) -> float in [0, 1]`;
-it never raises on model text and never executes it. Evaluation (evaluate.py) scores answers
-with the same functions, so training and evaluation share one convention per concept.
+Every reward is a plain function `reward(response, ground_truth, **meta) -> (float in [0, 1],
+components)`; it never raises on model text and never executes it. Evaluation (evaluate.py)
+scores answers with the same functions, so training and evaluation share one convention per
+concept: one answer extractor, one box convention, one span parser, one way to read a count,
+an option or a math answer.
 
-This module imports neither torch nor the model, so reward workers start fast.
+Math answers are checked by Math-Verify (github.com/huggingface/Math-Verify), the verifier the
+MiMo-VL report uses for its reasoning rewards, behind this module's own extraction and refusal
+rules (section 2). It is imported only when a math reward is first computed: the model and
+inference never need it (`pip install -e .[train]` brings it). This module imports neither torch
+nor the model, so reward workers start fast.
 
 Sections:
-  1. Reading the answer out of a response (think block, size bound, \\boxed{})
-  2. A safe arithmetic parser (recursive descent, bounded)
-  3. Reward functions
-  4. The reward router
+  1. Reading the answer out of a response (think block, size bound, \\boxed{}, answer phrase)
+  2. Math answers: the project's rules in front, Math-Verify behind
+  3. Reward functions (math, count, boxes, points, OCR, temporal spans, choice, reward model)
+  4. The reward router and the pass threshold of every reward
   5. The reward pool (Reward-as-a-Service)
 """
 
+import functools
 import json
 import math
 import multiprocessing as mp
@@ -29,7 +36,6 @@ from collections import deque
 from fractions import Fraction
 
 
-
 # -----------------------------------------------------------------------------
 # 1. Reading the answer out of a response
 # -----------------------------------------------------------------------------
@@ -38,21 +44,27 @@ from fractions import Fraction
 # to its last MAX_ANSWER_CHARS characters before any regex runs: the work per response is bounded
 # whatever the model wrote (a 1 MB response costs the same as an 8 KB one).
 MAX_ANSWER_CHARS = 8192
+MAX_BOXES = 8                  # \boxed{} read per answer (more are not looked at)
+MAX_BARE_CHARS = 64            # a whole answer this short is read as the answer itself
 
 
 def answer_part(response):
     """The part of a response that is scored: the text after the last `</think>`.
 
-    If the response has no `</think>` the whole response is scored. MiMo-VL may answer without
-    thinking (no-think mode, or easy queries), and scoring 0 whenever the tag is missing would be
-    a format reward, which the report explicitly does not use. The price: a response truncated in
-    the middle of its thinking is scored as if its thoughts were the answer (a final \\boxed{}
-    is then usually missing anyway; the truncation rate is logged).
+    A response without `</think>` is all answer (MiMo-VL may answer without thinking; scoring 0
+    whenever the tag is missing would be a format reward, which the report does not use) —
+    unless it opened a `<think>` that never closed. That is a response cut off while thinking:
+    it has no answer (only the text before `<think>`, usually nothing), so every verifiable
+    reward scores it 0. processor.split_thinking reads a truncated response the same way.
     """
     if not isinstance(response, str):
         return ""
     cut = response.rfind("</think>")
-    text = response[cut + len("</think>"):] if cut >= 0 else response
+    if cut >= 0:
+        text = response[cut + len("</think>"):]
+    else:
+        start = response.find("<think>")
+        text = response[:start] if start >= 0 else response
     return text[-MAX_ANSWER_CHARS:].strip()
 
 
@@ -71,17 +83,16 @@ def _balanced_braces(text, open_pos):
     return None
 
 
-def last_boxed(text, max_tries=8):
-    """Content of the last complete `\\boxed{...}` (or `\\fbox{...}`, `\\boxed 5`) in text.
-
-    Nested braces are balanced (`\\boxed{\\frac{1}{2}}` -> `\\frac{1}{2}`); a `\\boxed{` that never
-    closes (truncated output) is skipped for the one before it, at most `max_tries` times.
-    """
-    end = len(text)
+def boxed_contents(text, max_boxes=MAX_BOXES, max_tries=2 * MAX_BOXES):
+    """Contents of the complete `\\boxed{...}` (also `\\fbox{...}`, `\\boxed 5`) in text, the
+    last one first. Nested braces are balanced (`\\boxed{\\frac{1}{2}}` -> `\\frac{1}{2}`); a
+    `\\boxed{` that never closes (truncated output) is skipped. At most `max_tries` candidates
+    from the end are looked at, so any input costs little."""
+    out, end = [], len(text)
     for _ in range(max_tries):
         i = max(text.rfind("\\boxed", 0, end), text.rfind("\\fbox", 0, end))
-        if i < 0:
-            return None
+        if i < 0 or len(out) >= max_boxes:
+            break
         name_end = i + (len("\\boxed") if text.startswith("\\boxed", i) else len("\\fbox"))
         j = name_end
         while j < len(text) and text[j] == " ":
@@ -89,298 +100,172 @@ def last_boxed(text, max_tries=8):
         if j < len(text) and text[j] == "{":
             content = _balanced_braces(text, j)
             if content is not None:
-                return content
+                out.append(content)
         elif name_end < j < len(text):                  # `\boxed 5`: one space-delimited token
             token = text[j:].split(maxsplit=1)[0].rstrip("$.")
             if token:
-                return token
+                out.append(token)
         end = i
-    return None
+    return out
+
+
+def last_boxed(text):
+    """Content of the last complete `\\boxed{...}` in text, or None."""
+    boxes = boxed_contents(text, max_boxes=1)
+    return boxes[0] if boxes else None
+
+
+def _squash(s):
+    """Text for string comparison: `\\text{}` unwrapped, no whitespace, `$` and final `.`
+    stripped, case-folded; `(B)` -> `b`."""
+    s = re.sub(r"\\(?:text|mathrm|mbox|textbf|mathbf)\{([^{}]*)\}", r"\1", s)
+    s = "".join(s.split()).strip("$.").casefold()
+    if len(s) == 3 and s[0] == "(" and s[2] == ")":
+        s = s[1]
+    return s
 
 
 def extract_final_answer(text):
-    """(answer string, how) from an answer part: how is "boxed", "answer_phrase", "bare" or None.
+    """(answer, how) from an answer part (see answer_part); how is "boxed", "answer_phrase",
+    "bare", "several_boxed" or None.
 
     Order: the last \\boxed{}; else the rest of the line after the last "answer" ("The final
-    answer is 3/4.", "Answer: 12"); else the whole text if it is short (a bare "42"). We do not
-    fall back to "the last number anywhere": that would reward listing many numbers.
+    answer is 3/4.", "Answer: 12"); else the whole text if it is short (a bare "42"). Two
+    different \\boxed{} answers are a hedge: no answer ("several_boxed"). We never fall back
+    to "the last number anywhere": that would reward listing many numbers.
     """
-    boxed = last_boxed(text)
-    if boxed is not None:
-        return boxed.strip(), "boxed"
+    boxes = boxed_contents(text)
+    if len({_squash(b) for b in boxes}) > 1:
+        return None, "several_boxed"
+    if boxes:
+        return boxes[0].strip(), "boxed"
     k = text.lower().rfind("answer")
     if k >= 0:
         rest = text[k + len("answer"):].split("\n", 1)[0].strip()
         rest = re.sub(r"^(?:is\b)?\s*[:=]?\s*", "", rest).strip().rstrip(".").strip()
         if rest:
             return rest[:256], "answer_phrase"
-    if 0 < len(text) <= 64:
+    if 0 < len(text) <= MAX_BARE_CHARS:
         return text.rstrip("."), "bare"
     return None, None
 
 
 # -----------------------------------------------------------------------------
-# 2. A safe arithmetic parser
+# 2. Math answers: the project's rules in front, Math-Verify behind
 # -----------------------------------------------------------------------------
-# Answers such as `-2.5`, `1,000`, `3/4`, `\frac{3}{4}`, `2^3`, `2\sqrt{2}`, `50\%` are parsed by a
-# small recursive-descent parser into an exact Fraction (or a float once sqrt/pi/non-integer
-# powers appear). Every size is bounded, so no input can make it slow or huge.
+# The final answer (section 1) is compared with the ground truth in this order:
+#   1. size bounds: an answer over MAX_EXPR_CHARS, nested deeper than MAX_DEPTH, with more
+#      than MAX_POWERS powers, a number over 64 digits, a 4-digit or nested exponent
+#      (`10^{2000}`, `9^{9^{9}}`) or a factorial of 4+ digits is refused before any algebra
+#      runs (sympy would otherwise spend seconds on it);
+#   2. equal as text (case, spaces, `\text{}`, `$`, `(B)` ignored): "Red Circle", "(B)";
+#   3. when the truth is one value (a number, an expression, a letter), hedges are refused:
+#      `11 \lor 12`, `3 or 4`, `3 and 4`, `either` (`x = 3 \text{ or } x = -3` is fine for
+#      the truth `\pm 3`, which is a set);
+#   4. when the truth is a number, the answer must be one too: what stands after its last `=`
+#      is read (`x = 5`, `8 + 6 = 14`), and arithmetic left undone between numerals (`8+6`,
+#      `2 \times 7`, `3(4)`, `12 \div 4`) is refused; fractions, powers, roots, logs and
+#      scientific notation are values (`\frac{3}{4}`, `2^{10}`, `\sqrt{8}`, `\log_2 8`,
+#      `3 \times 10^5`). A trailing unit is dropped (`5 cm`, `5\,\text{cm}^2`, `5 km/h`,
+#      `5 m^2`, `\$5`, `5 dollars`): the question fixes the unit, and a wrong one is not caught;
+#   5. Math-Verify (`parse` of both in `$...$`, then `verify(gold, answer)`), which decides the
+#      rest (we first remove thousands separators written `1\,000` or `1{,}000`, which it
+#      would read as a product); its choices, kept as ours:
+#      - decimals vs fractions: equal when they agree after rounding to 6 decimal places
+#        (0.333333 = 1/3 and 0.7500001 = 3/4, but 0.33 != 1/3);
+#      - percent: `50\%` equals 50 and 0.5 (the truth may state the percentage or the ratio);
+#      - mixed numbers: `2\frac{1}{2}` is 5/2, never 2 * 1/2;
+#      - sets are unordered (`\{2,1\}` = `\{1,2\}`), intervals keep their brackets
+#        (`\left(0,1\right]` = `(0,1]` != `[0,1]`), `x = \pm 3` = `\pm 3` = `3, -3`;
+#      - equations compare as equations: `y=3` != `x=3`, `x = 5` = `5`;
+#      - expressions compare symbolically: `x^2+1` = `1+x^2`, `2x` = `x \cdot 2`;
+#      - `(1, 2)` is ambiguous (open interval or pair); against a set truth it reads as a pair.
+# Math-Verify's own time limits (MATH_VERIFY_TIMEOUT_S, twice) stay below the pool's per-item
+# timeout, which is the last guard.
 
 MAX_EXPR_CHARS = 256
-MAX_NUMBER_DIGITS = 64
-MAX_EXPONENT = 1024            # integer powers are also bounded by MAX_FRACTION_BITS
-MAX_FRACTION_BITS = 4096
-MAX_DEPTH = 32
+MAX_DEPTH = 16                 # brackets nested deeper than this are refused
+MAX_POWERS = 8                 # and so are answers with more than this many `^`
+MATH_VERIFY_TIMEOUT_S = 3
 
-_LATEX_COMMANDS = {            # command -> token; None means "ignore"
-    "frac": "frac", "dfrac": "frac", "tfrac": "frac", "sqrt": "sqrt", "pi": "pi",
-    "cdot": "*", "times": "*", "div": "/", "left": None, "right": None, "displaystyle": None,
-    "quad": None, "qquad": None,
-}
-_UNICODE_OPS = {"\u2212": "-", "\u00d7": "*", "\u00b7": "*", "\u22c5": "*", "\u00f7": "/",
-                "\u03c0": "pi"}
-
-
-class _ParseError(ValueError):
-    pass
-
-
-def _tokenize(s):
-    """Tokens: Fraction numbers, operators + - * / ^ ( ) { } [ ], and 'frac' 'sqrt' 'pi'."""
-    tokens, i, n = [], 0, len(s)
-    digits = "0123456789"        # ASCII only: str.isdigit() accepts '²' and Arabic-Indic digits
-    while i < n:
-        c = s[i]
-        if c in " \t\n":
-            i += 1
-        elif c in digits or (c == "." and i + 1 < n and s[i + 1] in digits):
-            j = i
-            while j < n and s[j] in digits:
-                j += 1
-            # thousands separators: `1,000`, `12,345,678` (a first group of 1-3 digits, then
-            # groups of exactly three); `1,2` is not a number and fails to parse
-            if 1 <= j - i <= 3:
-                while s[j:j + 1] == "," and len(s[j + 1:j + 4]) == 3 \
-                        and all(ch in digits for ch in s[j + 1:j + 4]) \
-                        and (j + 4 == n or s[j + 4] not in digits):
-                    j += 4
-            if j < n and s[j] == ".":
-                j += 1
-                while j < n and s[j] in digits:
-                    j += 1
-            literal = s[i:j].replace(",", "")
-            if len(literal) > MAX_NUMBER_DIGITS:
-                raise _ParseError("number too long")
-            tokens.append(Fraction(literal))
-            i = j
-        elif c == "*" and s[i:i + 2] == "**":
-            tokens.append("^")
-            i += 2
-        elif c in "+-*/^(){}[]":
-            tokens.append(c)
-            i += 1
-        elif c in _UNICODE_OPS:
-            tokens.append(_UNICODE_OPS[c])
-            i += 1
-        elif c == "\\":
-            j = i + 1
-            while j < n and s[j].isascii() and s[j].isalpha():
-                j += 1
-            name = s[i + 1:j]
-            if not name:                            # `\,` `\!` `\;` `\ ` spacing, `\{`
-                if j < n and s[j] in ",!;: ":
-                    i = j + 1
-                    continue
-                raise _ParseError("stray backslash")
-            if name not in _LATEX_COMMANDS:
-                raise _ParseError(f"unsupported command \\{name}")
-            if _LATEX_COMMANDS[name] is not None:
-                tokens.append(_LATEX_COMMANDS[name])
-            i = j
-        else:
-            raise _ParseError(f"unexpected character {c!r}")
-    return tokens
+_TOO_LARGE = re.compile(r"\d{65}|\^\s*\{?\s*[-+]?\s*\d{4}|\^\s*\{[^{}]*\^|\^\s*[-+]?[\d.]+\s*\^"
+                        r"|\d{4}\s*!|\\sqrt\s*\[\s*\d{3}")
+_THOUSANDS = re.compile(r"(?<=\d)(?:\\,|\\ |\{,\})(?=\d{3}(?!\d))")     # 1\,000 1{,}000
+_HEDGE = re.compile(r"\\lor|\\vee|\\land|\\wedge|\b(?:or|and|either)\b", re.IGNORECASE)
+_UNDONE = re.compile(r"(?<![A-Za-z_.\d])\d+(?:\.\d+)?\s*(?:[-+*\u00d7\u00b7\u00f7\u2212]|\\times|\\cdot|"
+                     r"\\div)(?!\s*10\s*\^)\s*\(?\s*\.?\d|\d\s*\(\s*\d")
+_UNIT = re.compile(r"^(.*?[\d}])\s*(?:\\[,;:! ]\s*)*(?:\\(?:text|mathrm|mbox)\{\s*([^{}]*?)\s*\}|"
+                   r"([A-Za-z]+(?:\s*/\s*[A-Za-z]+)?))\s*(?:\^\s*\{?[23]\}?)?\s*\.?$")
+UNITS = frozenset(
+    "mm cm m km in inch inches ft feet foot yd yard yards mi mile miles g kg mg lb lbs pound pounds "
+    "oz s sec second seconds min minute minutes h hr hour hours day days week weeks year years "
+    "ml l liter liters litre litres cm2 m2 km/h m/s mph kph mi/h ft/s degree degrees deg rad "
+    "radians dollar dollars cent cents usd units unit square sq percent meter meters metre metres "
+    "centimeter centimeters kilometer kilometers".split())
 
 
-def _check_size(x):
-    if isinstance(x, Fraction):
-        if max(x.numerator.bit_length(), x.denominator.bit_length()) > MAX_FRACTION_BITS:
-            raise _ParseError("number too large")
-    elif not math.isfinite(x):
-        raise _ParseError("not finite")
-    return x
+class MathVerifyMissing(ImportError):
+    """Raised (never swallowed) when a math reward is needed and Math-Verify is not installed."""
 
 
-def _power(base, exponent):
-    if isinstance(base, Fraction) and isinstance(exponent, Fraction) and exponent.denominator == 1:
-        e = exponent.numerator
-        if abs(e) > MAX_EXPONENT:
-            raise _ParseError("exponent too large")
-        bits = max(base.numerator.bit_length(), base.denominator.bit_length())
-        if bits * abs(e) > MAX_FRACTION_BITS:
-            raise _ParseError("power too large")
-        if base == 0 and e < 0:
-            raise _ParseError("division by zero")
-        return base ** e
-    b, e = float(base), float(exponent)
-    if b < 0 and not e.is_integer():
-        raise _ParseError("non-integer power of a negative number")
-    if abs(e) > MAX_EXPONENT:
-        raise _ParseError("exponent too large")
-    return _check_size(math.pow(b, e))
-
-
-def _root(x, n):
-    if x < 0:
-        raise _ParseError("root of a negative number")
-    if isinstance(x, Fraction):             # exact when numerator and denominator are n-th powers
-        num, den = round(x.numerator ** (1.0 / n)), round(x.denominator ** (1.0 / n))
-        for a in (num - 1, num, num + 1):
-            for b in (den - 1, den, den + 1):
-                if a >= 0 and b > 0 and a ** n == x.numerator and b ** n == x.denominator:
-                    return Fraction(a, b)
-    return float(x) ** (1.0 / n)
-
-
-class _ExprParser:
-    """expr  := term (('+' | '-') term)*
-    term  := unary (('*' | '/') unary | implicit-times atom)*     `2\\sqrt{2}`, `3(4)`, `2\\pi`
-    unary := ('-' | '+') unary | power
-    power := atom ('^' unary)?            right-associative, binds tighter than minus: -2^2 = -4
-    atom  := number | '(' expr ')' | '{' expr '}' | frac atom atom | sqrt ('[' expr ']')? atom | pi
-    """
-
-    def __init__(self, tokens):
-        self.tokens, self.pos, self.depth = tokens, 0, 0
-
-    def peek(self):
-        return self.tokens[self.pos] if self.pos < len(self.tokens) else None
-
-    def take(self, expected=None):
-        tok = self.peek()
-        if tok is None or (expected is not None and tok != expected):
-            raise _ParseError(f"expected {expected!r}, got {tok!r}")
-        self.pos += 1
-        return tok
-
-    def parse(self):
-        value = self.expr()
-        if self.peek() is not None:
-            raise _ParseError(f"trailing token {self.peek()!r}")
-        return value
-
-    def expr(self):
-        self.depth += 1
-        if self.depth > MAX_DEPTH:
-            raise _ParseError("expression nested too deeply")
-        value = self.term()
-        while self.peek() in ("+", "-"):
-            op, rhs = self.take(), self.term()
-            value = _check_size(value + rhs if op == "+" else value - rhs)
-        self.depth -= 1
-        return value
-
-    def term(self):
-        value = self.unary()
-        while True:
-            tok = self.peek()
-            if tok in ("*", "/"):
-                self.take()
-                rhs = self.unary()
-                if tok == "/" and rhs == 0:
-                    raise _ParseError("division by zero")
-                value = _check_size(value * rhs if tok == "*" else value / rhs)
-            elif tok in ("(", "{", "frac", "sqrt", "pi"):
-                value = _check_size(value * self.power())
-            else:
-                return value
-
-    def unary(self):
-        if self.peek() in ("-", "+"):
-            sign = self.take()
-            self.depth += 1
-            if self.depth > MAX_DEPTH:
-                raise _ParseError("expression nested too deeply")
-            value = self.unary()
-            self.depth -= 1
-            return -value if sign == "-" else value
-        return self.power()
-
-    def power(self):
-        base = self.atom()
-        if self.peek() == "^":
-            self.take()
-            return _power(base, self.unary())
-        return base
-
-    def atom(self):
-        tok = self.take()
-        if isinstance(tok, Fraction):
-            return tok
-        if tok in ("(", "{"):
-            value = self.expr()
-            self.take(")" if tok == "(" else "}")
-            return value
-        if tok == "frac":
-            num, den = self.atom(), self.atom()
-            if den == 0:
-                raise _ParseError("division by zero")
-            return _check_size(num / den)
-        if tok == "sqrt":
-            n = Fraction(2)
-            if self.peek() == "[":
-                self.take()
-                n = self.expr()
-                self.take("]")
-                if not (isinstance(n, Fraction) and n.denominator == 1 and 2 <= n <= 16):
-                    raise _ParseError("root index must be an integer in 2..16")
-            return _check_size(_root(self.atom(), int(n)))
-        if tok == "pi":
-            return math.pi
-        raise _ParseError(f"unexpected token {tok!r}")
-
-
-def parse_number(text):
-    """Value of a short arithmetic answer as a Fraction (exact) or float, or None if it is not one.
-
-    Accepts integers, decimals, `1,000`, `3/4`, `\\frac{3}{4}` (`\\dfrac`), `2^3`, `\\sqrt{4}`,
-    `-2.5`, `50\\%` (the percent sign is dropped: 50% reads as 50), `x = 5`, `$5$`, a trailing
-    unit in `\\text{}`. Never raises; never uses Python's evaluator.
-    """
-    if not isinstance(text, str) or len(text) > MAX_EXPR_CHARS:
-        return None
-    s = text.strip().strip("$").strip()
-    s = s.replace("\\(", "").replace("\\)", "").replace("\\[", "").replace("\\]", "")
-    s = re.sub(r"(?<=[0-9}])\s*\\(?:text|mbox|mathrm)\{[A-Za-z ]*\}\s*$", "", s)    # units
-    s = re.sub(r"\\(?:text|mathrm|mbox|textbf|mathbf)\{([^{}]*)\}", r"\1", s)
-    s = re.sub(r"\^\s*\{?\\circ\}?|\u00b0|\\%|%", "", s)                    # degrees, percent
-    s = re.sub(r"^[A-Za-z]\s*=\s*", "", s).strip().rstrip(".")              # `x = 5`
-    if not s:
-        return None
+@functools.lru_cache(maxsize=None)
+def require_math_verify():
+    """The math_verify module, imported on first use (it brings sympy: about a second)."""
     try:
-        return _ExprParser(_tokenize(s)).parse()
-    except (ArithmeticError, ValueError, TypeError, RecursionError):
-        return None
+        import math_verify
+    except ImportError as e:
+        raise MathVerifyMissing(
+            f"math rewards check answers with Math-Verify, which is not installed ({e}): "
+            f"pip install -e '.[train]'  (or: pip install math-verify)") from None
+    return math_verify
 
 
-def _normalise_text_answer(s):
-    s = re.sub(r"\\(?:text|mathrm|mbox|textbf|mathbf)\{([^{}]*)\}", r"\1", s)
-    s = "".join(s.split()).strip("$.").casefold()
-    if len(s) == 3 and s[0] == "(" and s[2] == ")":                          # `(B)` -> `b`
-        s = s[1]
-    return s
+@functools.lru_cache(maxsize=4096)
+def _parse_math(text):
+    """Math-Verify's parse of `$text$`: a list (sympy value, string), empty if it cannot read it.
+    Cached: the ground truth of a group is parsed once per worker, not once per response."""
+    text = _THOUSANDS.sub("", text)
+    return require_math_verify().parse("$" + text + "$", parsing_timeout=MATH_VERIFY_TIMEOUT_S)
 
 
-def answers_match(pred, truth, rel_tol=1e-6):
-    """(matched?, how): exact (both Fractions), numeric (isclose) or string (normalised text)."""
-    a, b = parse_number(pred), parse_number(truth)
-    if a is not None and b is not None:
-        if isinstance(a, Fraction) and isinstance(b, Fraction):
-            return a == b, "exact"
-        return math.isclose(float(a), float(b), rel_tol=rel_tol, abs_tol=1e-9), "numeric"
-    if b is not None:                 # the truth is a number and the prediction is not
+def _drop_unit(text):
+    m = _UNIT.match(text.strip())
+    if m and (m.group(2) or m.group(3) or "").replace(" ", "").casefold() in UNITS:
+        return m.group(1).strip()
+    return text
+
+
+def _too_large(text):
+    depth = deepest = 0
+    for c in text:
+        depth += (c in "({[") - (c in ")}]")
+        deepest = max(deepest, depth)
+    return (len(text) > MAX_EXPR_CHARS or deepest > MAX_DEPTH or text.count("^") > MAX_POWERS
+            or _TOO_LARGE.search(text) is not None)
+
+
+def answers_match(pred, truth):
+    """(matched?, how) for a final answer against a ground truth, by the rules above; how is
+    "too_large", "string", "hedge", "unevaluated", "unparsed" or "math_verify"."""
+    if _too_large(pred):
+        return False, "too_large"
+    if _squash(pred) == _squash(truth):
+        return True, "string"
+    gold = _parse_math(truth)
+    if not gold:
         return False, "unparsed"
-    return _normalise_text_answer(pred) == _normalise_text_answer(truth), "string"
+    import sympy                                   # loaded by math_verify already
+    if isinstance(gold[0], sympy.Expr) and _HEDGE.search(re.sub(r"\\text\{([^{}]*)\}", r" \1 ", pred)):
+        return False, "hedge"
+    if getattr(gold[0], "is_Number", False):
+        pred = _drop_unit(pred.rsplit("=", 1)[-1])
+        if _UNDONE.search(pred):
+            return False, "unevaluated"
+    target = _parse_math(pred)
+    if not target:
+        return False, "unparsed"
+    ok = require_math_verify().verify(gold, target, timeout_seconds=MATH_VERIFY_TIMEOUT_S)
+    return bool(ok), "math_verify"
 
 
 # -----------------------------------------------------------------------------
@@ -390,13 +275,18 @@ def answers_match(pred, truth, rel_tol=1e-6):
 # extracted answer, an error) are shown by --debug. Malformed model output scores 0; only a
 # malformed *ground truth* raises (a ValueError naming it), which the router turns into 0 plus an
 # `error` component.
+#
+# Coordinates: a box is [x1, y1, x2, y2] in absolute pixels of the image the model sees (after
+# resizing; the Qwen2.5-VL convention), with x2 and y2 exclusive: the box covers the pixel
+# columns x1 .. x2-1 and rows y1 .. y2-1, as synthetic.py draws them. So its area is
+# (x2 - x1) * (y2 - y1), and a point (x, y) is inside when x1 <= x < x2 and y1 <= y < y2.
+# Times are seconds; a span [start, end] is read from `[mm:ss,mm:ss]` (see parse_span).
 
 def math_reward(response, ground_truth, /, **meta):
-    """1 if the final answer (\\boxed{} or a fallback) equals the ground truth, exactly or
-    numerically (section 2), or as normalised text when the truth is not a number."""
+    """1 if the final answer (section 1) equals the ground truth by the rules of section 2."""
     answer, how = extract_final_answer(answer_part(response))
     if answer is None:
-        return 0.0, {"correct": 0.0, "extracted": None}
+        return 0.0, {"correct": 0.0, "extracted": None, "extracted_by": how}
     ok, match = answers_match(answer, str(ground_truth))
     return float(ok), {"correct": float(ok), "extracted": answer[:64], "extracted_by": how,
                        "match": match}
@@ -410,28 +300,28 @@ _COUNT_TOKEN = re.compile(r"(?<![0-9.])[0-9]{1,12}(?:\.[0-9]{1,6})?(?![0-9])|\b(
 
 
 def parse_count(text):
-    """The last integer or number word (zero..twenty) in text; None if absent or not an integer."""
-    last = None
-    for last in _COUNT_TOKEN.finditer(text):
-        pass
-    if last is None:
-        return None
-    token = last.group(0).lower()
-    if token in _NUMBER_WORDS:
-        return _NUMBER_WORDS.index(token)
-    value = Fraction(token)
-    return int(value) if value.denominator == 1 else None
+    """The count a text states: its one number (digits, or a word zero..twenty). None if it has
+    none, several different ones ("3 red and 2 blue" is ambiguous, not 2), or a fraction."""
+    value = None
+    for m in _COUNT_TOKEN.finditer(text[:MAX_ANSWER_CHARS]):
+        token = m.group(0).lower()
+        v = Fraction(_NUMBER_WORDS.index(token) if token in _NUMBER_WORDS else token)
+        if value is not None and v != value:
+            return None
+        value = v
+    return int(value) if value is not None and value.denominator == 1 else None
 
 
 def count_reward(response, ground_truth, /, **meta):
-    """1 if the predicted count equals the ground truth. Reads \\boxed{} if present, else the
-    last number (digits or a word up to twenty) of the answer."""
+    """1 if the count read from the answer equals the ground truth: from the \\boxed{} or the
+    "answer is" phrase if there is one, else from the whole answer (parse_count)."""
     truth = ground_truth if isinstance(ground_truth, int) else parse_count(str(ground_truth))
     if truth is None or isinstance(truth, bool):
         raise ValueError(f"count ground truth must be an integer, got {ground_truth!r}")
     text = answer_part(response)
-    boxed = last_boxed(text)
-    pred = parse_count(boxed if boxed is not None else text)
+    answer, how = extract_final_answer(text)
+    pred = None if how == "several_boxed" else parse_count(
+        answer if how in ("boxed", "answer_phrase") else text)
     ok = pred is not None and pred == truth
     return float(ok), {"correct": float(ok), "pred": pred}
 
@@ -445,7 +335,7 @@ MAX_PREDICTIONS = 32
 
 
 def parse_boxes(text):
-    """Boxes [x1, y1, x2, y2] (absolute pixels) predicted in text.
+    """Boxes [x1, y1, x2, y2] predicted in text.
 
     Reads every `"bbox_2d": [x1, y1, x2, y2]` (one Qwen-style JSON object, a list of them, inside
     ```json fences or not, even in broken JSON); if there is none, every run of four
@@ -465,7 +355,7 @@ def parse_points(text):
     return [[float(x), float(y)] for x, y in matches[:MAX_PREDICTIONS]]
 
 
-def _truth_boxes(ground_truth):
+def truth_boxes(ground_truth):
     """Ground-truth boxes from [x1,y1,x2,y2], {"bbox_2d": [...]}, a list of those, or their JSON."""
     gt = json.loads(ground_truth) if isinstance(ground_truth, str) else ground_truth
     if isinstance(gt, dict):
@@ -487,13 +377,18 @@ def _truth_boxes(ground_truth):
     return boxes
 
 
-def giou(a, b):
-    """Generalised IoU of boxes [x1, y1, x2, y2]: IoU - (area(C) - union) / area(C), C the
-    smallest box enclosing both; in [-1, 1], and 1 only for identical boxes."""
+def box_iou(a, b):
+    """(IoU, union area) of boxes [x1, y1, x2, y2]; IoU of two empty boxes is 1 if they are equal."""
     inter_w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
     inter = inter_w * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
     union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    iou = inter / union if union > 0 else float(a == b)
+    return (inter / union if union > 0 else float(a == b)), union
+
+
+def giou(a, b):
+    """Generalised IoU of boxes [x1, y1, x2, y2]: IoU - (area(C) - union) / area(C), C the
+    smallest box enclosing both; in [-1, 1], and 1 only for identical boxes."""
+    iou, union = box_iou(a, b)
     hull = (max(a[2], b[2]) - min(a[0], b[0])) * (max(a[3], b[3]) - min(a[1], b[1]))
     return iou - (hull - union) / hull if hull > 0 else iou
 
@@ -521,24 +416,26 @@ def ground_reward(response, ground_truth, /, **meta):
     Acc@0.5 fell from 0.07 to 0. Clipped at 0, a box earns reward only by overlapping the target.
     With several boxes, predictions and truths are matched one-to-one (greedy on the reward) and
     the sum is divided by max(#truth, #predicted), so extra boxes are penalised. No box: 0.
+    The `iou` component is the same matching on plain IoU (evaluation's Acc@0.5 reads it).
     """
-    truth = _truth_boxes(ground_truth)
+    truth = truth_boxes(ground_truth)
     boxes = parse_boxes(answer_part(response))
     if not boxes:
-        return 0.0, {"parsed": 0.0}
-    scores = [[max(0.0, giou(p, t)) for p in boxes] for t in truth]
-    reward = _greedy_match(scores, len(truth), len(boxes))
-    return reward, {"parsed": 1.0, "n_boxes": float(len(boxes))}
+        return 0.0, {"parsed": 0.0, "iou": 0.0}
+    reward = _greedy_match([[max(0.0, giou(p, t)) for p in boxes] for t in truth],
+                           len(truth), len(boxes))
+    iou = _greedy_match([[box_iou(p, t)[0] for p in boxes] for t in truth], len(truth), len(boxes))
+    return reward, {"parsed": 1.0, "n_boxes": float(len(boxes)), "iou": iou}
 
 
 def point_reward(response, ground_truth, /, **meta):
-    """1 if the predicted point lies inside the ground-truth box (edges included). Several points
-    or boxes are matched one-to-one, as for boxes."""
-    truth = _truth_boxes(ground_truth)
+    """1 if the predicted point lies inside the ground-truth box (x2, y2 exclusive: see the
+    coordinates note above). Several points or boxes are matched one-to-one, as for boxes."""
+    truth = truth_boxes(ground_truth)
     points = parse_points(answer_part(response))
     if not points:
         return 0.0, {"inside": 0.0, "parsed": 0.0}
-    scores = [[float(t[0] <= x <= t[2] and t[1] <= y <= t[3]) for x, y in points] for t in truth]
+    scores = [[float(t[0] <= x < t[2] and t[1] <= y < t[3]) for x, y in points] for t in truth]
     reward = _greedy_match(scores, len(truth), len(points))
     return reward, {"inside": reward, "parsed": 1.0, "n_points": float(len(points))}
 
@@ -566,13 +463,16 @@ def edit_similarity(a, b, max_chars=400):
 
 
 def ocr_reward(response, ground_truth, /, **meta):
-    """1 if the answer equals the ground-truth text after normalise_ocr; edit similarity is a
-    component only (the reward stays a match, as in the report)."""
+    """1 if the answer (the \\boxed{} content, else the whole answer) equals the ground-truth
+    text after normalise_ocr; edit similarity is a component only (the reward stays a match,
+    as in the report). Evaluation's exact-match scorer (captions, OCR) is this reward."""
     if not isinstance(ground_truth, str):
-        raise ValueError(f"OCR ground truth must be a string, got {ground_truth!r}")
+        raise ValueError(f"text ground truth must be a string, got {ground_truth!r}")
     text = answer_part(response)
-    boxed = last_boxed(text)
-    pred, truth = normalise_ocr(boxed if boxed is not None else text), normalise_ocr(ground_truth)
+    answer, how = extract_final_answer(text)
+    if how == "several_boxed":
+        return 0.0, {"exact": 0.0, "edit_similarity": 0.0}
+    pred, truth = normalise_ocr(answer if how == "boxed" else text), normalise_ocr(ground_truth)
     exact = float(pred == truth)
     return exact, {"exact": exact, "edit_similarity": edit_similarity(pred, truth)}
 
@@ -592,12 +492,28 @@ def parse_seconds(token):
 
 
 def parse_span(text):
-    """The last `[mm:ss,mm:ss]` (also `[12.5, 20]` seconds, `-`/`to` separators) -> (start, end)."""
+    """The last `[mm:ss,mm:ss]` in text (also `[12.5, 20]` seconds, `hh:mm:ss`, `-`/`to`
+    separators, or a bare `00:10 to 00:20` as the whole text) -> (start, end) seconds."""
     spans = _BRACKET_SPAN.findall(text) or _BARE_SPAN.findall(text)
     if not spans:
         return None
     a, b = parse_seconds(spans[-1][0]), parse_seconds(spans[-1][1])
     return min(a, b), max(a, b)
+
+
+def truth_span(ground_truth):
+    """(start, end) seconds from `"[mm:ss,mm:ss]"` or [start_s, end_s]."""
+    if isinstance(ground_truth, str):
+        span = parse_span(ground_truth)
+    elif isinstance(ground_truth, (list, tuple)) and len(ground_truth) == 2 and all(
+            isinstance(v, (int, float)) for v in ground_truth):
+        span = (min(map(float, ground_truth)), max(map(float, ground_truth)))
+    else:
+        span = None
+    if span is None:
+        raise ValueError(f"temporal ground truth must be '[mm:ss,mm:ss]' or [start_s, end_s], "
+                         f"got {ground_truth!r}")
+    return span
 
 
 def temporal_iou(a, b):
@@ -608,15 +524,7 @@ def temporal_iou(a, b):
 
 def temporal_iou_reward(response, ground_truth, /, **meta):
     """Temporal IoU between the predicted and ground-truth spans; 0 when no span can be read."""
-    if isinstance(ground_truth, str):
-        truth = parse_span(ground_truth)
-    elif isinstance(ground_truth, (list, tuple)) and len(ground_truth) == 2:
-        truth = (min(map(float, ground_truth)), max(map(float, ground_truth)))
-    else:
-        truth = None
-    if truth is None:
-        raise ValueError(f"temporal ground truth must be '[mm:ss,mm:ss]' or [start_s, end_s], "
-                         f"got {ground_truth!r}")
+    truth = truth_span(ground_truth)
     span = parse_span(answer_part(response))
     if span is None:
         return 0.0, {"tiou": 0.0, "parsed": 0.0}
@@ -624,23 +532,45 @@ def temporal_iou_reward(response, ground_truth, /, **meta):
     return iou, {"tiou": iou, "parsed": 1.0}
 
 
+_OPTION = re.compile(r"(?<![A-Za-z0-9])(?:[A-Za-z]|[0-9]{1,2})(?![A-Za-z0-9])")
+_PAREN_OPTION = re.compile(r"\(\s*([A-Za-z]|[0-9]{1,2})\s*\)")
+
+
+def parse_choice(text):
+    """The option a short answer chooses: a letter or a number of at most two digits.
+
+    "(B)" anywhere wins; otherwise the first option-shaped token, skipping "I" and "A" used as
+    words ("I think image 2" -> 2, "A. Paris" -> A) and lowercase letters unless the letter is
+    the whole answer. A hedge ("1 or 2") chooses nothing.
+    """
+    text = text[:MAX_BARE_CHARS]
+    if _HEDGE.search(text):
+        return None
+    paren = _PAREN_OPTION.search(text)
+    if paren:
+        return paren.group(1)
+    if len(text.strip("*. ")) == 1:
+        return text.strip("*. ")
+    for m in _OPTION.finditer(text):
+        tok, after = m.group(), text[m.end():m.end() + 2]
+        if tok.islower() or (tok in ("I", "A") and re.match(r"\s[a-z]", after)):
+            continue
+        return tok
+    return None
+
+
 def choice_reward(response, ground_truth, /, **meta):
-    """1 if the chosen option (the \\boxed{} content, else the first letter/number token of the
-    answer: "2", "(B)", "Image 2" reads as its last token) equals the ground-truth option."""
+    """1 if the chosen option (parse_choice of the \\boxed{} content, the "answer is" phrase or
+    a short bare answer) equals the ground-truth option, case-insensitively."""
     truth = str(ground_truth).strip().strip("()").casefold()
     if not truth or len(truth) > 16:
         raise ValueError(f"choice ground truth must be a short option such as 'B' or '2', "
                          f"got {ground_truth!r}")
     text = answer_part(response)
-    boxed = last_boxed(text)
-    if boxed is not None:
-        text = boxed
-    options = re.findall(r"[A-Za-z0-9]+", text[:64])
-    # "Image 2" / "Option B": a leading word names the option; otherwise the first token decides
-    pred = None
-    if options:
-        pred = options[1] if len(options) >= 2 and options[0].casefold() in (
-            "image", "option", "answer", "choice") else options[0]
+    answer, how = extract_final_answer(text)
+    pred = parse_choice(answer) if answer is not None else None
+    if pred is None and how is None:                # a long answer without "answer": its start
+        pred = parse_choice(text)
     ok = pred is not None and pred.casefold() == truth
     return float(ok), {"correct": float(ok), "pred": pred}
 
@@ -658,17 +588,24 @@ def register_reward_model(fn):
 
 
 def preference_reward(response, ground_truth, /, **meta):
-    """The reward model's score (e.g. sigmoid of the Bradley-Terry logit) of the whole response."""
+    """The reward model's score (e.g. sigmoid of the Bradley-Terry logit) of the whole response.
+    A non-finite score or numeric component (a NaN logit that a clamp then turned into a
+    confident 1.0) scores 0 with an `error` component."""
     if _reward_model is None:
         raise ValueError("task 'preference' needs a reward model: call "
                          "register_reward_model(fn) first (train_rl.py --train-rm trains one)")
     out = _reward_model(response, ground_truth, **meta)
     score, components = out if isinstance(out, tuple) else (out, {})
-    return float(score), {"rm_score": float(score), **components}
+    score = float(score)
+    bad = [k for k, v in {"score": score, **components}.items()
+           if isinstance(v, float) and not math.isfinite(v)]
+    if bad:
+        return 0.0, {**components, "error": f"reward model returned non-finite {', '.join(bad)}"}
+    return score, {"rm_score": score, **components}
 
 
 # -----------------------------------------------------------------------------
-# 4. The reward router
+# 4. The reward router and the pass threshold of every reward
 # -----------------------------------------------------------------------------
 
 REWARDS = {
@@ -698,12 +635,15 @@ def reward_tag(prompt):
     return DATA_REWARDS.get(name, name)
 
 
-# What counts as "passed" for the pass-rate metric: binary rewards must be 1; the clipped GIoU
-# passes at 0.5, temporal IoU at 0.5, a reward-model score at 0.5.
+# One pass definition per reward, used for the pass-rate metric and for "solved" (MiMo-7B's easy
+# pool: a prompt whose every sample passes): binary rewards pass at 1; the clipped GIoU, the
+# temporal IoU and a reward-model score pass at 0.5. (Evaluation's Acc@0.5 for boxes is the
+# usual IoU >= 0.5; GIoU <= IoU, so a passed box is always an Acc@0.5 hit.)
 PASS_AT = {"ground": 0.5, "video_ground": 0.5, "preference": 0.5}
 
 
 def passed(tag, reward):
+    """Whether `reward` of the task tagged `tag` counts as solved (PASS_AT, else 1)."""
     return reward >= PASS_AT.get(tag, 1.0) - 1e-9
 
 
@@ -714,10 +654,11 @@ def register_reward(task, fn):
 
 
 def compute_reward(task, response, ground_truth, /, **meta):
-    """(reward in [0, 1], components) for one response; never raises.
+    """(reward in [0, 1], components) for one response; never raises on model output.
 
     An unknown task, a non-string response, a reward function that raises (e.g. on a malformed
     ground truth) or returns NaN all give reward 0 with an `error` component naming the cause.
+    Only a missing Math-Verify is raised (MathVerifyMissing): every math reward would be 0.
     """
     fn = REWARDS.get(task)
     if fn is None:
@@ -727,6 +668,8 @@ def compute_reward(task, response, ground_truth, /, **meta):
     try:
         reward, components = fn(response, ground_truth, **meta)
         reward = float(reward)
+    except MathVerifyMissing:
+        raise
     except Exception as e:                     # noqa: BLE001 — a reward must never crash the run
         return 0.0, {"error": f"{type(e).__name__} in {task!r} reward: {e}"[:300]}
     if not math.isfinite(reward):
@@ -802,7 +745,10 @@ class RewardPool:
         self._workers[w] = self._start_worker()
 
     def score(self, items):
+        """[(reward, components)] for [(task, response, ground_truth, meta)], in order."""
         items = list(items)
+        if any(REWARDS.get(item[0]) is math_reward for item in items):
+            require_math_verify()       # a clear error here, and workers forked later inherit it
         results = [None] * len(items)
         pending = deque()
         for i, item in enumerate(items):
