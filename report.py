@@ -277,6 +277,7 @@ def plot_before_after(result):
     ax.set_xticks(range(len(tasks)), tasks, rotation=30, ha="right", fontsize=8)
     for label, t in zip(ax.get_xticklabels(), tasks):
         label.set_fontweight("bold" if t in result["tasks"] else "normal")
+    ax.set_ylim(0, 1.1)
     ax.set_ylabel("held-out reward")
     ax.set_title("MORL: held-out reward before (SFT) and after (RL); trained tasks in bold", fontsize=10)
     ax.legend(fontsize=7, ncol=3)
@@ -401,6 +402,19 @@ def save(fig, out_dir, name):
     return name
 
 
+def ablation_rows(with_evals, without_evals, stage):
+    """Markdown table: every task's primary metric with and without reasoning data, and the
+    majority answer (the numbers of plot_ablation)."""
+    a, b = with_evals[stage], without_evals[stage]
+    lines = ["| task | metric | with reasoning data | without | majority |", "|---|---|---|---|---|"]
+    for task, m in a["model"].items():
+        if task in b["model"]:
+            k = primary_metric(m)
+            lines.append(f"| {task} | {k} | {m[k]:.2f} | {b['model'][task][k]:.2f} | "
+                         f"{a['majority'].get(task, {}).get(k, float('nan')):.2f} |")
+    return lines
+
+
 def stage_rows(pre):
     """Markdown table: per stage what it trains, its steps, LR, final loss and wall time."""
     lines = ["| stage | purpose | trains | steps | peak LR | final loss (last 10 steps) | minutes |",
@@ -475,7 +489,7 @@ def write_report(pretrain_dir, rl_dir=None, out_dir=None, ablation_dir=None, com
                    f"![ablation]({save(plot_ablation(evals, abl['evals'], k), out_dir, 'ablation.png')})", "",
                    f"Stage {k} of `{pretrain_dir}` (with reasoning data) beside stage {k} of `{ablation_dir}` "
                    "(`train_pretrain.py --no-reasoning-data`: the same stage from the same start, answers "
-                   "without chains of thought).", ""]
+                   "without chains of thought).", "", *ablation_rows(evals, abl["evals"], k), ""]
         else:
             missing.append(f"an evaluated stage shared by {ablation_dir} and {pretrain_dir}")
 
