@@ -627,6 +627,19 @@ def evaluate_sampled(model, processor, prompts, compute, pool, k, seed=0, max_ro
     return summarise_rewards(sum(training.gather_objects(step_records(groups), compute), []))
 
 
+def paired_bootstrap(before, after, tasks, n=2000, seed=0):
+    """The change of the mean greedy reward over `tasks` (each task's mean, averaged) with a 95 %
+    interval: prompts resampled with replacement within each task, the same prompts before and
+    after (before / after: [(task, reward)] per held-out prompt, in the same order)."""
+    rng = np.random.default_rng(seed)
+    diffs = [np.array([a[1] - b[1] for b, a in zip(before, after) if b[0] == task]) for task in tasks]
+    diffs = [d for d in diffs if len(d)]
+    if not diffs:
+        return float("nan"), float("nan"), float("nan")
+    boot = np.mean([d[rng.integers(0, len(d), (n, len(d)))].mean(1) for d in diffs], axis=0)
+    return float(np.mean([d.mean() for d in diffs])), *np.percentile(boot, [2.5, 97.5]).tolist()
+
+
 def select_tasks(sft, blank, min_gain=0.1):
     """The tasks RL can improve: those where the SFT model's held-out reward beats its own
     reward with black images by more than min_gain (it uses the image, so its groups carry
@@ -662,8 +675,9 @@ def baseline_eval(args, compute, processor, pool, eval_tasks):
     for prefix, first in [("", 0)] + ([("select_", args.eval_n)] if key["select"] else []):
         prompts = heldout_prompts(eval_tasks, args.eval_n, args.seed, first)
         for name, blank in (("sft", False), ("blank", True)):
-            res[prefix + name], _ = evaluate_rewards(model, processor, prompts, compute, pool,
-                                                     args.eval_batch, blank=blank)
+            res[prefix + name], recs = evaluate_rewards(model, processor, prompts, compute, pool,
+                                                        args.eval_batch, blank=blank)
+            res[prefix + name + "_records"] = [(r["task"], r["reward"]) for r in recs]
     if args.eval_samples:
         res["sft_sampled"] = evaluate_sampled(model, processor, heldout_prompts(
             eval_tasks, args.eval_n, args.seed), compute, pool, args.eval_samples, args.seed,
@@ -898,11 +912,15 @@ def finish(args, compute, cfg, processor, pool, t, base, eval_tasks, t_start):
     after, recs = evaluate_rewards(t.policy, processor, prompts, compute, pool, args.eval_batch)
     after_k = evaluate_sampled(t.policy, processor, prompts, compute, pool, args.eval_samples,
                                args.seed, args.gen_rows) if args.eval_samples else None
+    change, lo, hi = paired_bootstrap(base["sft_records"], [(r["task"], r["reward"]) for r in recs], t.tasks)
     table = results_table(base["sft"], after, base["blank"], t.tasks, base.get("sft_sampled"),
-                          after_k, args.eval_samples)
+                          after_k, args.eval_samples) + (
+        f"\n\nmean greedy change over the trained tasks {change:+.3f}, 95 % paired bootstrap "
+        f"interval over the held-out prompts [{lo:+.3f}, {hi:+.3f}]")
     minutes = (time.perf_counter() - t_start) / 60
     done = {"tasks": t.tasks, "sft": base["sft"], "rl": after, "blank": base["blank"],
             "mean_sft": mean_reward(base["sft"], t.tasks), "mean_rl": mean_reward(after, t.tasks),
+            "greedy_change_ci95": [lo, hi],
             "sft_sampled": base.get("sft_sampled"), "rl_sampled": after_k, "table": table,
             "minutes": round(minutes, 2), "train_minutes": round(train_minutes, 2),
             "examples": {r["task"]: {"response": r["response"], "answer": r["answer"]} for r in recs}}

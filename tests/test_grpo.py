@@ -354,3 +354,16 @@ def test_results_table_means_over_trained_and_all_tasks():
     assert rows["**mean over trained tasks**"][1:7] == ["0.500", "0.750", "+0.250", "0.400", "0.600", "+0.200"]
     # all tasks: greedy (0.5 + 0.25) / 2 -> (0.75 + 0) / 2; avg@4 (0.4 + 0.2) / 2 -> (0.6 + 0.2) / 2
     assert rows["**mean over all tasks**"][1:7] == ["0.375", "0.375", "+0.000", "0.300", "0.400", "+0.100"]
+
+
+def test_paired_bootstrap_of_the_greedy_change_by_hand():
+    # count: every prompt goes 0 -> 1 (change +1, no spread); ocr: nothing changes (0, no spread);
+    # caption is not a trained task and is ignored. Mean of the task means: (1 + 0) / 2
+    before = [("count", 0.0), ("count", 0.0), ("ocr", 1.0), ("ocr", 0.0), ("caption", 0.0)]
+    after = [("count", 1.0), ("count", 1.0), ("ocr", 1.0), ("ocr", 0.0), ("caption", 1.0)]
+    assert rl.paired_bootstrap(before, after, ["count", "ocr"]) == (0.5, 0.5, 0.5)
+    # one of four count prompts improves: change 1/4; resamples range over 0 .. 1
+    before = [("count", 0.0)] * 4
+    after = [("count", 1.0)] + [("count", 0.0)] * 3
+    change, lo, hi = rl.paired_bootstrap(before, after, ["count"])
+    assert change == 0.25 and lo == 0.0 and 0.5 <= hi <= 1.0
