@@ -18,11 +18,9 @@ through `kernels.varlen_attention`.
 """
 
 import argparse
-import json
 import math
 import os
 import sys
-import tempfile
 from collections import namedtuple
 from dataclasses import asdict, dataclass, field, fields
 
@@ -32,6 +30,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from kernels import apply_rotary, linear_cross_entropy, varlen_attention
+from processor import check_json_fields, read_json_file, write_file_atomic, write_json_atomic
 from vit import MLP, RMSNorm, VisionConfig, VisionTransformer, fuse_linears
 
 
@@ -102,7 +101,12 @@ class MiMoVLConfig:
         if t.num_attention_heads % t.num_key_value_heads:
             bad(f"num_attention_heads={t.num_attention_heads}",
                 f"must be a multiple of num_key_value_heads={t.num_key_value_heads}")
-        if len(t.mrope_section) != 3 or sum(t.mrope_section) != t.head_dim // 2:
+        for name in ("rope_theta", "rms_norm_eps"):
+            if not isinstance(getattr(t, name), (int, float)) or not 0 < getattr(t, name) < math.inf:
+                bad(f"{name}={getattr(t, name)!r}", "must be a positive number")
+        if not isinstance(t.max_position_embeddings, int) or t.max_position_embeddings <= 0:
+            bad(f"max_position_embeddings={t.max_position_embeddings!r}", "must be a positive integer")
+        if len(t.mrope_section) != 3 or sum(t.mrope_section) != t.head_dim // 2 or min(t.mrope_section) < 0:
             bad(f"mrope_section={t.mrope_section}", f"must be 3 numbers summing to head_dim/2={t.head_dim // 2}")
         if t.hidden_act != "silu":
             bad(f"hidden_act={t.hidden_act!r}", "is not supported (only 'silu')")
@@ -110,27 +114,40 @@ class MiMoVLConfig:
         if v.out_hidden_size != t.hidden_size:
             bad(f"vision_config.out_hidden_size={v.out_hidden_size}", f"must equal hidden_size={t.hidden_size}")
         for name in ("image_token_id", "video_token_id", "vision_start_token_id"):
-            if not 0 <= getattr(self, name) < t.vocab_size:
+            if not isinstance(getattr(self, name), int) or not 0 <= getattr(self, name) < t.vocab_size:
                 bad(f"{name}={getattr(self, name)}", f"is outside the vocabulary (size {t.vocab_size})")
         return self
 
     # --- Hugging Face config.json, both layouts ---------------------------------------------
 
     @classmethod
-    def from_hf_dict(cls, d):
+    def from_hf_dict(cls, d, source="config.json"):
         """Read a `Qwen2_5_VLForConditionalGeneration` config.json: the transformers-4 layout (text
         fields at top level, `rope_scaling`) or the transformers-5 layout (nested `text_config`,
-        `rope_parameters`)."""
+        `rope_parameters`). Every value is type-checked first (processor.check_json_fields), so a
+        wrong type is an error naming `source`, the key and the value."""
+        if not isinstance(d, dict):
+            raise ValueError(f"{source} must hold a JSON object, not a {type(d).__name__}")
+        check_json_fields(d, source, {"text_config": "object", "vision_config": "object",
+                                      "rope_scaling": "object", "tie_word_embeddings": "boolean",
+                                      **{k: "integer >= 0" for k in _TOKEN_ID_KEYS if k != "eos_token_id"},
+                                      "eos_token_id": "token id or list of token ids"})
         top = dict(d)
-        txt = {**top, **(top.get("text_config") or {})}   # nested values win over top-level ones
+        nested = top.get("text_config") or {}
+        check_json_fields(nested, source, {"rope_scaling": "object", "rope_parameters": "object",
+                                           "eos_token_id": "token id or list of token ids"}, "text_config.")
+        txt = {**top, **nested}   # nested values win over top-level ones
+        check_json_fields(txt, source, _field_kinds(TextConfig))
         rope = txt.get("rope_parameters") or txt.get("rope_scaling") or top.get("rope_scaling") or {}
+        check_json_fields(rope, source, {"rope_theta": "number", "mrope_section": "list of integers"}, "rope_scaling.")
         t_kw = {f.name: txt[f.name] for f in fields(TextConfig) if f.name in txt and txt[f.name] is not None}
         if "rope_theta" not in t_kw and "rope_theta" in rope:
             t_kw["rope_theta"] = rope["rope_theta"]
         if "mrope_section" in rope:
             t_kw["mrope_section"] = list(rope["mrope_section"])
         vis = top.get("vision_config") or {}
-        v_kw = {f.name: vis[f.name] for f in fields(VisionConfig) if f.name in vis}
+        check_json_fields(vis, source, {**_field_kinds(VisionConfig), "embed_dim": "integer"}, "vision_config.")
+        v_kw = {f.name: vis[f.name] for f in fields(VisionConfig) if vis.get(f.name) is not None}
         if "embed_dim" in vis and "hidden_size" not in vis:   # Qwen2-VL naming
             v_kw["hidden_size"] = vis["embed_dim"]
         if isinstance(top.get("tie_word_embeddings"), bool):   # the top-level flag decides tying
@@ -139,15 +156,16 @@ class MiMoVLConfig:
         if "out_hidden_size" not in v_kw:
             v_kw["out_hidden_size"] = text.hidden_size
         vision = VisionConfig(**{**asdict(VisionConfig()), **v_kw})
-        ids = {k: top[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id",
-                                   "vision_end_token_id", "bos_token_id", "pad_token_id")
-               if isinstance(top.get(k), int)}
+        ids = {k: top[k] for k in _TOKEN_ID_KEYS if k != "eos_token_id" and top.get(k) is not None}
         eos = top.get("eos_token_id", txt.get("eos_token_id"))
         if isinstance(eos, list):
             eos = eos[0]
-        if isinstance(eos, int):
+        if eos is not None:
             ids["eos_token_id"] = eos
-        return cls(text=text, vision=vision, **ids).validate()
+        try:
+            return cls(text=text, vision=vision, **ids).validate()
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
 
     def to_hf_dict(self):
         """transformers-4 layout with a nested `text_config` too, so 4.57 and 5.x both read it."""
@@ -164,6 +182,16 @@ class MiMoVLConfig:
                 "model_type": "qwen2_5_vl", "torch_dtype": "bfloat16",
                 "vision_config": {**v, "model_type": "qwen2_5_vl", "initializer_range": 0.02},
                 "text_config": {**text, **ids}}
+
+
+_TOKEN_ID_KEYS = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id",
+                  "bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def _field_kinds(config_class):
+    """The JSON kind of each field of a config dataclass, from its annotation (int -> integer...)."""
+    kinds = {int: "integer", float: "number", bool: "boolean", str: "string", list: "list of integers"}
+    return {f.name: kinds[f.type] for f in fields(config_class) if f.type in kinds}
 
 
 # -----------------------------------------------------------------------------
@@ -366,6 +394,21 @@ class LanguageModel(nn.Module):
 Output = namedtuple("Output", ["logits", "loss"])
 
 
+def check_sampling(temperature, top_k, top_p, max_new_tokens, flags=False):
+    """A clear ValueError for settings sample_next / stream_generate cannot use (`flags`: name
+    them as the CLI's --flags)."""
+    def bad(name, value, why):
+        raise ValueError(f"{'--' + name.replace('_', '-') if flags else name}={value}: {why}")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        bad("max_new_tokens", max_new_tokens, "must be an integer >= 0")
+    if not isinstance(temperature, (int, float)) or not 0 <= temperature < math.inf:
+        bad("temperature", temperature, "must be a finite number >= 0 (0 = greedy)")
+    if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+        bad("top_p", top_p, "must be in (0, 1] (1 = off)")
+    if not isinstance(top_k, int) or top_k < 0:
+        bad("top_k", top_k, "must be an integer >= 0 (0 = off)")
+
+
 def sample_next(logits, temperature=0.0, top_k=0, top_p=1.0, generator=None, return_logprobs=False):
     """Pick the next token of each row from fp32 logits (rows, V): greedy when temperature == 0,
     else temperature -> top-k -> top-p (nucleus) -> multinomial. Log-probabilities are those of the
@@ -444,7 +487,7 @@ class MiMoVL(nn.Module):
                 attention_mask = torch.ones_like(input_ids)
             mask = attention_mask.bool()
             lengths = mask.sum(1).tolist()
-            segments, flat_list = [], []
+            segments = []
             for b in range(B):
                 idx = mask[b].nonzero().flatten()
                 if len(idx) and int(idx[-1] - idx[0]) + 1 != len(idx):
@@ -581,6 +624,9 @@ class MiMoVL(nn.Module):
         Yields, per step, (tokens [B*n], logprobs [B*n] or None, finished [B*n] bool). Row b*n+j is
         sample j of prompt b; all n samples share the prompt's prefill. A finished row keeps
         yielding its stop token."""
+        check_sampling(temperature, top_k, top_p, max_new_tokens)
+        if max_new_tokens == 0:
+            return
         B = input_ids.shape[0]
         device = self.device
         if stop_token_ids is None:
@@ -625,13 +671,18 @@ class MiMoVL(nn.Module):
 
     def generate(self, input_ids, max_new_tokens=32, temperature=0.0, return_logprobs=False, **kw):
         """The new token ids (B*n, steps); after a stop token a row repeats that stop token.
-        With return_logprobs=True also the log-probability of each chosen token (B*n, steps)."""
+        With return_logprobs=True also the log-probability of each chosen token (B*n, steps).
+        max_new_tokens=0 gives (B*n, 0)."""
         toks, lps = [], []
         for tokens, logprobs, _ in self.stream_generate(input_ids, max_new_tokens=max_new_tokens,
                                                         temperature=temperature,
                                                         return_logprobs=return_logprobs, **kw):
             toks.append(tokens)
             lps.append(logprobs)
+        if not toks:
+            rows = input_ids.shape[0] * kw.get("n", 1)
+            out = torch.empty(rows, 0, dtype=torch.long, device=self.device)
+            return (out, torch.empty(rows, 0, device=self.device)) if return_logprobs else out
         out = torch.stack(toks, dim=1)
         return (out, torch.stack(lps, dim=1)) if return_logprobs else out
 
@@ -681,6 +732,35 @@ def _dtype_from_name(name):
     return table[name]
 
 
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")   # safetensors header names
+
+
+def checkpoint_shards(path):
+    """The safetensors files of a checkpoint folder: model.safetensors, or the shards its
+    model.safetensors.index.json names. Shard names must stay inside the folder (no absolute
+    path, no ..): an index must not make the loader open files elsewhere. Subfolders and symlinks
+    (the Hugging Face cache links into its blobs folder) are fine."""
+    index_path = os.path.join(path, "model.safetensors.index.json")
+    if not os.path.isfile(index_path):
+        if os.path.isfile(os.path.join(path, "model.safetensors")):
+            return ["model.safetensors"]
+        raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}")
+    weight_map = read_json_file(index_path).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map or \
+            not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise ValueError(f"{index_path}: needs a non-empty \"weight_map\" object of tensor name -> shard file name")
+    shards = sorted(set(weight_map.values()))
+    for shard in shards:
+        parts = shard.replace("\\", "/").split("/")
+        if os.path.isabs(shard) or ".." in parts or not shard.endswith(".safetensors"):
+            raise ValueError(f"{index_path}: shard {shard!r} must be a .safetensors file inside the model "
+                             "folder (no absolute path, no '..')")
+    for shard in shards:
+        if not os.path.isfile(os.path.join(path, shard)):
+            raise FileNotFoundError(f"shard {os.path.join(path, shard)} listed in {index_path} is missing")
+    return shards
+
+
 def load_checkpoint(cls, path, dtype=None, device=None, progress=True):
     from safetensors import SafetensorError, safe_open
     from tqdm import tqdm
@@ -692,38 +772,24 @@ def load_checkpoint(cls, path, dtype=None, device=None, progress=True):
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"{cfg_path} is missing: the folder is not a Hugging Face checkpoint")
-    with open(cfg_path) as f:
-        try:
-            raw = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{cfg_path} is not valid JSON: {e}") from None
-    cfg = MiMoVLConfig.from_hf_dict(raw)
-    dtype = _dtype_from_name(dtype) or _dtype_from_name(raw.get("torch_dtype") or raw.get("dtype")) or torch.float32
+    raw = read_json_file(cfg_path)
+    cfg = MiMoVLConfig.from_hf_dict(raw, source=cfg_path)
+    try:
+        file_dtype = _dtype_from_name(raw.get("torch_dtype") or raw.get("dtype"))
+    except ValueError as e:
+        raise ValueError(f"{cfg_path}: torch_dtype: {e}") from None
+    dtype = _dtype_from_name(dtype) or file_dtype or torch.float32
     device = torch.device(device or "cpu")
-
-    index_path = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(index_path):
-        with open(index_path) as f:
-            weight_map = json.load(f)["weight_map"]
-        shards = sorted(set(weight_map.values()))
-    elif os.path.isfile(os.path.join(path, "model.safetensors")):
-        shards = ["model.safetensors"]
-    else:
-        raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}")
-
+    shards = checkpoint_shards(path)
     with torch.device("meta"):
         model = cls(cfg)
     expected = {k: v for k, v in model.state_dict().items()}
     if cfg.text.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
-    params = dict(model.named_parameters(remove_duplicate=False))
-
-    seen, unexpected, mis_shaped, ignored = set(), [], [], []
+    seen, unexpected, mis_shaped, wrong_dtype, ignored = set(), [], [], [], []
     bad_shape_keys = set()
     for shard in tqdm(shards, desc="loading shards", disable=not progress or len(shards) < 2):
         shard_path = os.path.join(path, shard)
-        if not os.path.isfile(shard_path):
-            raise FileNotFoundError(f"shard {shard_path} listed in the index is missing")
         try:
             with safe_open(shard_path, framework="pt", device="cpu") as f:
                 for raw_key in f.keys():
@@ -736,9 +802,14 @@ def load_checkpoint(cls, path, dtype=None, device=None, progress=True):
                     if key not in expected:
                         unexpected.append(raw_key)
                         continue
-                    shape = tuple(f.get_slice(raw_key).get_shape())
+                    header = f.get_slice(raw_key)
+                    shape = tuple(header.get_shape())
                     if shape != tuple(expected[key].shape):
                         mis_shaped.append(f"{raw_key}: checkpoint {shape} vs model {tuple(expected[key].shape)}")
+                        bad_shape_keys.add(key)
+                        continue
+                    if header.get_dtype() not in FLOAT_DTYPES:   # every parameter is a float tensor
+                        wrong_dtype.append(f"{raw_key}: {header.get_dtype()}")
                         bad_shape_keys.add(key)
                         continue
                     tensor = f.get_tensor(raw_key).to(device=device, dtype=dtype)
@@ -748,9 +819,10 @@ def load_checkpoint(cls, path, dtype=None, device=None, progress=True):
             raise ValueError(f"{shard_path} is not a readable safetensors file ({e}); it may be "
                              "truncated or corrupt: download it again") from None
     missing = sorted(set(expected) - seen - bad_shape_keys)
-    if missing or unexpected or mis_shaped:
+    if missing or unexpected or mis_shaped or wrong_dtype:
         lines = [f"checkpoint {path} does not match the model built from its config.json:"]
-        for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mis_shaped)):
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mis_shaped),
+                             ("non-float (parameters are float tensors)", wrong_dtype)):
             if items:
                 lines.append(f"  {len(items)} {title} key(s): " + ", ".join(items[:20]) +
                              (" ..." if len(items) > 20 else ""))
@@ -791,34 +863,21 @@ def save_checkpoint(model, path, max_shard_bytes=5 * 1024 ** 3):
         size += n
     shards.append(current)
 
-    def atomic_write(name, write):
-        fd, tmp = tempfile.mkstemp(dir=path, prefix=f".{name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            write(tmp)
-            os.replace(tmp, os.path.join(path, name))
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
-
-    def write_json(obj):
-        return lambda tmp: open(tmp, "w").write(json.dumps(obj, indent=2) + "\n")
-
     cfg = model.cfg.to_hf_dict()
     cfg["torch_dtype"] = str(model.dtype).replace("torch.", "")
     if len(shards) == 1:
-        atomic_write("model.safetensors", lambda tmp: save_file(shards[0], tmp, metadata={"format": "pt"}))
+        write_file_atomic(os.path.join(path, "model.safetensors"),
+                          lambda tmp: save_file(shards[0], tmp, metadata={"format": "pt"}))
     else:
         weight_map = {}
         for i, shard in enumerate(shards):
             name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            atomic_write(name, lambda tmp, s=shard: save_file(s, tmp, metadata={"format": "pt"}))
+            write_file_atomic(os.path.join(path, name), lambda tmp, s=shard: save_file(s, tmp, metadata={"format": "pt"}))
             weight_map.update({k: name for k in shard})
         total = sum(v.numel() * v.element_size() for v in state.values())
-        atomic_write("model.safetensors.index.json",
-                     write_json({"metadata": {"total_size": total}, "weight_map": weight_map}))
-    atomic_write("config.json", write_json(cfg))
+        write_json_atomic(os.path.join(path, "model.safetensors.index.json"),
+                          {"metadata": {"total_size": total}, "weight_map": weight_map})
+    write_json_atomic(os.path.join(path, "config.json"), cfg)
 
 
 # -----------------------------------------------------------------------------
@@ -826,7 +885,7 @@ def save_checkpoint(model, path, max_shard_bytes=5 * 1024 ** 3):
 
 def default_dtype(device):
     """bf16 on GPUs and on CPUs with native bf16 (avx512_bf16 / AMX), fp32 otherwise: fp16 matmul
-    on CPUs runs at ~1 GFLOP/s (../shared/MACHINE-NOTES.md)."""
+    on CPUs ran at about 1 GFLOP/s when measured in this project (PyTorch's CPU build)."""
     if torch.device(device).type == "cuda":
         return torch.bfloat16
     try:
@@ -836,97 +895,245 @@ def default_dtype(device):
     return torch.bfloat16 if ("avx512_bf16" in flags or "amx_bf16" in flags) else torch.float32
 
 
-def chat_stream(model, processor, conversation, think=True, max_new_tokens=1024, temperature=0.0,
-                top_p=1.0, top_k=0, seed=None, max_pixels=None):
-    """Yield the assistant's reply to `conversation` (HF message list) as text pieces."""
+def resolve_device(name=None):
+    """A --device value -> torch.device: None picks cuda when there is a GPU, else cpu; a name
+    that is no device, or cuda on a machine without one, is a clear error."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {name!r} is not a device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: no CUDA GPU is available here; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} GPU(s)")
+    elif device.type != "cpu":
+        raise ValueError(f"--device {name}: only cpu and cuda[:N] are supported")
+    return device
+
+
+# Sampling defaults. A flag (or a chat() argument) wins, then the checkpoint's generation_config.json
+# (as vLLM, MiMo's evaluation engine, reads it; do_sample=false there means greedy), then these:
+# greedy, and 16384 new tokens because MiMo-VL's reasoning answers average about 2.5K tokens and
+# run far longer on hard problems (MiMo-VL report §5.1, Fig. 6); a shorter budget cuts answers
+# off mid-thought. A default that does not fit the model's context shrinks to the room left.
+DEFAULT_GENERATION = {"temperature": 0.0, "top_p": 1.0, "top_k": 0, "max_new_tokens": 16384}
+
+
+def generation_settings(processor, **overrides):
+    """{name: (value, source)} for temperature, top_p, top_k and max_new_tokens; source is
+    "override" (a non-None entry of `overrides`), "generation_config.json" or "default"."""
+    config = processor.generation_config
+    settings = {}
+    for name, default in DEFAULT_GENERATION.items():
+        if overrides.get(name) is not None:
+            settings[name] = (overrides[name], "override")
+        elif name == "temperature" and config.get("do_sample") is False:
+            settings[name] = (0.0, "generation_config.json (do_sample=false: greedy)")
+        elif config.get(name) is not None:
+            settings[name] = (config[name], "generation_config.json")
+        else:
+            settings[name] = (default, "default")
+    return settings
+
+
+def chat_stream(model, processor, conversation, think=True, max_new_tokens=None, temperature=None,
+                top_p=None, top_k=None, seed=None, max_pixels=None):
+    """Yield the assistant's reply to `conversation` (HF message list) as text pieces. Settings left
+    at None come from the checkpoint (generation_settings). The generator returns (StopIteration.value,
+    or `yield from`) "length" when the reply stopped at max_new_tokens, else "stop"."""
+    settings = generation_settings(processor, max_new_tokens=max_new_tokens, temperature=temperature,
+                                   top_p=top_p, top_k=top_k)
+    sampling = {name: value for name, (value, _) in settings.items()}
     batch = processor(conversation, add_generation_prompt=True, think=think, max_pixels=max_pixels)
+    if settings["max_new_tokens"][1] != "override":      # fit a default into the context
+        room = model.cfg.text.max_position_embeddings - batch["input_ids"].shape[1]
+        sampling["max_new_tokens"] = max(0, min(sampling["max_new_tokens"], room))
     device, dtype = model.device, model.dtype
     batch = {k: (v.to(device, dtype) if k.startswith("pixel_values") else v.to(device))
              for k, v in batch.items()}
     ids, text = [], ""
-    for tokens, _, finished in model.stream_generate(**batch, max_new_tokens=max_new_tokens,
-                                                     temperature=temperature, top_p=top_p, top_k=top_k,
-                                                     seed=seed, stop_token_ids=processor.eos_token_ids):
+    for tokens, _, finished in model.stream_generate(**batch, **sampling, seed=seed,
+                                                     stop_token_ids=processor.eos_token_ids):
         if bool(finished[0]) and int(tokens[0]) in processor.eos_token_ids:
-            break
+            return "stop"
         ids.append(int(tokens[0]))
         new = processor.decode(ids)
         if new.endswith("\ufffd"):          # an incomplete UTF-8 sequence: wait for the next token
             continue
         yield new[len(text):]
         text = new
+    if len(processor.decode(ids)) > len(text):   # the cut-off tail, even mid-character
+        yield processor.decode(ids)[len(text):]
+    return "length"
+
+
+def _consume(stream, on_piece=None):
+    """Run a chat_stream to its end: (text, finish reason)."""
+    pieces = []
+    while True:
+        try:
+            piece = next(stream)
+        except StopIteration as stop:
+            return "".join(pieces), stop.value
+        pieces.append(piece)
+        if on_piece:
+            on_piece(piece)
+
+
+Reply = namedtuple("Reply", ["reasoning", "answer", "truncated"])
 
 
 def chat(model, processor, conversation, **kw):
-    """(reasoning, answer): the reply split at `</think>` (SPEC §2.6)."""
+    """Reply(reasoning, answer, truncated): the reply split at `</think>` (processor.split_thinking);
+    truncated is True when it stopped at max_new_tokens, so the answer is cut off or missing.
+    `kw` as chat_stream's."""
     from processor import split_thinking
-    return split_thinking("".join(chat_stream(model, processor, conversation, **kw)))
+    text, finish = _consume(chat_stream(model, processor, conversation, **kw))
+    return Reply(*split_thinking(text), truncated=finish == "length")
+
+
+TRUNCATION_NOTE = "[stopped at the new-token limit: the answer may be cut off; raise --max-new-tokens]"
+
+
+class _ArgumentError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):          # one line and exit code 2, not argparse's usage block
+        raise _ArgumentError(message)
+
+
+def _read_line(stdin):
+    """One line of the interactive chat, or None at the end of input. Bytes are decoded here, so
+    a line that is not UTF-8 is reported (ValueError) instead of ending the chat."""
+    raw = stdin.buffer.readline() if hasattr(stdin, "buffer") else stdin.readline()
+    if not raw:
+        return None
+    if isinstance(raw, bytes):
+        try:
+            raw = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"that line is not valid UTF-8 (byte {e.start}: {e.reason}); type it again") from None
+    return raw.strip()
+
+
+def _one_line(error):
+    return " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+
+
+# What a failed turn or start-up may raise: bad input, unreadable files, missing optional packages,
+# out of memory. Anything else is a bug and keeps its traceback.
+USER_ERRORS = (ValueError, OSError, ImportError, MemoryError, torch.OutOfMemoryError)
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Chat with a MiMo-VL / Qwen2.5-VL checkpoint about images and videos.")
+    from processor import NO_THINK_STYLES, PRESETS, Processor
+    p = _Parser(description="Chat with a MiMo-VL / Qwen2.5-VL checkpoint about images and videos.")
     p.add_argument("question", nargs="?", help="the question; without it, an interactive multi-turn chat")
     p.add_argument("--model", required=True, help="folder with config.json, *.safetensors, tokenizer.json")
     p.add_argument("--image", action="append", default=[], help="an image file (repeatable)")
     p.add_argument("--video", action="append", default=[], help="a video file or a folder of frames (repeatable)")
-    p.add_argument("--no-think", action="store_true", help="answer without a reasoning block (SPEC §2.6)")
-    p.add_argument("--max-new-tokens", type=int, default=2048)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--top-k", type=int, default=0)
+    # thinking (MiMo-VL GitHub README, issues #6 / #30)
+    p.add_argument("--no-think", action="store_true", help="answer without a reasoning block")
+    p.add_argument("--no-think-style", choices=NO_THINK_STYLES, default=None,
+                   help="how --no-think tells the model; default: chosen from the chat template "
+                        "('slash' when it handles /no_think, else 'prefill')")
+    # sampling: default from the checkpoint's generation_config.json, else greedy / 16384 tokens
+    p.add_argument("--max-new-tokens", type=int, default=None, help="default: generation_config.json, else 16384")
+    p.add_argument("--temperature", type=float, default=None, help="0 = greedy; default: generation_config.json, else 0")
+    p.add_argument("--top-p", type=float, default=None, help="in (0, 1]; default: generation_config.json, else 1")
+    p.add_argument("--top-k", type=int, default=None, help="0 = off; default: generation_config.json, else 0")
     p.add_argument("--seed", type=int, default=None)
+    # vision budgets
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                   help="paper-eval: MiMo-VL's evaluation budgets (images <= 4096*28*28 pixels, videos "
+                        "at 2 fps, <= 256 frames, <= 16384 video tokens)")
     p.add_argument("--max-pixels", type=int, default=None, help="per-image pixel budget (e.g. 3211264 = 4096*28*28)")
+    # precision and device
     p.add_argument("--dtype", choices=["bfloat16", "float32", "float16"], default=None,
                    help="default: bf16 on GPUs and CPUs with native bf16, fp32 otherwise")
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    args = p.parse_args(argv)
-
-    from processor import Processor
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N; default: cuda if available, else cpu")
     try:
-        device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = _dtype_from_name(args.dtype) or default_dtype(device)
-        print(f"loading {args.model} on {device} in {str(dtype).replace('torch.', '')}", file=sys.stderr)
-        model = MiMoVL.from_pretrained(args.model, dtype=dtype, device=device)
-        if device == "cpu":
-            if model.prepare_for_cpu_inference():  # fused + oneDNN-packed weights (bench.py --cpu)
-                print("linear weights fused and packed for oneDNN bf16", file=sys.stderr)
-        processor = Processor.from_pretrained(args.model)
-        media = [{"type": "image", "image": x} for x in args.image] + \
-                [{"type": "video", "video": x} for x in args.video]
-        for item in media:                  # fail early, before the first question
-            key = item["type"]
-            if not os.path.exists(item[key]):
-                raise FileNotFoundError(f"{key} {item[key]!r} does not exist")
-        gen = dict(think=not args.no_think, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                   top_p=args.top_p, top_k=args.top_k, seed=args.seed, max_pixels=args.max_pixels)
-        conversation = []
+        args = p.parse_args(argv)
+        return _chat_cli(args, Processor, PRESETS)
+    except _ArgumentError as e:
+        print(f"error: {e} (see --help)", file=sys.stderr)
+    except USER_ERRORS as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        return 130
+    return 2
 
-        def ask(question):
-            # images/videos go before the text, in the first turn (SPEC §2.6)
-            content = (media if not conversation else []) + [{"type": "text", "text": question}]
-            conversation.append({"role": "user", "content": content})
-            reply = ""
-            for piece in chat_stream(model, processor, conversation, **gen):
-                print(piece, end="", flush=True)
-                reply += piece
-            print()
-            conversation.append({"role": "assistant", "content": reply})
 
-        if args.question:
-            ask(args.question)
-            return 0
-        print("multi-turn chat; an empty line or Ctrl-D quits", file=sys.stderr)
-        while True:
-            try:
-                q = input("> ").strip()
-            except EOFError:
-                return 0
+def _chat_cli(args, Processor, PRESETS):
+    # everything that needs no model is checked first
+    check_sampling(0 if args.temperature is None else args.temperature, args.top_k or 0,
+                   1 if args.top_p is None else args.top_p, args.max_new_tokens or 0, flags=True)
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens={args.max_new_tokens}: must be at least 1")
+    if args.max_pixels is not None and args.max_pixels < 1:
+        raise ValueError(f"--max-pixels={args.max_pixels}: must be a positive number of pixels")
+    if args.question is not None and not args.question.strip():
+        raise ValueError("the question is empty; ask something, or leave it out for an interactive chat")
+    for kind, paths in (("image", args.image), ("video", args.video)):
+        for path in paths:
+            if not os.path.exists(path):
+                raise FileNotFoundError(f"--{kind} {path!r} does not exist")
+    device = resolve_device(args.device)
+    dtype = _dtype_from_name(args.dtype) or default_dtype(device)
+    processor = Processor.from_pretrained(args.model, no_think_style=args.no_think_style)
+    preset = PRESETS.get(args.preset, {})
+    max_pixels = args.max_pixels or preset.get("max_pixels")
+    media = [{"type": "image", "image": x} for x in args.image] + \
+            [{"type": "video", "video": x, **preset.get("video", {})} for x in args.video]
+    overrides = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                     top_k=args.top_k)
+    settings = generation_settings(processor, **overrides)
+    print("sampling: " + ", ".join(
+        f"{name}={value} ({'--' + name.replace('_', '-') if source == 'override' else source})"
+        for name, (value, source) in settings.items()), file=sys.stderr)
+    if args.no_think:
+        print(f"thinking: off, style '{processor.no_think_style}' ({processor.no_think_reason})", file=sys.stderr)
+    else:
+        print("thinking: on (--no-think turns it off)", file=sys.stderr)
+    if args.preset:
+        print(f"preset {args.preset}: max_pixels={max_pixels}, video {preset.get('video')}", file=sys.stderr)
+    print(f"loading {args.model} on {device} in {str(dtype).replace('torch.', '')}", file=sys.stderr)
+    model = MiMoVL.from_pretrained(args.model, dtype=dtype, device=device)
+    if device.type == "cpu" and model.prepare_for_cpu_inference():  # fused + oneDNN-packed (bench.py --cpu)
+        print("linear weights fused and packed for oneDNN bf16", file=sys.stderr)
+    gen = dict(think=not args.no_think, seed=args.seed, max_pixels=max_pixels, **overrides)
+    conversation = []
+
+    def ask(question):
+        # images/videos go before the text, in the first turn (the Qwen2.5-VL chat format)
+        content = (media if not conversation else []) + [{"type": "text", "text": question}]
+        turn = [*conversation, {"role": "user", "content": content}]
+        reply, finish = _consume(chat_stream(model, processor, turn, **gen),
+                                 lambda piece: print(piece, end="", flush=True))
+        print()
+        if finish == "length":
+            print(TRUNCATION_NOTE, file=sys.stderr)
+        conversation.extend([turn[-1], {"role": "assistant", "content": reply}])
+
+    if args.question is not None:
+        ask(args.question)
+        return 0
+    print("multi-turn chat; an empty line or Ctrl-D quits", file=sys.stderr)
+    while True:
+        print("> ", end="", flush=True)
+        try:
+            q = _read_line(sys.stdin)
             if not q:
                 return 0
             ask(q)
-    except (FileNotFoundError, ValueError, OSError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        except USER_ERRORS as e:          # a bad line or a failed turn: say so, keep chatting
+            print(f"error: {_one_line(e)}", file=sys.stderr)
 
 
 if __name__ == "__main__":

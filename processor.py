@@ -838,7 +838,7 @@ class Processor:
 
         folder = Path(path)
         if not folder.is_dir():
-            raise FileNotFoundError(f"model folder not found: {folder}")
+            raise FileNotFoundError(f"model folder {folder} does not exist")
         if not (folder / "tokenizer.json").is_file():
             raise FileNotFoundError(f"{folder / 'tokenizer.json'} not found; download it with the weights")
         try:

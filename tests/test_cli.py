@@ -64,17 +64,17 @@ def test_cli_answers_about_an_image(ckpt):
 
 def test_cli_errors(ckpt, tmp_path):
     code, _, err = run(["--model", str(tmp_path / "missing"), "hi"])
-    assert code == 1 and "does not exist" in err
+    assert code == 2 and "does not exist" in err
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not an image")
     code, _, err = run(["--model", str(ckpt), "--image", str(bad), "--dtype", "float32", "hi"])
-    assert code == 1 and "bad.png" in err
+    assert code == 2 and "bad.png" in err
     empty = tmp_path / "frames"
     empty.mkdir()
     code, _, err = run(["--model", str(ckpt), "--video", str(empty), "--dtype", "float32", "hi"])
-    assert code == 1 and "frames" in err
+    assert code == 2 and "frames" in err
     code, _, err = run(["--model", str(ckpt), "--dtype", "float32", "--max-new-tokens", "100000", "hi"])
-    assert code == 1 and "exceeds the context" in err
+    assert code == 2 and "exceeds the context" in err
 
 
 def test_cli_multi_turn(ckpt, monkeypatch):
