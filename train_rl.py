@@ -960,8 +960,8 @@ RL_OUTPUTS = ("metrics.jsonl", "eval.jsonl", "checkpoints", "final", "summary.md
 
 def run_rl(args, compute):
     """The MORL run: SFT baseline -> task choice -> RL steps -> final folder -> before/after table."""
-    check_sft(args.sft)
     cfg = rl_config(args, compute)
+    check_sft(args.sft)
     done_file = os.path.join(args.out, "final", "rl.json")
     if args.resume and os.path.isfile(done_file):
         with open(done_file) as f:

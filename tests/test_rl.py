@@ -328,6 +328,16 @@ def test_a_finished_run_is_not_deleted_without_resume_or_overwrite(sft_dir, tmp_
     assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [1]
 
 
+@pytest.mark.parametrize("flag", [["--temperature", "0.7"], ["--top-p", "0.9"],
+                                  ["--algo", "grpo", "--temperature", "1.2"]])
+def test_cli_refuses_rollouts_that_do_not_sample_from_the_policy(sft_dir, tmp_path, capsys, flag):
+    with pytest.raises(SystemExit) as stop:
+        rl.main(run_args(sft_dir, tmp_path / "t", *flag))
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "temperature 1, top-p 1" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "t").exists()                       # refused before anything ran
+
+
 def test_nonfinite_reward_model_logit_scores_zero(processor):
     rm = reward_model.RewardModel(tiny_policy(processor, seed=4))
     with torch.no_grad():
