@@ -36,6 +36,7 @@ import time
 from types import SimpleNamespace
 
 import synthetic
+from processor import load_image
 from evaluate import EVAL_SUITE, PRIMARY_METRICS
 from train_pretrain import STAGE_ORDER, write_summary
 from training import JsonlLog
@@ -339,8 +340,9 @@ def find_sample(task, answer, n, seed, difficulty=None, rl=False):
     return None, None
 
 
-def sample_strip(sample, height=112):
-    """Every image and video frame of a sample's user turns side by side (PIL), or None."""
+def sample_strip(sample, height=112, max_frames=8):
+    """The images and video frames of a sample's user turns side by side (PIL), or None; a long
+    video shows max_frames evenly spaced frames."""
     from PIL import Image
     frames = []
     for m in sample["messages"]:
@@ -348,9 +350,11 @@ def sample_strip(sample, height=112):
             continue
         for item in m["content"]:
             if item.get("type") == "image":
-                frames.append(item["image"])
+                frames.append(load_image(item["image"]))
             elif item.get("type") == "video":
-                frames += list(item["video"])
+                video = list(item["video"])          # a (T, H, W, 3) array or a list of images
+                step = max(1, math.ceil(len(video) / max_frames))
+                frames += [load_image(f) for f in video[::step]]
     if not frames:
         return None
     frames = [f.resize((max(1, round(f.width * height / f.height)), height)) for f in frames]

@@ -177,8 +177,13 @@ def test_regenerated_sample_is_the_evaluated_one():
     assert index == 2
     assert found["messages"][0]["content"][0]["image"].tobytes() == \
         want["messages"][0]["content"][0]["image"].tobytes()
-    strip = report.sample_strip(found)
-    assert strip.size == (112, 112)
+    assert report.sample_strip(found).size == (112, 112)             # 224 px shown at 112
+    video = synthetic.make_sample("video_grounding", 0, "heldout", 0)
+    frames = video["messages"][0]["content"][0]["video"]                # a (T, H, W, 3) array
+    shown = len(frames[::-(-len(frames) // 8)])
+    strip = report.sample_strip(video)
+    assert strip.size == (shown * 112 + 4 * (shown - 1), 112)
+    assert strip.crop((0, 0, 112, 112)).tobytes() == report.load_image(frames[0]).resize((112, 112)).tobytes()
 
 
 def test_partial_run_names_what_is_missing(tmp_path):
