@@ -383,14 +383,14 @@ def sample_section(examples, out_dir, prefix, n, seed, rl=False, limit=12):
     for name, ex in list(examples.items())[:limit]:
         task, d = (name, None) if rl else difficulty.get(name, (None, None))
         sample, index = find_sample(task, ex["answer"], n, seed, d, rl) if task in synthetic.TASKS else (None, None)
-        lines.append(f"**{name}**" + (f" (held-out item {index})" if sample else ""))
+        lines += [f"**{name}**" + (f" (held-out item {index})" if sample else ""), ""]
         if sample is not None:
             strip = sample_strip(sample)
             if strip is not None:
                 os.makedirs(os.path.join(out_dir, "samples"), exist_ok=True)
                 rel = f"samples/{prefix}-{name}.png"
                 strip.save(os.path.join(out_dir, rel))
-                lines.append(f"\n![{name}]({rel})\n")
+                lines += [f"![{name}]({rel})", ""]
             lines.append(f"- question: {question_of(sample)!r}")
         lines += [f"- reference answer: `{json.dumps(ex['answer'])}`",
                   f"- model: `{ex['response']!r}`", ""]
