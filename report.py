@@ -525,7 +525,8 @@ def write_report(pretrain_dir, rl_dir=None, out_dir=None, ablation_dir=None, com
                    f"![on-policy vs vanilla]({save(plot_compare(curves), out_dir, 'compare.png')})", ""]
             table = os.path.join(compare_dir, "compare.md")
             if os.path.isfile(table):
-                md += [open(table).read().strip(), ""]
+                with open(table) as f:
+                    md += [f.read().strip(), ""]
         else:
             missing.append(f"runs in {compare_dir}/<algo>/ with eval.jsonl and eval_sft.json "
                            f"(`python train_rl.py --compare --out {compare_dir}`)")
