@@ -28,8 +28,9 @@ arXiv 2402.03300), the default `--algo onpolicy`:
 
   * the normaliser as eq. 1 writes it: each group's tokens are averaged over the group's own
     response tokens, then groups are averaged (`--loss-norm group`). `--loss-norm token-mean`
-    averages over every response token of the batch instead (DAPO, arXiv 2503.14476, eq. 8;
-    verl's loss_agg_mode "token-mean"), so groups with longer responses weigh more;
+    averages over every response token of the (mini-)batch instead, as verl's loss_agg_mode
+    "token-mean" implements DAPO's token-level loss (arXiv 2503.14476, §3.3), so groups with
+    longer responses weigh more;
   * exactly ONE optimiser step per rollout batch: the policy that is updated is the policy that
     sampled, so the ratio pi_theta / pi_old is exactly 1 and no clipping is needed; the loss is
     the formula itself, -A log pi (the clipped surrogate at ratio 1 has the same gradient: tested);
@@ -111,7 +112,7 @@ def loss_weights(lengths, norm="group", n_groups=None, n_tokens=None):
     lengths: (n_groups, G) token counts |o_i|, 0 for a response that does not count.
 
       group       w_i = 1 / (n_groups * sum_{j in i's group} |o_j|)     report eq. 1 (default)
-      token-mean  w_i = 1 / sum_{all j in the batch} |o_j|              DAPO; verl "token-mean"
+      token-mean  w_i = 1 / sum_{all j in the batch} |o_j|              verl's "token-mean"
 
     n_groups / n_tokens: the totals over all ranks (default: over `lengths`), so that ranks and
     micro-batches add up to the loss of the whole batch. Groups without tokens do not count."""
@@ -1062,7 +1063,7 @@ def build_parser():
                         "grpo: vanilla (several clipped steps per batch)")
     g.add_argument("--loss-norm", default="group", choices=LOSS_NORMS,
                    help="group: each group's token mean, averaged over groups (report eq. 1); "
-                        "token-mean: one mean over every response token of the batch (DAPO, verl)")
+                        "token-mean: one mean over every response token of the batch (verl's DAPO loss)")
     g.add_argument("--steps", type=int, default=40, help="rollout batches")
     g.add_argument("--prompts-per-step", type=int, default=16, help="groups per batch, all ranks")
     g.add_argument("--group-size", type=int, default=8, help="G responses per prompt")

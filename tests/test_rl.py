@@ -364,3 +364,22 @@ def test_main_job_progress_comes_from_the_json_files_the_children_write(tmp_path
     rl.write_progress(str(out), "rl", 3, 40, "r 0.50", CPU)
     assert main_job.phase_progress("rl", str(pre), str(out)) == ("rl", 3, 40, "r 0.50")
     assert main_job.phase_progress("reward model", str(pre), str(out)) is None   # another phase
+
+
+def test_main_job_phase_follows_its_child_and_reports_a_failure(tmp_path):
+    from tqdm import tqdm
+    out = tmp_path / "rl"
+    out.mkdir()
+    child = ("import json, os, sys, time\n"
+             "for s in range(1, 4):\n"
+             f"    json.dump({{'phase': 'rl', 'step': s, 'total': 3, 'status': 'r'}}, open('{out}/p.tmp', 'w'))\n"
+             f"    os.replace('{out}/p.tmp', '{out}/progress.json')\n"
+             "    time.sleep(1.5)\n"
+             "print('done'); sys.exit(int(sys.argv[1]))\n")
+    bar = tqdm(total=1, disable=True)
+    main_job.run_phase("rl", "main job [3/4 rl", [sys.executable, "-c", child, "0"],
+                       str(tmp_path / "ok.log"), bar, str(tmp_path), str(out))
+    assert bar.total == 3 and bar.n >= 2 and "done" in (tmp_path / "ok.log").read_text()
+    with pytest.raises(SystemExit, match="failed \\(exit 5\\).*bad.log"):
+        main_job.run_phase("rl", "main job [3/4 rl", [sys.executable, "-c", child, "5"],
+                           str(tmp_path / "bad.log"), tqdm(total=1, disable=True), str(tmp_path), str(out))
