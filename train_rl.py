@@ -909,6 +909,7 @@ def finish(args, compute, cfg, processor, pool, t, base, eval_tasks, t_start):
     if compute.master:
         training.save_stage_folder(final + ".partial", state, t.policy.cfg, processor, record)
     compute.barrier()
+    write_progress(args.out, "rl", args.steps, args.steps, "held-out rewards of the RL model", compute)
     prompts = heldout_prompts(eval_tasks, args.eval_n, args.seed)
     after, recs = evaluate_rewards(t.policy, processor, prompts, compute, pool, args.eval_batch)
     after_k = evaluate_sampled(t.policy, processor, prompts, compute, pool, args.eval_samples,
@@ -978,6 +979,7 @@ def run_rl(args, compute):
             training.fail(f"--tasks: unknown task {task!r}; RL tasks are {', '.join(synthetic.RL_TASKS)}")
     pool, eval_tasks = setup_rewards(args, compute, processor, all_tasks)
     try:
+        write_progress(args.out, "rl", 0, args.steps, "held-out rewards of the SFT model", compute)
         base = baseline_eval(args, compute, processor, pool, eval_tasks)
         t = start_trainer(args, compute, cfg, processor, choose_tasks(args, compute, base, eval_tasks))
         compute.print(f"\n=== MORL ({cfg.algo}{', KL %g' % cfg.kl_beta if cfg.kl_beta else ''}, "
