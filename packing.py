@@ -1,23 +1,35 @@
 """
-packing.py — from conversations to training rows: JSONL datasets for real data, label masks,
-best-fit packing and the resumable DataLoader.
+packing.py — from conversations to training rows: JSONL datasets for real data, weighted
+mixtures of JSONL files and synthetic tasks, label masks, best-fit packing and the resumable
+DataLoader.
 
   1. JSONL datasets (one conversation or plain-text document per line, streamed lazily)
-  2. Label masks, packing several samples into one (1, T) row with `cu_seqlens`, and the loader
+  2. Mixtures: JSONL files and synthetic tasks drawn by weight, e.g. "data/example.jsonl:0.3,count:1"
+  3. Label masks, packing several samples into one (1, T) row with `cu_seqlens`, and the loader
 
-It stands on its own beside the Processor: it imports neither the model nor the kernels.
+    ds = packing.MixtureDataset(packing.parse_mixture("data/example.jsonl:1,count:1"))
+    loader = packing.PackedLoader(ds, processor, max_tokens=1024)   # endless packed rows
+    row = next(iter(loader))                    # {"input_ids", "labels", "cu_seqlens", ...}
+
+It stands beside the Processor and the synthetic world (it imports both), never the model or
+the kernels.
 """
 
+import itertools
 import json
+import math
 import os
+from array import array
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+import synthetic
 from processor import load_image
 
 # -----------------------------------------------------------------------------
-# 4. JSONL datasets for real data
+# 1. JSONL datasets for real data
 #
 # Format: UTF-8, one JSON object per line (blank lines are ignored), either a conversation
 #
@@ -27,7 +39,7 @@ from processor import load_image
 # with items {"type": "text", "text": "..."}, {"type": "image", "image": "img/a.png"} and
 # {"type": "video", "video": "clip.mp4" | "frames_dir" | ["f0.png", "f1.png", ...]}, paths
 # relative to the JSONL file's folder (absolute paths also work): the message shape the Processor
-# and the synthetic world use. Other keys of an item go to the preprocessing (section 1), e.g.
+# and the synthetic world use. Other keys of an item go to the preprocessing (processor.py), e.g.
 # "max_pixels" or "resized_height"/"resized_width"; "sample_fps" (default 2) is the rate at which
 # a folder or list of frames was taken, "fps" the rate to sample a video file at. A line may
 # instead hold a plain-text document for language modelling
@@ -35,13 +47,38 @@ from processor import load_image
 #   {"text": "a document; every token carries loss"}
 #
 # data/example.jsonl is a small example. Lines are parsed and their images opened only when
-# read, so a file of any size streams in constant memory.
+# read, and no line is read whole past MAX_LINE_BYTES, so a file of any size (and any line in
+# it) streams in bounded memory. With on_error="skip", each bad line is counted once however
+# often it is read, only the first MAX_ERRORS messages are kept, and a file in which no line is
+# usable is an error: a loader over it would otherwise wait forever for a sample.
 
 class DataError(ValueError):
     """A problem with a user's data file, naming the file and the line."""
 
 
 JSONL_ROLES = ("system", "user", "assistant")
+MAX_LINE_BYTES = 16 << 20  # 16 MiB: a line is text and paths (images are files), far below this
+MAX_ERRORS = 10            # error messages kept by on_error="skip" (all bad lines are counted)
+
+
+def _read_lines(f, max_bytes):
+    """(byte offset, line number, raw bytes) of every non-blank line of the binary file f. A
+    line of more than max_bytes comes back as None and is never held in memory whole."""
+    pos = 0
+    for lineno in itertools.count(1):
+        raw = f.readline(max_bytes + 1)
+        if not raw:
+            return
+        start, pos = pos, pos + len(raw)
+        if len(raw) > max_bytes:
+            while not raw.endswith(b"\n"):  # step over the rest of the line
+                raw = f.readline(1 << 20)
+                if not raw:
+                    break
+                pos += len(raw)
+            yield start, lineno, None
+        elif raw.strip():
+            yield start, lineno, raw
 
 
 class JsonlDataset:
@@ -49,46 +86,66 @@ class JsonlDataset:
     len() / [i] scans the file once for line offsets (no parsing).
 
     on_error="raise" (default) stops at the first bad line with a DataError naming file and
-    line; on_error="skip" drops bad lines and counts them in `.skipped` (and `.errors`)."""
+    line; on_error="skip" drops bad lines: `.skipped` counts the distinct bad lines met,
+    `.errors` keeps the first MAX_ERRORS messages, and a DataError is raised once every line
+    of the file is known to be bad."""
 
-    def __init__(self, path, on_error="raise"):
+    def __init__(self, path, on_error="raise", max_line_bytes=MAX_LINE_BYTES):
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
         self.path = os.path.abspath(path)
         if not os.path.isfile(self.path):
             raise DataError(f"{path}: JSONL file not found")
-        self.root, self.on_error = os.path.dirname(self.path), on_error
+        self.root, self.on_error, self.max_line_bytes = os.path.dirname(self.path), on_error, max_line_bytes
         self.skipped, self.errors = 0, []
-        self._offsets = None  # byte offset and line number of every non-blank line
+        self._bad = bytearray()  # _bad[lineno] == 1: that line is known to be bad
+        self._offsets = None     # (byte offsets, line numbers) of the non-blank lines
+
+    def __repr__(self):
+        return f"JsonlDataset({self.path!r})"
 
     def _index(self):
         if self._offsets is None:
-            self._offsets, pos = [], 0
+            offsets, linenos = array("q"), array("q")  # 16 bytes a line
             with open(self.path, "rb") as f:
-                for lineno, raw in enumerate(f, 1):
-                    if raw.strip():
-                        self._offsets.append((pos, lineno))
-                    pos += len(raw)
+                for pos, lineno, _ in _read_lines(f, self.max_line_bytes):
+                    offsets.append(pos)
+                    linenos.append(lineno)
+            self._offsets = (offsets, linenos)
         return self._offsets
 
     def __len__(self):
-        return len(self._index())
+        return len(self._index()[0])
 
     def __getitem__(self, i):
         """Sample i (0-based over non-blank lines), or None if it is bad and on_error='skip'."""
-        pos, lineno = self._index()[i]
+        offsets, linenos = self._index()
         with open(self.path, "rb") as f:
-            f.seek(pos)
-            raw = f.readline()
-        return self._parse_or_skip(raw, lineno)
+            f.seek(offsets[i])
+            raw = f.readline(self.max_line_bytes + 1)
+        if len(raw) > self.max_line_bytes:
+            raw = None
+        sample = self._parse_or_skip(raw, linenos[i])
+        if sample is None and self.skipped == len(offsets):
+            self._nothing_usable(len(offsets))
+        return sample
 
     def __iter__(self):
+        lines = usable = 0
         with open(self.path, "rb") as f:
-            for lineno, raw in enumerate(f, 1):
-                if raw.strip():
-                    s = self._parse_or_skip(raw, lineno)
-                    if s is not None:
-                        yield s
+            for _, lineno, raw in _read_lines(f, self.max_line_bytes):
+                lines += 1
+                s = self._parse_or_skip(raw, lineno)
+                if s is not None:
+                    usable += 1
+                    yield s
+        if lines and not usable:
+            self._nothing_usable(lines)
+
+    def _nothing_usable(self, lines):
+        raise DataError(f"{self.path}: all {lines} non-blank lines are bad, there is nothing to "
+                        f"read; fix the file or leave it out (first errors: "
+                        f"{' | '.join(self.errors[:3])})")
 
     def _parse_or_skip(self, raw, lineno):
         try:
@@ -96,17 +153,27 @@ class JsonlDataset:
         except DataError as e:
             if self.on_error == "raise":
                 raise
-            self.skipped += 1
-            self.errors.append(str(e))
+            if lineno >= len(self._bad):
+                self._bad.extend(bytes(lineno + 1 - len(self._bad)))
+            if not self._bad[lineno]:
+                self._bad[lineno] = 1
+                self.skipped += 1
+                if len(self.errors) < MAX_ERRORS:
+                    self.errors.append(str(e))
             return None
 
     def _fail(self, lineno, msg):
         raise DataError(f"{self.path}:{lineno}: {msg}")
 
     def _parse(self, raw, lineno):
+        if raw is None:
+            self._fail(lineno, f"line longer than {self.max_line_bytes} bytes; a line holds one "
+                               f"sample whose images and videos are files, so this is not one")
         try:
             obj = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except RecursionError:
+            self._fail(lineno, "malformed line, JSON nested too deeply")
+        except ValueError as e:  # not UTF-8, not JSON, or an integer of too many digits
             self._fail(lineno, f"malformed line, not valid JSON ({e}); expected one JSON object "
                                f"per line")
         if not isinstance(obj, dict):
@@ -158,7 +225,7 @@ class JsonlDataset:
                 return {**it, "image": load_image(path)}
             except (OSError, ValueError) as e:
                 self._fail(lineno, f"message {k}: {e}")
-        if kind == "video":  # checked now, decoded by the Processor (section 1)
+        if kind == "video":  # checked now, decoded by the Processor
             v = it.get("video")
             if isinstance(v, list):
                 if not v:
@@ -170,7 +237,151 @@ class JsonlDataset:
 
 
 # -----------------------------------------------------------------------------
-# 6. Packing, label masks and the DataLoader
+# 2. Mixtures of JSONL files and synthetic tasks
+#
+# A stage trains on a weighted mixture of sources, written "source:weight,..." (weights are
+# relative; a missing weight is 1):
+#
+#   data/example.jsonl:0.3,count:1,caption:0.5
+#
+# where a source is a task of the synthetic world (synthetic.TASKS) or a JSONL file (section 1).
+# Position i of the stream draws its source with synthetic.mixture_draw, the draw of
+# synthetic.SyntheticDataset, so a mixture of synthetic tasks alone gives exactly the samples
+# SyntheticDataset gives. A JSONL source is read in a seeded order that is reshuffled each time
+# the source has been drawn len(file) times (an epoch of that file). Which line position i reads
+# depends on how often the source was drawn before i; those counts are kept per block of
+# MIXTURE_BLOCK positions, so [i] stays a pure function of i (what PackedLoader's exact resume
+# needs) at the price of redoing the draws before i once per process: about 6 µs a draw,
+# measured in this project on a shared 2-core machine, i.e. a minute per 10 M samples.
+
+MIXTURE_BLOCK = 1024
+
+
+@dataclass(frozen=True)
+class JsonlSource:
+    """A JSONL file in a mixture (absolute path) with its relative weight; the counterpart of
+    synthetic.MixItem (a synthetic task, weight and difficulty)."""
+    path: str
+    weight: float = 1.0
+
+
+def parse_mixture(text, base_dir=None):
+    """'data/example.jsonl:0.3,count:1,caption' -> [JsonlSource | synthetic.MixItem], in order.
+    A name of synthetic.TASKS is a synthetic task (default difficulty), anything else a JSONL
+    path, relative to base_dir (default: the working directory). Raises ValueError naming the
+    entry for an unknown task, a missing file, or a weight that is not a number >= 0, and when
+    the weights sum to 0."""
+    if not isinstance(text, str) or not text.strip():
+        raise ValueError("mixture is empty; write 'source:weight,...', e.g. 'data/example.jsonl:0.3,count:1'")
+    base_dir = os.path.abspath(base_dir or os.getcwd())
+    items = []
+    for part in text.split(","):
+        part = part.strip()
+        name, sep, weight = part.rpartition(":")
+        name = name if sep else part
+        try:
+            w = float(weight) if sep else 1.0
+        except ValueError:  # not a weight, unless it follows a source: the colon is the name's
+            w = float("nan")
+            if not (name in synthetic.TASKS or name.endswith(".jsonl")
+                    or os.path.isfile(os.path.join(base_dir, name))):
+                name, w = part, 1.0
+        if not name:
+            raise ValueError(f"mixture {text!r}: empty entry; write 'source:weight,...'")
+        if not (math.isfinite(w) and w >= 0):
+            raise ValueError(f"mixture {text!r}: weight {weight!r} of {name!r} must be a finite "
+                             f"number >= 0")
+        if name in synthetic.TASKS:
+            items.append(synthetic.MixItem(name, w))
+            continue
+        path = os.path.join(base_dir, name)
+        if not os.path.isfile(path) and name.endswith(".jsonl"):
+            raise ValueError(f"mixture {text!r}: JSONL file {name!r} not found (looked for {path})")
+        if not os.path.isfile(path):
+            raise ValueError(f"mixture {text!r}: {name!r} is neither a synthetic task "
+                             f"({', '.join(sorted(synthetic.TASKS))}) nor a JSONL file (looked "
+                             f"for {path})")
+        items.append(JsonlSource(path, w))
+    if sum(m.weight for m in items) <= 0:
+        raise ValueError(f"mixture {text!r}: the weights sum to 0; give some source a weight > 0")
+    return items
+
+
+class MixtureDataset:
+    """An endless, map-style stream over a mixture of JsonlSource and synthetic.MixItem
+    (parse_mixture, synthetic.stage_mixture): item i is a pure function of (sources, split,
+    seed, i), so PackedLoader can resume at any position and its workers share nothing.
+
+    split selects the synthetic samples (train / heldout); JSONL files have no split, keep
+    held-out data in its own file. on_error is passed to every JsonlDataset: with "skip" a bad
+    line reads as None (the loader drops and counts it), and a file with no usable line is a
+    DataError."""
+
+    def __init__(self, sources, split="train", seed=0, on_error="raise"):
+        self.sources, self.split, self.seed = list(sources), split, seed
+        if not self.sources:
+            raise ValueError("a mixture needs at least one source")
+        self._jsonl = {}  # source index -> JsonlDataset
+        for j, s in enumerate(self.sources):
+            if isinstance(s, JsonlSource):
+                self._jsonl[j] = JsonlDataset(s.path, on_error)
+                if len(self._jsonl[j]) == 0:
+                    raise DataError(f"{s.path}: the JSONL file has no lines")
+            elif not isinstance(s, synthetic.MixItem) or s.task not in synthetic.TASKS:
+                raise ValueError(f"mixture source {s!r} is neither a JsonlSource nor a "
+                                 f"synthetic.MixItem of a task in synthetic.TASKS")
+            if not (math.isfinite(s.weight) and s.weight >= 0):
+                raise ValueError(f"mixture source {s!r}: the weight must be a finite number >= 0")
+        self._cum = np.cumsum([s.weight for s in self.sources]).tolist()
+        if not self._cum[-1] > 0:
+            raise ValueError("the mixture's weights sum to 0; give some source a weight > 0")
+        self._counts = [np.zeros(len(self.sources), np.int64)]  # draws per source before block b
+        self._block = (None, None)  # (b, the sources drawn at the positions of block b)
+        self._order = {}            # source index -> (epoch, its line order in that epoch)
+
+    def __repr__(self):
+        return "MixtureDataset(" + ",".join(
+            f"{s.path if isinstance(s, JsonlSource) else s.task}:{s.weight:g}" for s in self.sources) + ")"
+
+    def _draws(self, b):
+        if self._block[0] != b:
+            self._block = (b, np.array([synthetic.mixture_draw(self._cum, i, self.split, self.seed)
+                                        for i in range(b * MIXTURE_BLOCK, (b + 1) * MIXTURE_BLOCK)]))
+        return self._block[1]
+
+    def locate(self, i):
+        """Position i -> (source index j, k): position i is the k-th draw (0-based) of source j,
+        a JSONL file; k is None for a synthetic source (its samples are indexed by i)."""
+        j = synthetic.mixture_draw(self._cum, i, self.split, self.seed)
+        if j not in self._jsonl:
+            return j, None
+        b, r = divmod(i, MIXTURE_BLOCK)
+        while len(self._counts) <= b:
+            self._counts.append(self._counts[-1] + np.bincount(
+                self._draws(len(self._counts) - 1), minlength=len(self.sources)))
+        return j, int(self._counts[b][j] + np.count_nonzero(self._draws(b)[:r] == j))
+
+    def first_read(self, i):
+        """Whether position i reads its sample for the first time in the stream (a synthetic
+        sample, or a JSONL line in the first epoch of its file): how the loader counts each bad
+        line once."""
+        j, k = self.locate(i)
+        return k is None or k < len(self._jsonl[j])
+
+    def __getitem__(self, i):
+        j, k = self.locate(i)
+        if k is None:
+            s = self.sources[j]
+            return synthetic.make_sample(s.task, i, self.split, self.seed, s.difficulty)
+        ds = self._jsonl[j]
+        epoch, pos = divmod(k, len(ds))
+        if self._order.get(j, (None,))[0] != epoch:
+            self._order[j] = (epoch, np.random.default_rng([self.seed, j, epoch]).permutation(len(ds)))
+        return ds[int(self._order[j][1][pos])]
+
+
+# -----------------------------------------------------------------------------
+# 3. Packing, label masks and the DataLoader
 #
 # Training rows are *packed*: several samples back to back in one (1, T) row, T <= max_tokens,
 # with `cu_seqlens` marking where each starts. The model attends within a sample only and
@@ -187,7 +398,8 @@ IGNORE_INDEX = -100
 
 def assistant_label_mask(input_ids, tokenizer):
     """(L,) bool: True on the tokens of every assistant reply and its closing <|im_end|>, i.e.
-    between "<|im_start|>assistant\\n" and the next <|im_end|> (SPEC §2.6 template)."""
+    between "<|im_start|>assistant\\n" and the next <|im_end|> (the ChatML turns of the
+    checkpoint's chat template, chat_template.json)."""
     im_start, im_end = tokenizer.token_to_id("<|im_start|>"), tokenizer.token_to_id("<|im_end|>")
     ids = input_ids.tolist()
     mask = [False] * len(ids)
@@ -293,7 +505,8 @@ def vision_inputs(row, device):
 class _PackedChunks(torch.utils.data.Dataset):
     """Chunk c = samples [c*chunk_size, (c+1)*chunk_size) of this rank's stream, encoded and
     packed into rows. Everything is a pure function of c, which is what makes the loader
-    resumable and lets DataLoader workers build chunks independently, in order."""
+    resumable and lets DataLoader workers build chunks independently, in order. A DataError is
+    returned as a message, so the loader raises it as one line from any worker process."""
 
     def __init__(self, loader):
         self.l = loader
@@ -311,6 +524,14 @@ class _PackedChunks(torch.utils.data.Dataset):
             self._perm = (epoch, np.random.default_rng([self.l.seed, epoch]).permutation(n))
         return int(self._perm[1][pos])
 
+    def first_read(self, k, index):
+        """Whether position k reads its sample for the first time: the first epoch of a finite
+        dataset, or what an endless one (MixtureDataset) says. Dropped samples count once."""
+        if self.l.dataset_len is not None:
+            return k < self.l.dataset_len
+        first_read = getattr(self.l.dataset, "first_read", None)
+        return first_read is None or first_read(index)
+
     def __getitem__(self, c):
         # Preprocessing runs many tiny tensor ops; with several intra-op threads on a busy CPU
         # they were measured 15x slower than on one, so a chunk is built single-threaded.
@@ -318,17 +539,20 @@ class _PackedChunks(torch.utils.data.Dataset):
         torch.set_num_threads(1)
         try:
             return self._build(c)
+        except DataError as e:
+            return {"error": str(e)}
         finally:
             torch.set_num_threads(threads)
 
     def _build(self, c):
         l = self.l
         g = c * l.world_size + l.rank                       # global chunk: ranks interleave
-        encoded, skipped, too_long = [], 0, 0
+        encoded, skipped, too_long, reasons = [], 0, 0, []
         for k in range(g * l.chunk_size, (g + 1) * l.chunk_size):
-            sample = l.dataset[self.sample_index(k)]
+            index = self.sample_index(k)
+            sample = l.dataset[index]
             if sample is None:                              # a bad JSONL line, on_error="skip"
-                skipped += 1
+                skipped += self.first_read(k, index)
                 continue
             try:
                 e = encode_sample(sample, l.processor)
@@ -337,21 +561,27 @@ class _PackedChunks(torch.utils.data.Dataset):
                     raise
                 raise DataError(f"{sample['source']}: {err}") from err
             if len(e["input_ids"]) > l.max_tokens:
+                where = f"a {e['task'] or 'data'} sample ({sample.get('source', f'index {index}')})"
                 if l.on_too_long == "error":
-                    raise ValueError(
-                        f"a {e['task'] or 'data'} sample ({sample.get('source', f'index {k}')}) "
-                        f"has {len(e['input_ids'])} tokens, more than max_tokens={l.max_tokens}; "
-                        f"raise max_tokens, lower the image/video pixel budget, or pass "
-                        f"on_too_long='skip'")
-                too_long += 1
+                    raise DataError(
+                        f"{where} has {len(e['input_ids'])} tokens, more than max_tokens="
+                        f"{l.max_tokens}; raise max_tokens, lower the image/video pixel budget, or "
+                        f"pass on_too_long='skip'")
+                too_long += self.first_read(k, index)
+                if len(reasons) < 3:
+                    reasons.append(f"{where} has {len(e['input_ids'])} tokens")
                 continue
             encoded.append(e)
+        if not encoded:  # why nothing was usable, for the loader's error
+            reasons = (reasons + getattr(l.dataset, "errors", [])[:3])[:3]
         rows = best_fit_pack([len(e["input_ids"]) for e in encoded], l.max_tokens)
         return {"rows": [collate_packed([encoded[i] for i in r], l.pad_to, l.pad_id) for r in rows],
-                "skipped": skipped, "too_long": too_long}
+                "skipped": skipped, "too_long": too_long, "reasons": reasons, "error": None}
 
 
 class SamplerFrom(torch.utils.data.Sampler):
+    """Chunk numbers start, start + 1, ... without end: the order in which a loader reads."""
+
     def __init__(self, start):
         self.start = start
 
@@ -368,16 +598,21 @@ def worker_init(_):
 
 class PackedLoader:
     """An endless stream of packed rows (see collate_packed) from any dataset with
-    __getitem__ (SyntheticDataset, JsonlDataset, a list of samples). Finite datasets repeat
-    epoch after epoch (shuffled per epoch with `seed` when shuffle=True).
+    __getitem__ (MixtureDataset, synthetic.SyntheticDataset, JsonlDataset, a list of samples).
+    Finite datasets repeat epoch after epoch (shuffled per epoch with `seed` when shuffle=True).
 
     Resumable: state_dict() after n rows, given to load_state_dict() of a fresh loader,
     continues with exactly row n + 1. With torch.distributed, pass rank / world_size: each rank
-    reads its own chunks. num_workers > 0 builds chunks in DataLoader worker processes."""
+    reads its own chunks. num_workers > 0 builds chunks in DataLoader worker processes.
+
+    `skipped` / `too_long` count the distinct samples dropped as bad (on_error="skip") or as
+    longer than max_tokens (on_too_long="skip"). A loader that reads `patience` samples in a
+    row without a usable one (default: 4 chunks, or two epochs of a longer finite dataset)
+    raises a DataError saying why, instead of waiting forever."""
 
     def __init__(self, dataset, processor, max_tokens=2048, chunk_size=256, num_workers=0,
                  rank=0, world_size=1, shuffle=True, seed=0, pad_to_max=False,
-                 on_too_long="error", prefetch_factor=2):
+                 on_too_long="error", prefetch_factor=2, patience=None):
         if on_too_long not in ("error", "skip"):
             raise ValueError(f"on_too_long must be 'error' or 'skip', not {on_too_long!r}")
         self.dataset, self.processor = dataset, processor
@@ -390,8 +625,9 @@ class PackedLoader:
             self.dataset_len = len(dataset)
         except TypeError:
             self.dataset_len = None
+        self.patience = patience or max(4 * chunk_size, 2 * (self.dataset_len or 0))
         self.chunk, self.row = 0, 0          # position: next row is row `row` of chunk `chunk`
-        self.skipped = self.too_long = 0     # bad lines / over-long samples met so far
+        self.skipped = self.too_long = 0     # distinct bad lines / over-long samples so far
 
     def state_dict(self):
         return {"chunk": self.chunk, "row": self.row, "skipped": self.skipped,
@@ -416,7 +652,10 @@ class PackedLoader:
                 persistent_workers=False))
         else:
             it = (chunks[c] for c in SamplerFrom(self.chunk))
+        unusable = 0  # samples read in a row without a usable one
         for chunk in it:
+            if chunk["error"] is not None:
+                raise DataError(chunk["error"])
             rows = chunk["rows"]
             if self.row == 0:
                 self.skipped += chunk["skipped"]
@@ -424,8 +663,18 @@ class PackedLoader:
             for r in range(self.row, len(rows)):
                 self.chunk, self.row = (self.chunk, r + 1) if r + 1 < len(rows) else (self.chunk + 1, 0)
                 yield rows[r]
-            if not rows:  # a chunk of nothing but skipped samples
-                self.chunk, self.row = self.chunk + 1, 0
+            if rows:
+                unusable = 0
+                continue
+            self.chunk, self.row = self.chunk + 1, 0  # a chunk of nothing but dropped samples
+            unusable += self.chunk_size
+            if unusable >= self.patience:
+                ours = isinstance(self.dataset, (JsonlDataset, MixtureDataset))
+                name = repr(self.dataset) if ours else type(self.dataset).__name__
+                raise DataError(
+                    f"{name}: no usable sample in the last {unusable} samples read (each bad, or "
+                    f"longer than max_tokens={self.max_tokens}): {' | '.join(chunk['reasons'])}; "
+                    f"fix the data, or raise max_tokens")
 
 
 def loader_throughput(loader, n_rows=50):

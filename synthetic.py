@@ -686,9 +686,16 @@ class SyntheticDataset:
         self._cum = np.cumsum([m.weight for m in self.mixture]).tolist()
 
     def __getitem__(self, i):
-        u = random.Random(f"{self.seed}/{self.split}/mix/{i}").random() * self._cum[-1]
-        m = self.mixture[min(np.searchsorted(self._cum, u, side="right"), len(self.mixture) - 1)]
+        m = self.mixture[mixture_draw(self._cum, i, self.split, self.seed)]
         return make_sample(m.task, i, self.split, self.seed, m.difficulty)
+
+
+def mixture_draw(cum_weights, i, split="train", seed=0):
+    """Position i of a mixture stream -> the index of the mixture item it draws, with
+    probability weight / total (cum_weights: the running sums of the weights). A pure function
+    of (seed, split, i): the draw of SyntheticDataset and of packing.MixtureDataset."""
+    u = random.Random(f"{seed}/{split}/mix/{i}").random() * cum_weights[-1]
+    return min(int(np.searchsorted(cum_weights, u, side="right")), len(cum_weights) - 1)
 
 
 RL_TASKS = ("count", "ground_box", "ground_point", "ocr", "visual_math", "text_math",

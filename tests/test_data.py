@@ -7,10 +7,12 @@ components of a colour), never from the generator's own bookkeeping. The last te
 small model on one task and checks it beats the no-image baselines on held-out data.
 """
 
+import contextlib
 import hashlib
 import json
 import os
 import re
+import signal
 from collections import Counter
 
 import numpy as np
@@ -376,6 +378,75 @@ def test_jsonl_loader_skips_and_counts(tmp_path, processor):
     row = next(iter(loader))
     assert loader.skipped == 1 and len(row["tasks"]) >= 1
 
+
+
+@contextlib.contextmanager
+def time_limit(seconds):
+    """Fail (instead of hanging the suite) if the block runs longer than `seconds`."""
+    def fail(*_):
+        raise TimeoutError(f"still running after {seconds} s")
+    old = signal.signal(signal.SIGALRM, fail)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_loader_fails_fast_when_every_line_is_bad(tmp_path, processor, workers):
+    """Before: the loader never yielded, re-read the bad lines forever and its error list grew
+    without bound. Now: one DataError naming the file, the count and the first errors."""
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{not json\n[1, 2]\n\n{"messages": []}\n{"text": 5}\n')
+    loader = packing.PackedLoader(packing.JsonlDataset(path, on_error="skip"), processor,
+                                  max_tokens=256, chunk_size=8, num_workers=workers)
+    with time_limit(60), pytest.raises(packing.DataError) as err:
+        next(iter(loader))
+    msg = str(err.value)
+    assert "\n" not in msg and msg.startswith(f"{path}: all 4 non-blank lines are bad")
+    assert f"{path}:4: 'messages' must be a non-empty list" in msg
+
+
+def test_bad_lines_are_counted_once_and_errors_bounded(tmp_path, processor):
+    good = json.dumps({"text": "a short document"})
+    path = tmp_path / "mostly_bad.jsonl"
+    path.write_text("\n".join([good] + [f"[{i}]" for i in range(30)]) + "\n")
+    ds = packing.JsonlDataset(path, on_error="skip")
+    loader = packing.PackedLoader(ds, processor, max_tokens=64, chunk_size=93, shuffle=False)
+    with time_limit(60):
+        rows = [row for _, row in zip(range(4), loader)]  # 3 epochs per chunk, 4 chunks
+    assert all(row["tasks"] == ["text"] * 3 for row in rows)   # 3 copies of the one good line
+    assert loader.skipped == ds.skipped == 30                 # not 30 x 12 re-reads
+    assert len(ds.errors) == packing.MAX_ERRORS and ds.errors[0].endswith(
+        "mostly_bad.jsonl:2: expected a JSON object, got list")
+
+
+def test_loader_fails_fast_when_every_sample_is_too_long(processor):
+    samples = [{"text": "word " * 200, "task": "long"}] * 3
+    loader = packing.PackedLoader(samples, processor, max_tokens=32, chunk_size=4,
+                                  on_too_long="skip")
+    with time_limit(60), pytest.raises(packing.DataError, match=r"^list: no usable sample in the "
+                                       r"last 16 samples .*max_tokens=32\): a long sample \(index \d\) "
+                                       r"has \d+ tokens"):
+        next(iter(loader))
+    assert loader.too_long == 3
+
+
+def test_pathological_lines_are_bad_lines(tmp_path):
+    """A line past max_line_bytes is never read whole, and JSON nested deeper than the parser
+    allows is a malformed line, not a RecursionError; the lines after them still read."""
+    good = json.dumps({"text": "ok"})
+    path = tmp_path / "odd.jsonl"
+    path.write_text("\n".join(["x" * 300000, "[" * 100000, good]) + "\n")
+    ds = packing.JsonlDataset(path, on_error="skip", max_line_bytes=200000)
+    assert len(ds) == 3 and ds[2]["text"] == "ok" and ds[0] is None and ds[1] is None
+    assert [s["source"] for s in ds] == [f"{path}:3"] and ds.skipped == 2
+    assert "odd.jsonl:1: line longer than 200000 bytes" in ds.errors[0]
+    assert "odd.jsonl:2: malformed line, JSON nested too deeply" in ds.errors[1]
+    with pytest.raises(packing.DataError, match=r"odd\.jsonl:1: line longer than 200000 bytes"):
+        packing.JsonlDataset(path, max_line_bytes=200000)[0]
 
 # ---- the model: packed rows compute what samples compute alone; the data is learnable
 
