@@ -33,8 +33,8 @@ import torch
 
 import synthetic
 from mimovl import MiMoVLConfig, get_rope_index
-from processor import (PATCH_SIZE, TEMPORAL_PATCH_SIZE, Processor, fetch_video, preprocess_image,
-                       preprocess_video, resize_image)
+from processor import (PATCH_SIZE, TEMPORAL_PATCH_SIZE, Processor, fetch_video, load_image,
+                       preprocess_image, preprocess_video, resize_image)
 from report import pyplot
 from vit import window_layout
 
@@ -121,7 +121,8 @@ def draw_image_patches(image, vision, min_pixels=None, max_pixels=None):
     fig, ax = plt.subplots(figsize=(6, 6 * resized.height / resized.width + 1.2))
     draw_grid(ax, resized, layout["window_of"][0], cell)
     n_windows = int(layout["window_of"].max()) + 1
-    ax.set_title(f"{resized.width}x{resized.height} px: {grid[1]}x{grid[2]} patches of {PATCH_SIZE} px, "
+    original = load_image(image).size
+    ax.set_title(f"{original[0]}x{original[1]} -> {resized.width}x{resized.height} px: {grid[1]}x{grid[2]} patches of {PATCH_SIZE} px, "
                  f"{lh}x{lw} = {lh * lw} LLM tokens, {n_windows} windows", fontsize=9)
     caption(fig, "resize and grid: processor.preprocess_image (smart_resize, patchify). Thin lines: "
             f"{PATCH_SIZE}-px patches; white cells: 2x2 merge = 1 LLM token (vit.PatchMerger); orange: "
