@@ -10,7 +10,9 @@ The protocol follows the MiMo-VL report §4.1 at small scale: greedy decoding, o
 """
 
 import json
+import os
 import re
+import sys
 from collections import Counter
 
 import numpy as np
@@ -20,113 +22,63 @@ from PIL import Image
 import packing
 import synthetic
 import training
-from processor import VIDEO_KEYS, fetch_video, load_image, split_thinking
-from rewards import DATA_REWARDS, passed, reward_tag
+from processor import VIDEO_KEYS, fetch_video, load_image
+from rewards import (DATA_REWARDS, MathVerifyMissing, choice_reward, count_reward, ground_reward, math_reward, ocr_reward,
+                     parse_span, passed, point_reward, require_math_verify, reward_tag, temporal_iou_reward)
 
 
 # -----------------------------------------------------------------------------
-# 1. Evaluation: greedy answers on held-out tasks, scorers, baselines (SPEC §6.5)
+# 1. Evaluation: greedy answers on held-out tasks, scorers, baselines
 #
+# The protocol of the MiMo-VL report §4.1 at small scale: greedy decoding, one answer per item.
 # A scorer takes the model's full response and the ground truth and returns a dict of metrics
-# in [0, 1]. The answer is read from the response as MiMo-VL writes it: after any
-# <think>...</think>, and inside the last \boxed{...} when there is one. Box convention:
-# [x1, y1, x2, y2] absolute pixels of the image the model sees, x2/y2 exclusive (synthetic.py).
-
-def final_answer(response):
-    """The answer part of a response: after </think>, the content of the last \\boxed{}."""
-    _, answer = split_thinking(response)
-    i = answer.rfind("\\boxed{")
-    if i >= 0:
-        depth, j = 0, i + len("\\boxed{")
-        for k in range(j, len(answer)):
-            depth += {"{": 1, "}": -1}.get(answer[k], 0)
-            if depth < 0:
-                return answer[j:k].strip()
-    return answer.strip()
-
-
-_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
-
-
-def _normalise(text):
-    return " ".join(str(text).split()).casefold()
-
+# in [0, 1]. Every scorer is a reward of rewards.py read as a metric, so an answer is read
+# (after </think>, the last \boxed{}, ...) and judged exactly as in RL; rewards.py documents the
+# conventions (boxes [x1, y1, x2, y2] in pixels with x2/y2 exclusive, spans in seconds, math
+# equivalence). A malformed ground truth raises a ValueError naming it.
 
 def score_exact(response, answer):
-    """Exact match after whitespace normalisation and case folding (OCR, captions)."""
-    return {"acc": float(_normalise(final_answer(response)) == _normalise(answer))}
+    """Exact text match after normalisation (captions, OCR): rewards.ocr_reward."""
+    return {"acc": ocr_reward(response, str(answer))[0]}
 
 
 def score_numeric(response, answer):
-    """The first number of the answer equals the ground truth (counting, arithmetic)."""
-    m = _NUMBER.search(final_answer(response))
-    truth = float(answer)
-    return {"acc": float(m is not None and abs(float(m.group()) - truth) <= 1e-6 * max(1.0, abs(truth)))}
+    """Math answers (arithmetic, visual math): rewards.math_reward."""
+    return {"acc": math_reward(response, str(answer))[0]}
+
+
+def score_count(response, answer):
+    """Counting: rewards.count_reward (one number, digits or words)."""
+    return {"acc": count_reward(response, answer)[0]}
 
 
 def score_choice(response, answer):
-    """The first option token of the answer (a letter or a number) equals the ground truth."""
-    m = re.search(r"[A-Za-z0-9]+", final_answer(response))
-    return {"acc": float(m is not None and m.group().casefold() == str(answer).strip().casefold())}
-
-
-def box_iou(a, b):
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
-def parse_box(text):
-    """The first [x1, y1, x2, y2] in a response (Qwen JSON `"bbox_2d": [...]` or a bare list)."""
-    m = re.search(r"\[\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)\s*,"
-                  r"\s*(-?\d+(?:\.\d+)?)\s*\]", text)
-    return [float(x) for x in m.groups()] if m else None
+    """Multiple choice (a letter or a number): rewards.choice_reward."""
+    return {"acc": choice_reward(response, answer)[0]}
 
 
 def score_box(response, answer):
-    """Grounding: IoU of the first predicted box with the ground-truth box; Acc@0.5."""
-    box = parse_box(split_thinking(response)[1])
-    iou = box_iou(box, [float(x) for x in answer]) if box else 0.0
+    """Grounding: IoU of the predicted box(es) with the ground truth (matched as
+    rewards.ground_reward matches them) and Acc@0.5, the share with IoU >= 0.5."""
+    iou = ground_reward(response, answer)[1]["iou"]
     return {"acc@0.5": float(iou >= 0.5), "iou": iou}
 
 
 def score_point(response, answer):
-    """Pointing: the first [x, y] falls inside the ground-truth box."""
-    m = re.search(r"\[\s*(-?\d+(?:\.\d+)?)\s*,\s*(-?\d+(?:\.\d+)?)\s*\]", split_thinking(response)[1])
-    if not m:
-        return {"acc": 0.0}
-    x, y = float(m.group(1)), float(m.group(2))
-    x1, y1, x2, y2 = (float(v) for v in answer)
-    return {"acc": float(x1 <= x < x2 and y1 <= y < y2)}
-
-
-def _seconds(mmss):
-    m, s = mmss.split(":")
-    return 60 * int(m) + int(s)
-
-
-def parse_span(text):
-    m = re.search(r"\[\s*(\d+:\d{1,2})\s*,\s*(\d+:\d{1,2})\s*\]", text)
-    return (_seconds(m.group(1)), _seconds(m.group(2))) if m else None
+    """Pointing: the point falls inside the ground-truth box (rewards.point_reward)."""
+    return {"acc": point_reward(response, answer)[0]}
 
 
 def score_span(response, answer):
-    """Temporal grounding: IoU of the predicted [mm:ss,mm:ss] with the truth (seconds or text)."""
-    pred = parse_span(split_thinking(response)[1])
-    truth = parse_span(answer) if isinstance(answer, str) else tuple(float(x) for x in answer)
-    if pred is None or truth is None:
-        return {"tiou": 0.0, "acc@0.5": 0.0}
-    inter = max(0.0, min(pred[1], truth[1]) - max(pred[0], truth[0]))
-    union = max(pred[1], truth[1]) - min(pred[0], truth[0])
-    tiou = inter / union if union > 0 else 0.0
+    """Temporal grounding: IoU of the predicted span with the truth (rewards.temporal_iou_reward)
+    and Acc@0.5."""
+    tiou = temporal_iou_reward(response, answer)[0]
     return {"tiou": tiou, "acc@0.5": float(tiou >= 0.5)}
 
 
-SCORERS = {"exact": score_exact, "numeric": score_numeric, "choice": score_choice,
-           "box": score_box, "point": score_point, "span": score_span}
-TASK_SCORER = {"caption": "exact", "count": "numeric", "video_count": "numeric", "ocr": "exact",
+SCORERS = {"exact": score_exact, "numeric": score_numeric, "count": score_count,
+           "choice": score_choice, "box": score_box, "point": score_point, "span": score_span}
+TASK_SCORER = {"caption": "exact", "count": "count", "video_count": "count", "ocr": "exact",
                "visual_math": "numeric", "text_math": "numeric", "compare": "choice",
                "ground_box": "box", "ground_point": "point", "video_grounding": "span"}
 MAX_NEW_TOKENS = {"count": 8, "video_count": 8, "compare": 8, "ocr": 16, "caption": 48,
@@ -138,6 +90,9 @@ def _name(sample):
     return sample.get("eval_name", sample.get("task", "data"))
 
 
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+
+
 def scorer_for(sample):
     """A sample's scorer: its `scorer` field, else by task, else guessed from the answer."""
     name = sample.get("scorer") or TASK_SCORER.get(sample.get("task"))
@@ -145,10 +100,10 @@ def scorer_for(sample):
         a = sample["answer"]
         if isinstance(a, list) and len(a) == 4:
             name = "box"
-        elif isinstance(a, list) and len(a) == 2 or isinstance(a, str) and parse_span(a):
-            name = "span"
         elif isinstance(a, (int, float)) or isinstance(a, str) and _NUMBER.fullmatch(a.strip()):
             name = "numeric"
+        elif isinstance(a, list) and len(a) == 2 or isinstance(a, str) and parse_span(a):
+            name = "span"
         elif isinstance(a, str) and re.fullmatch(r"[A-Za-z]", a.strip()):
             name = "choice"
         else:
@@ -196,16 +151,18 @@ def _prompt_of(sample):
 
 
 @torch.no_grad()
-def generate_answers(model, processor, samples, batch_size=32, max_new_tokens=None):
+def generate_answers(model, processor, samples, batch_size=32, max_new_tokens=None, progress=False):
     """Greedy responses (strings) for a list of samples. Batches hold one task each, so that
-    prompts have similar lengths and a batch stops as soon as its short answers are done."""
+    prompts have similar lengths and a batch stops as soon as its short answers are done.
+    progress=True shows a bar over the batches."""
+    from tqdm import tqdm
     model.eval()
     responses = [None] * len(samples)
     by_task = {}
     for i, s in enumerate(samples):
         by_task.setdefault(_name(s), []).append(i)
     batches = [ids[a:a + batch_size] for ids in by_task.values() for a in range(0, len(ids), batch_size)]
-    for idx in batches:
+    for idx in tqdm(batches, desc="generating", unit="batch", disable=not progress, dynamic_ncols=True):
         batch = processor([_prompt_of(samples[i]) for i in idx])
         n_new = max_new_tokens or max(MAX_NEW_TOKENS.get(samples[i].get("task"), 64) for i in idx)
         kw = {k: v.to(model.device) if k.startswith("pixel") else v for k, v in batch.items()
@@ -219,14 +176,14 @@ def generate_answers(model, processor, samples, batch_size=32, max_new_tokens=No
     return responses
 
 
-def evaluate(model, processor, samples, batch_size=32, max_new_tokens=None, blank=False):
+def evaluate(model, processor, samples, batch_size=32, max_new_tokens=None, blank=False, progress=False):
     """Score `samples` (dicts with "messages", "answer", optionally "task"/"scorer"): greedy
     generation with model.generate, one scorer per sample (scorer_for). Returns
     {"by_task": {task: {metric: mean, "n": count}}, "records": [per-sample dicts]}.
     blank=True replaces every image/video by black pixels first (the no-image baseline)."""
     if blank:
         samples = [blank_sample(s) for s in samples]
-    responses = generate_answers(model, processor, samples, batch_size, max_new_tokens)
+    responses = generate_answers(model, processor, samples, batch_size, max_new_tokens, progress)
     records = []
     for s, r in zip(samples, responses):
         name = scorer_for(s)
@@ -310,7 +267,7 @@ EVAL_SUITE = (
     ("video_grounding", "video_grounding", synthetic.Difficulty()),
     ("compare", "compare", synthetic.Difficulty()),
 )
-PRIMARY_METRICS = {"exact": ("acc",), "numeric": ("acc",), "choice": ("acc",),
+PRIMARY_METRICS = {"exact": ("acc",), "numeric": ("acc",), "count": ("acc",), "choice": ("acc",),
                    "box": ("acc@0.5", "iou"), "point": ("acc",), "span": ("tiou", "acc@0.5")}
 TEXT_ONLY_TASKS = ("text_math",)
 
@@ -344,15 +301,17 @@ def heldout_suite(n, seed=0, suite=EVAL_SUITE):
     return out
 
 
-def run_suite(model, processor, samples, compute, batch_size=32, majority=None, loss_samples=()):
+def run_suite(model, processor, samples, compute, batch_size=32, majority=None, loss_samples=(),
+              progress=False):
     """Greedy scores of the model on `samples`, beside the majority answer (`majority`: {task:
     answer}, see majority_answers; else the samples' own mode) and the model given black images;
     answer losses (real and blank images) on `loss_samples`. Each rank scores its share."""
     r, w = compute.rank, compute.world_size
+    bar = progress and compute.master
     mine = samples[r::w]
-    real = evaluate(model, processor, mine, batch_size)["records"]
+    real = evaluate(model, processor, mine, batch_size, progress=bar)["records"]
     with_image = [s for s in mine if _name(s) not in TEXT_ONLY_TASKS]
-    blank = evaluate(model, processor, with_image, batch_size, blank=True)["records"]
+    blank = evaluate(model, processor, with_image, batch_size, blank=True, progress=bar)["records"]
     real, blank = sum(training.gather_objects(real, compute), []), sum(training.gather_objects(blank, compute), [])
     losses = {}
     for name in dict.fromkeys(_name(s) for s in loss_samples):
@@ -391,7 +350,7 @@ def has_media(prompt):
 
 
 def evaluate_rewards(model, processor, prompts, compute, pool, batch_size=32, blank=False):
-    """Greedy responses (train_pretrain.generate_answers, each task's response budget) to the
+    """Greedy responses (generate_answers, each task's response budget) to the
     held-out prompts, scored by the reward router -> ({task: {reward, pass, length, n}}, records).
     Each rank answers its share, in the weights' dtype (as the rollouts). blank=True blacks out every image and video first (the
     no-image baseline; text-only prompts are skipped); responses are still judged against the
@@ -469,3 +428,104 @@ def results_table(sft, rl, blank, trained, sft_sampled=None, rl_sampled=None, k=
             row += f" {mean_cells(sft_sampled, rl_sampled, tasks)}"
         lines.append(row + " | | | | | |")
     return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
+# 3. Command line: evaluate any HF folder on the held-out suite or a JSONL file
+
+def _fail(message):
+    print(f"evaluate.py: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def _jsonl_samples(path, n):
+    """The first n samples of a JSONL file that carry an `answer`, each checked against its own
+    scorer (answer_text(answer) must score as right), so a malformed answer fails before any
+    generation rather than scoring 0."""
+    try:
+        samples = [s for s in packing.JsonlDataset(path) if s.get("answer") is not None][:n]
+    except packing.DataError as e:
+        _fail(str(e))
+    if not samples:
+        _fail(f"{path}: no line has an `answer` field to score against")
+    for i, s in enumerate(samples):
+        try:
+            name = scorer_for(s)
+            SCORERS[name](answer_text(s["answer"], name), s["answer"])
+        except (ValueError, TypeError, KeyError) as e:
+            _fail(f"{path}: answer #{i + 1} ({str(s['answer'])[:60]!r}) cannot be scored: {e}; "
+                  f"give a `scorer` field ({', '.join(SCORERS)}) or fix the answer")
+    return samples
+
+
+def _print_summary(summary, title, compute):
+    compute.print(title)
+    for task, m in summary.items():
+        compute.print(f"  {task:<20} {m['scorer']:<8} " + "  ".join(
+            f"{k} {m[k]:.3f}" for k in PRIMARY_METRICS[m["scorer"]]) + f"  n {m['n']}")
+
+
+def main(argv=None):
+    import argparse
+    from mimovl import MiMoVL
+    from processor import Processor
+    p = argparse.ArgumentParser(description="Held-out evaluation of a MiMo-VL folder: greedy answers "
+                                "scored with the rewards of rewards.py.")
+    p.add_argument("model", metavar="MODEL_DIR", help="a Hugging Face model folder (config.json, "
+                   "weights, tokenizer), e.g. runs/pretrain/stage4")
+    p.add_argument("--jsonl", default=None, help="score this JSONL file (lines with messages and "
+                   "answer; optional task, scorer) instead of the synthetic held-out suite")
+    p.add_argument("--n", type=int, default=None, help="suite: items per task (default 64); "
+                   "--jsonl: the first N lines with an answer (default all)")
+    p.add_argument("--tasks", default=None, help="suite: comma-separated task names (default all: "
+                   + ",".join(e[0] for e in EVAL_SUITE + LOSS_SUITE) + ")")
+    p.add_argument("--seed", type=int, default=0, help="suite: the synthetic world's seed "
+                   "(train_pretrain.py --seed)")
+    p.add_argument("--batch-size", type=int, default=64, help="prompts per generation batch")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    p.add_argument("--out", default=None, help="with --jsonl: write every scored record (response, "
+                   "answer, metrics) to this JSONL file")
+    args = p.parse_args(argv)
+    if not os.path.isfile(os.path.join(args.model, "config.json")):
+        _fail(f"{args.model}: not a model folder (no config.json); pass a Hugging Face folder such "
+              f"as a stage folder written by train_pretrain.py")
+    if args.n is not None and args.n < 1:
+        _fail(f"--n must be >= 1, got {args.n}")
+    if args.out and not args.jsonl:
+        _fail("--out writes the records of a --jsonl evaluation; the suite logs one example per task")
+    known = [e[0] for e in EVAL_SUITE + LOSS_SUITE]
+    unknown = sorted({t.strip() for t in (args.tasks or "").split(",") if t.strip()} - set(known))
+    if unknown:
+        _fail(f"--tasks: unknown {unknown}; choose from {', '.join(known)}")
+    suite, losses = eval_suites(args.tasks)
+    try:
+        samples = _jsonl_samples(args.jsonl, args.n) if args.jsonl else None
+        if samples is None and any(TASK_SCORER[task] == "numeric" for _, task, _ in suite):
+            require_math_verify()
+    except MathVerifyMissing as e:
+        _fail(str(e))
+    compute = training.compute_init(args.device)
+    model = MiMoVL.from_pretrained(args.model, dtype=compute.eval_dtype, device=compute.device,
+                                   progress=False).eval()
+    processor = Processor.from_pretrained(args.model)
+    if samples is not None:
+        mine = samples[compute.rank::compute.world_size]
+        records = evaluate(model, processor, mine, args.batch_size, progress=compute.master)["records"]
+        records = sum(training.gather_objects(records, compute), [])
+        _print_summary(summarise(records), f"{args.jsonl}: {len(samples)} items, greedy", compute)
+    else:
+        n = args.n or 64
+        res = run_suite(model, processor, heldout_suite(n, args.seed, suite), compute, args.batch_size,
+                        majority_answers(suite, seed=args.seed), heldout_suite(n, args.seed, losses),
+                        progress=True)
+        compute.print(format_results(res, f"{args.model}: held-out suite, {n} items per task, greedy"))
+        return
+    if args.out and compute.master:
+        with open(args.out, "w") as f:
+            for r in records:
+                f.write(json.dumps(r, default=str) + "\n")
+        compute.print(f"wrote {len(records)} records to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
