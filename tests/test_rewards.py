@@ -1,15 +1,18 @@
 """Reward functions, the router and the reward pool (rewards.py; the rewards of the MiMo-VL
 report §3.2-3.3). Math answer formats have their own corpus: tests/test_math_answers.py.
 
-Every expected value below is worked out by hand in the comment beside it. The fuzz test feeds a
-few thousand seeded random strings to every reward function directly (not through the router,
-which would hide exceptions) and checks that none raises and every reward lies in [0, 1].
+Every expected value below is worked out by hand in the comment beside it. The fuzz tests feed
+seeded random strings and adversarial ones to every reward function directly (not through the
+router, which would hide exceptions) and through the pool (math: within its per-item timeout),
+and check that none raises and every reward lies in [0, 1].
 """
 
 import json
 import math
 import os
 import random
+import subprocess
+import sys
 import time
 
 import pytest
@@ -384,6 +387,32 @@ def test_fuzz_math_in_the_pool_finishes_within_the_timeout():
     for (_, text, _, _), (reward, components) in zip(items, results):
         _check("math", text, reward, components)
         assert "timeout" not in components and "error" not in components, (text[:80], components)
+
+
+# -----------------------------------------------------------------------------
+# dependencies: no torch, Math-Verify only when a math reward is computed
+# -----------------------------------------------------------------------------
+
+def test_rewards_import_neither_torch_nor_math_verify():
+    code = ("import sys, rewards; assert rewards.count_reward('3', 3)[0] == 1.0; "
+            "print(sorted(m for m in ('torch', 'math_verify', 'sympy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr
+
+
+def test_missing_math_verify_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "math_verify", None)       # `import math_verify` now fails
+    rewards.require_math_verify.cache_clear()
+    try:
+        with pytest.raises(rewards.MathVerifyMissing, match="pip install"):
+            rewards.compute_reward("math", "\\boxed{3}", "4")     # raised, not a silent 0
+        with rewards.RewardPool(num_workers=0) as pool, \
+                pytest.raises(rewards.MathVerifyMissing, match="math-verify"):
+            pool.score([("count", "3", 3, {}), ("math", "\\boxed{3}", "4", {})])
+        assert rewards.compute_reward("count", "3", 3)[0] == 1.0   # other rewards do not need it
+    finally:
+        rewards.require_math_verify.cache_clear()        # import it again once restored
 
 
 # -----------------------------------------------------------------------------
