@@ -134,12 +134,15 @@ class MiMoVLConfig:
                                       "eos_token_id": "token id or list of token ids"})
         top = dict(d)
         nested = top.get("text_config") or {}
-        check_json_fields(nested, source, {"rope_scaling": "object", "rope_parameters": "object",
+        check_json_fields(nested, source, {**_field_kinds(TextConfig), "rope_scaling": "object", "rope_parameters": "object",
                                            "eos_token_id": "token id or list of token ids"}, "text_config.")
+        check_json_fields(top, source, _field_kinds(TextConfig))
         txt = {**top, **nested}   # nested values win over top-level ones
-        check_json_fields(txt, source, _field_kinds(TextConfig))
+        rope_kinds = {"rope_theta": "number", "mrope_section": "list of integers"}
+        for where, d_rope in (("", top), ("text_config.", nested)):
+            for key in ("rope_scaling", "rope_parameters"):
+                check_json_fields(d_rope.get(key) or {}, source, rope_kinds, f"{where}{key}.")
         rope = txt.get("rope_parameters") or txt.get("rope_scaling") or top.get("rope_scaling") or {}
-        check_json_fields(rope, source, {"rope_theta": "number", "mrope_section": "list of integers"}, "rope_scaling.")
         t_kw = {f.name: txt[f.name] for f in fields(TextConfig) if f.name in txt and txt[f.name] is not None}
         if "rope_theta" not in t_kw and "rope_theta" in rope:
             t_kw["rope_theta"] = rope["rope_theta"]

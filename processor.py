@@ -683,12 +683,15 @@ GENERATION_KINDS = {"eos_token_id": "token id or list of token ids", "do_sample"
 
 def write_file_atomic(path, write):
     """Call write(temporary path) in the target's folder, then rename onto `path`: a crash never
-    leaves a half-written file under the real name. The file is created by `write` itself, so it
-    gets the usual permissions (0644 under umask 022), not tempfile's 0600."""
+    leaves a half-written file under the real name. The file gets the usual permissions (0644
+    under umask 022) even when the writer creates it private (safetensors writes 0600)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    umask = os.umask(0o022)   # reading the umask means setting it; put it straight back
+    os.umask(umask)
     try:
         write(str(tmp))
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -932,6 +935,11 @@ class Processor:
         """A copy of a conversation (nested dicts / lists) with special-token strings in its strings
         replaced by markers (literal plane-16 characters escaped); other values are kept as they are."""
         if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(f"the text {value[:60]!r} is not valid Unicode (a lone surrogate, "
+                                 "e.g. from bytes that were not UTF-8)") from None
             if any(ord(c) >= _MARK_BASE for c in value):
                 value = "".join(_MARK_ESCAPE + c if ord(c) >= _MARK_BASE else c for c in value)
             return self._control.sub(lambda m: self._marks[m.group()], value) if self._control else value
