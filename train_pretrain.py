@@ -39,19 +39,14 @@ through a small temporary head (measured: with random towers a projector-only st
 colour but not shape). The tiny values in STAGES below are ours, chosen so that each stage
 learns within minutes on a CPU; PAPER_STAGES are the paper's.
 
-Output (`--out`, default runs/pretrain; a rerun needs --resume or --overwrite):
-    tokenizer/            the from-scratch BPE tokenizer (synthetic.train_tokenizer)
-    stage0-lm/ stage0-vit/ stage1/ ... stage4/
-                          Hugging Face folders (config.json, model.safetensors, tokenizer.json,
-                          chat template, preprocessor and generation configs), loadable by
-                          MiMoVL.from_pretrained and Qwen2_5_VLForConditionalGeneration
-    checkpoints/<stage>/step-NNNNNN/   resumable training state (safetensors + JSON)
-    metrics.jsonl  eval.jsonl  summary.md
+Output (`--out`, default runs/pretrain; a rerun needs --resume or --overwrite): tokenizer/ (the
+from-scratch BPE), stage0-lm/ stage0-vit/ stage1/ .. stage4/ (Hugging Face folders that
+MiMoVL.from_pretrained and transformers' Qwen2_5_VLForConditionalGeneration load),
+checkpoints/<stage>/step-NNNNNN/ (resumable training state), metrics.jsonl, eval.jsonl, summary.md.
 
-Sections: 1 the stage table · 2 the model: init and freezing · 3 what each stage trains on
-(objectives) · 4 the training loop · 5 evaluation after each stage · 6 command line.
-The shared mechanics (compute, wrapping, optimiser, checkpoints, run folder) are in training.py.
-Tests: tests/test_pretrain.py.
+Sections: 1 the stage table · 2 the model's initialisation · 3 what each stage trains on ·
+4 the training loop · 5 evaluation after each stage · 6 command line. The mechanics both
+training scripts share (compute, wrapping, optimiser, checkpoints, run folder) are in training.py.
 """
 
 import argparse
@@ -178,9 +173,13 @@ def parse_mixture(text):
 # 2. The model: initialisation (freezing: training.set_trainable over training.PARTS)
 
 def reinit_projector(model):
-    """A fresh projector, as the paper's stage 1 starts with (MiMo-VL report §2.1)."""
+    """A fresh projector, as the paper's stage 1 starts with (MiMo-VL report §2.1), initialised as
+    MiMoVL initialises a from-scratch model: normal(0, 0.02) weights, zero biases, unit norm."""
     merger = model.visual.merger
-    merger.apply(MiMoVL._init_weights)
+    for m in merger.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=0.02)
+            nn.init.zeros_(m.bias)
     nn.init.ones_(merger.ln_q.weight)
 
 
@@ -832,6 +831,10 @@ def main(argv=None):
     outputs = [p for k in keys for p in (f"stage{k}", os.path.join("checkpoints", f"stage{k}"))]
     if "0-lm" in keys and not args.from_dir:
         outputs.append("tokenizer")              # the from-scratch tokenizer, made by stage 0-lm
+    src = os.path.abspath(args.from_dir or "/")
+    if args.overwrite and any(os.path.commonpath([src, os.path.abspath(os.path.join(args.out, p))]) ==
+                              os.path.abspath(os.path.join(args.out, p)) for p in outputs):
+        fail(f"--overwrite would delete --from {args.from_dir}: copy it elsewhere or choose another --out")
     prepare_run_dir(args.out, args.resume, args.overwrite, outputs, compute)
     if compute.master:
         clean_stale_tmp(args.out, compute.print)

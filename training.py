@@ -3,8 +3,10 @@ training.py — what both training scripts share: one entry point for CPU, one G
 (`compute_init`) with its precision policy; wrapping for data parallelism (DDP, FSDP2);
 the optimiser and the learning-rate schedule; atomic checkpoints that resume exactly.
 
-    from training import compute_init, wrap_model, build_optimizer, lr_at
+    from training import compute_init, prepare_run_dir, resume_checkpoint, wrap_model, build_optimizer
     compute = compute_init("auto")              # prints the device, processes and precision
+    prepare_run_dir(out, resume, overwrite, outputs=["checkpoints", "metrics.jsonl"], compute=compute)
+    last = resume_checkpoint(f"{out}/checkpoints") if resume else None   # newest intact step-*
 
 Sections: 1 compute and precision · 2 freezing and wrapping (with the dummy vision input
 that DDP/FSDP need) · 3 optimiser and schedule · 4 checkpoints ·
@@ -73,6 +75,12 @@ class Compute:
             print(*a, **kw, flush=True)
 
 
+def fail(message):
+    """A one-line error a user can act on: printed to stderr, exit status 2 (as argparse does)."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
 def cpu_has_native_bf16():
     """True when the CPU has bf16 matrix instructions (x86 avx512_bf16 / AMX). Without them bf16
     matmuls are emulated and slower than fp32 (measured in this project on an AMD Zen 5 with
@@ -92,9 +100,9 @@ def compute_init(device="auto", precision="auto", quiet=False):
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device not in ("cpu", "cuda"):
-        raise ValueError(f"--device {device!r}: use cpu, cuda or auto")
+        fail(f"--device {device!r}: use cpu, cuda or auto")
     if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda but torch sees no GPU (torch.cuda.is_available() is False)")
+        fail("--device cuda but torch sees no GPU (torch.cuda.is_available() is False); use --device cpu")
     rank, local_rank, world = 0, 0, 1
     backend = None
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:       # launched by torchrun
@@ -118,7 +126,7 @@ def compute_init(device="auto", precision="auto", quiet=False):
     else:
         why = "--precision"
     if precision not in ("bf16", "fp32"):
-        raise ValueError(f"--precision {precision!r}: use bf16, fp32 or auto")
+        fail(f"--precision {precision!r}: use bf16, fp32 or auto")
     c = Compute(dev, rank, local_rank, world, torch.bfloat16 if precision == "bf16" else None, backend)
     if not quiet:
         c.print(f"compute: {world} process(es) on {device}" + (f" ({backend})" if backend else "") +
@@ -159,6 +167,18 @@ def pick_threads(requested=None):
                "--threads N to choose")
 
 
+def set_threads(compute, requested=None, phase=""):
+    """Pick the torch CPU threads for the next phase (pick_threads: the cores other work leaves
+    free right now), set them and print the choice and why. Called at the start of every stage or
+    phase, so a long job follows the machine's load instead of a sample taken at its start."""
+    if compute.device.type != "cpu":
+        return None
+    n, why = pick_threads(requested)
+    torch.set_num_threads(n)
+    compute.print(f"{phase + ': ' if phase else ''}torch CPU threads: {n} ({why})")
+    return n
+
+
 def all_reduce_sum(x, compute):
     if compute.distributed:
         dist.all_reduce(x, op=dist.ReduceOp.SUM)
@@ -166,28 +186,6 @@ def all_reduce_sum(x, compute):
 
 # -----------------------------------------------------------------------------
 # 2. Freezing and wrapping for data parallelism
-
-def wrap_model(trainee, compute, fsdp=False):
-    """DDP (a full replica per rank) for small models; FSDP2 (`fully_shard` every ViT block, LM
-    layer, the projector, the patch and token embeddings, then the root) for large ones, with bf16
-    compute and fp32 gradient reduction. Single process: the module itself."""
-    if not compute.distributed:
-        return trainee
-    if fsdp:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        mp = MixedPrecisionPolicy(param_dtype=compute.amp_dtype, reduce_dtype=torch.float32)
-        model = trainee if isinstance(trainee, MiMoVL) else trainee.model   # e.g. MiMoVL + a head
-        units = [*model.visual.blocks, model.visual.merger, model.visual.patch_embed,
-                 *model.model.layers, model.model.embed_tokens]
-        for m in units:
-            fully_shard(m, mp_policy=mp)
-        # lm_head stays in the root unit: the loss reads lm_head.weight directly
-        fully_shard(trainee, mp_policy=mp)
-        return trainee
-    from torch.nn.parallel import DistributedDataParallel as DDP
-    ids = [compute.device.index] if compute.device.type == "cuda" else None
-    return DDP(trainee, device_ids=ids)
-
 
 # Every parameter belongs to exactly one part (tested): training stages freeze and train parts.
 PARTS = {
@@ -214,6 +212,28 @@ def set_trainable(model, parts):
         p.requires_grad_(part_of(name) in parts)
         n += p.numel() if p.requires_grad else 0
     return n
+
+
+def wrap_model(trainee, compute, fsdp=False):
+    """DDP (a full replica per rank) for small models; FSDP2 (`fully_shard` every ViT block, LM
+    layer, the projector, the patch and token embeddings, then the root) for large ones, with bf16
+    compute and fp32 gradient reduction. Single process: the module itself."""
+    if not compute.distributed:
+        return trainee
+    if fsdp:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        mp = MixedPrecisionPolicy(param_dtype=compute.amp_dtype, reduce_dtype=torch.float32)
+        model = trainee if isinstance(trainee, MiMoVL) else trainee.model   # e.g. MiMoVL + a head
+        units = [*model.visual.blocks, model.visual.merger, model.visual.patch_embed,
+                 *model.model.layers, model.model.embed_tokens]
+        for m in units:
+            fully_shard(m, mp_policy=mp)
+        # lm_head stays in the root unit: the loss reads lm_head.weight directly
+        fully_shard(trainee, mp_policy=mp)
+        return trainee
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    ids = [compute.device.index] if compute.device.type == "cuda" else None
+    return DDP(trainee, device_ids=ids)
 
 
 def add_dummy_vision(row, processor, video=False):
@@ -453,10 +473,9 @@ def load_training_state(path, wrapped, optimizer, compute):
     with open(os.path.join(path, "trainer_state.json")) as f:
         ts = json.load(f)
     if ts["world_size"] != compute.world_size:
-        raise SystemExit(f"cannot resume {path}: it was written by {ts['world_size']} process(es), "
-                         f"this run has {compute.world_size}. Resume with the same number of "
-                         "processes (each rank's data position is saved), or start the stage "
-                         "again from the previous stage's folder without --resume.")
+        fail(f"cannot resume {path}: it was written by {ts['world_size']} process(es), this run has "
+             f"{compute.world_size}. Resume with the same number of processes (each rank's data "
+             "position is saved), or start again with --overwrite.")
     tensors = load_file(os.path.join(path, "optimizer.safetensors"))
     state = {}
     for key, v in tensors.items():
@@ -479,12 +498,6 @@ def load_training_state(path, wrapped, optimizer, compute):
 
 # -----------------------------------------------------------------------------
 # 5. The run folder: nothing deleted without a flag, resume from the newest intact checkpoint
-
-def fail(message):
-    """A one-line error a user can act on: printed to stderr, exit status 2 (as argparse does)."""
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    raise SystemExit(2)
-
 
 def prepare_run_dir(out, resume, overwrite, outputs, compute=None):
     """Make `out` and check it before a run writes there. `outputs` are the paths (relative to
@@ -648,15 +661,3 @@ class JsonlLog:
         with open(tmp, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in kept)
         os.replace(tmp, self.path)
-
-
-def set_threads(compute, requested=None, phase=""):
-    """Pick the torch CPU threads for the next phase (pick_threads: the cores other work leaves
-    free right now), set them and print the choice and why. Called at the start of every stage or
-    phase, so a long job follows the machine's load instead of a sample taken at its start."""
-    if compute.device.type != "cpu":
-        return None
-    n, why = pick_threads(requested)
-    torch.set_num_threads(n)
-    compute.print(f"{phase + ': ' if phase else ''}torch CPU threads: {n} ({why})")
-    return n

@@ -155,3 +155,11 @@ def test_threads_are_picked_again_for_every_phase(monkeypatch, capsys):
     assert out[0].startswith("stage 1: torch CPU threads: 2 (4 cores, 2.0 busy")
     assert out[1].startswith("stage 2: torch CPU threads: 1 (4 cores, 3.0 busy")
     assert out[2] == "stage 3: torch CPU threads: 3 (from --threads)"
+
+
+@pytest.mark.parametrize("args", [("bogus", "auto"), ("cpu", "fp16")])
+def test_compute_init_rejects_a_bad_device_or_precision_in_one_line(args, capsys):
+    with pytest.raises(SystemExit) as e:
+        training.compute_init(*args, quiet=True)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and "\n" not in err and repr(args[0] if args[0] == "bogus" else args[1]) in err
