@@ -350,7 +350,7 @@ class CellBatches(torch.utils.data.Dataset):
 
 class CellObjective:
     """Stage 0-vit: ViT + merger + a temporary linear head (CellClassifier) classify every cell of
-    synthetic scenes, one batch of `per_rank` images per rank per step. The head is saved beside
+    synthetic scenes, `per_rank` images per rank per step. The head is saved beside
     the weights as extra.safetensors, which loaders of the model ignore."""
     extra_files = ("extra.safetensors",)
 
@@ -371,21 +371,19 @@ class CellObjective:
             worker_init_fn=packing.worker_init if a.workers else None))
 
     def next_batch(self):
-        return [next(self.stream)]
+        return next(self.stream)
 
-    def forward_backward(self, wrapped, batches):
+    def forward_backward(self, wrapped, batch):
+        """Cross-entropy per cell, averaged over the cells of the global batch (all ranks)."""
         c = self.run.compute
-        n = torch.tensor([float(sum(len(b[2]) for b in batches))])
-        total = all_reduce_sum(n, c).item()
-        loss_sum, correct = torch.zeros(()), torch.zeros(())
-        for i, (pv, grid, labels) in enumerate(batches):
-            with grad_sync(wrapped, i == len(batches) - 1), c.autocast():
-                loss, right = wrapped(pv.to(c.device), grid, labels.to(c.device))
-                (loss * (len(labels) * c.world_size / total)).backward()
-            loss_sum += loss.detach().float().cpu() * len(labels)
-            correct += right.cpu()
-        both = all_reduce_sum(torch.stack([loss_sum, correct]).to(c.device), c).cpu()
-        return float(both[0]) / total, {"cell_acc": float(both[1]) / total}
+        pv, grid, labels = batch
+        total = all_reduce_sum(torch.tensor([float(len(labels))]), c).item()
+        with c.autocast():
+            loss, right = wrapped(pv.to(c.device), grid, labels.to(c.device))
+            (loss * (len(labels) * c.world_size / total)).backward()
+        sums = torch.stack([loss.detach().float().cpu() * len(labels), right.cpu().float()])
+        sums = all_reduce_sum(sums.to(c.device), c).cpu()
+        return float(sums[0]) / total, {"cell_acc": float(sums[1]) / total}
 
     def loader_state(self, step):
         return {"step": step}
