@@ -47,13 +47,13 @@ from processor import load_image
 #   {"text": "a document; every token carries loss"}
 #
 # data/example.jsonl is a small example. Lines are parsed and their images opened only when
-# read, and no line is read whole past MAX_LINE_BYTES, so a file of any size (and any line in
-# it) streams in bounded memory. With on_error="skip", each bad line is counted once however
-# often it is read, only the first MAX_ERRORS messages are kept, and a file in which no line is
-# usable is an error: a loader over it would otherwise wait forever for a sample.
+# read, and no line is read whole past MAX_LINE_BYTES: iterating a file of any size takes
+# constant memory, indexing it 16 bytes a line. With on_error="skip", each bad line is counted
+# once however often it is read, only the first MAX_ERRORS messages are kept, and a file in
+# which no line is usable is an error: a loader over it would otherwise wait forever.
 
 class DataError(ValueError):
-    """A problem with a user's data file, naming the file and the line."""
+    """A problem with a user's data, naming the file and the line where there is one."""
 
 
 JSONL_ROLES = ("system", "user", "assistant")

@@ -12,7 +12,8 @@ of MiMo-VL's recipe, and the from-scratch tokenizer trained on its text.
 
     import synthetic
     s = synthetic.make_sample("count", 0)       # {"task", "messages", "answer", "reward", ...}
-    ds = synthetic.SyntheticDataset(3)          # the stage-3 mixture
+    ds = synthetic.SyntheticDataset(3)          # the stage-3 mixture (packing.MixtureDataset
+                                                # mixes it with JSONL files)
 
 It imports the Processor (for the chat template the tokenizer is saved with), never the model.
 """
@@ -29,20 +30,22 @@ from PIL import Image, ImageDraw, ImageFont
 from processor import DEFAULT_SYSTEM_PROMPT, Processor
 
 # -----------------------------------------------------------------------------
-# 3. The synthetic world
+# 1. The synthetic world: scenes and videos
 #
-# A deterministic, download-free stand-in for every data type of the recipe (SPEC §6.2-§6.4):
-# captions, interleaved image-text, OCR, grounding, counting, video with timestamps, long-CoT
-# reasoning, text-only reasoning and preference pairs. The design follows what was measured on
-# 2 CPU cores (../shared/SMALL-SCALE-NOTES.md): a naive scene keeps a 4 M-parameter model on the
-# "no-image plateau" for many minutes, while the following learns in about a minute:
+# A deterministic, download-free stand-in for every data type of the recipe (MiMo-VL technical
+# report, arXiv 2506.03569, §2.2-2.3 and §3): captions, interleaved image-text, OCR, grounding,
+# counting, video with timestamps, long-CoT reasoning, text-only reasoning and preference pairs.
+# The design follows what was measured in this project on 2 CPU cores: a naive scene keeps a
+# 4 M-parameter model on the "no-image plateau" for many minutes, while the following learns in
+# about a minute:
 #   * black background, saturated red/green/blue/yellow shapes of >= 18 px;
 #   * each object inside one 28-px cell of a grid: one cell = one merged visual token (14-px
 #     patches, 2x2 merge), so "what is in this token" is a clean question for the model;
 #   * balanced answers (counts uniform over 0..max_count), counting *by colour* among
 #     distractors (counting everything is solvable from the total brightness);
 #   * grounding with grid-quantised boxes first (`jitter=False`), exact pixels later.
-# Coordinates are absolute pixels of the image the model sees, as MiMo-VL uses (SPEC §2.6):
+# Coordinates are absolute pixels of the image the model sees, as in Qwen2.5-VL (technical
+# report: grounding in absolute coordinates), which MiMo-VL follows:
 # Qwen JSON `[{"bbox_2d": [x1, y1, x2, y2], "label": ...}]`, x2/y2 exclusive (x2 = x1 + width).
 #
 # Every sample is a dict {"task": tag, "messages": [HF-style conversation], "answer": ground
@@ -253,7 +256,8 @@ def _conv(user, answer_text):
     return [user, _assistant(answer_text)]
 
 
-# ---- task generators: (rng, Difficulty) -> sample with Scene / VideoScene placeholders
+# -----------------------------------------------------------------------------
+# 2. Task generators: (rng, Difficulty) -> sample with Scene / VideoScene placeholders
 
 def task_caption(rng, d):
     objs = _random_objects(rng, d, rng.randint(1, d.max_objects))
@@ -330,8 +334,8 @@ def task_ocr(rng, d):
 
 
 def _reasoned(steps, total, cot=True):
-    """A chain of thought, then the answer in \\boxed{} (SPEC §6.4); cot=False keeps only the
-    answer (the "no reasoning data" ablation)."""
+    """A chain of thought, then the answer in \\boxed{} (what the verifiable rewards of the
+    MiMo-VL report §3 check); cot=False keeps only the answer (the "no reasoning data" ablation)."""
     thought = "<think>\n" + "\n".join(steps) + "\n</think>\n" if cot else ""
     return thought + f"\\boxed{{{total}}}"
 
@@ -447,7 +451,7 @@ def task_text_math(rng, d):
 
 def task_preference(rng, d):
     """A prompt with a chosen (correct) and a rejected (plausible but wrong) response, for the
-    Bradley-Terry reward model (SPEC §6.4)."""
+    Bradley-Terry reward model (MiMo-VL report §3)."""
     kind = rng.choice(["count", "caption", "text_math"])
     if kind == "count":
         s = task_count(rng, d)
@@ -471,7 +475,8 @@ def task_preference(rng, d):
 
 
 # text-only counterparts of the visual tasks: the stage-0 LM learns the chat format and the
-# answer styles from these, so that stage 1 can freeze it (SPEC §6.3)
+# answer styles from these, so that stage 1 can freeze it (MiMo-VL report §2.3, Table 1: stage 1
+# trains the projector alone)
 def _describe_in_text(objs):
     return " ".join(f"There is a {o.colour} {o.kind} at row {o.box[1] // CELL + 1}, "
                     f"column {o.box[0] // CELL + 1}." for o in _raster(objs))
@@ -533,6 +538,9 @@ TASKS = {
     "preference": task_preference,
 }
 
+
+# -----------------------------------------------------------------------------
+# 3. Determinism and splits, the stage-0 cell set, the stage mixtures and the RL prompt sets
 
 # ---- determinism, splits, rendering
 
@@ -615,7 +623,7 @@ def classification_sample(index, split="train", seed=0, difficulty=None):
     raise RuntimeError("unreachable: the classification scene space is large")
 
 
-# ---- stage mixtures (SPEC §6.3) and RL prompt sets (SPEC §6.4)
+# ---- stage mixtures (MiMo-VL report §2.3, Table 1) and RL prompt sets (report §3)
 
 @dataclass(frozen=True)
 class MixItem:
@@ -629,7 +637,7 @@ LARGE = Difficulty(image_size=224, max_objects=6)              # > one 112-px wi
                                                                # the ViT's window attention
 LONG = Difficulty(reasoning_steps=4, n_images=4, n_frames=16)  # stage-4 long context
 
-# Weights are relative. The measured lessons (../shared/SMALL-SCALE-NOTES.md): one easy task
+# Weights are relative. The lessons measured in this project: one easy task
 # first, then add tasks stage by stage, weight the hard ones (grounding, sums) heavily and keep
 # replaying the earlier ones so a switch does not erase them.
 STAGE_MIXTURES = {
@@ -661,7 +669,7 @@ REASONING_TASKS = ("visual_math", "text_math")
 def stage_mixture(stage, reasoning_data=True):
     """The mixture of a stage. reasoning_data=False keeps the arithmetic tasks but without
     their chains of thought (answer only): the ablation of the paper's finding that long-CoT
-    data in late pre-training helps reasoning (SPEC §6.3)."""
+    data in late pre-training helps reasoning (MiMo-VL report §2.3)."""
     if stage not in STAGE_MIXTURES:
         raise ValueError(f"unknown stage {stage!r}; choose from {sorted(STAGE_MIXTURES)}")
     mix = STAGE_MIXTURES[stage]
@@ -719,13 +727,14 @@ def rl_prompt(task, index, split="train", seed=0, difficulty=None):
 
 
 # -----------------------------------------------------------------------------
-# 5. Tokenizer training for from-scratch runs
+# 4. Tokenizer training for from-scratch runs
 #
 # A byte-level BPE like Qwen2's (same pre-tokenizer regex, so digits are split one by one —
 # which is what makes arithmetic learnable), trained with `tokenizers` on the synthetic corpus.
 # The special tokens sit at the fixed ids of the tiny preset (0-9; the official ones are
 # 151643...); <think> and </think> are added tokens but not *special* ones, like MiMo's
-# (decoding with skip_special_tokens keeps them, SPEC §2.3).
+# (MiMo-VL's tokenizer_config.json marks them "special": false, so decoding with
+# skip_special_tokens keeps them).
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
                   "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",

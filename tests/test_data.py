@@ -498,10 +498,10 @@ def test_tiny_model_learns_counting_and_uses_the_image(processor, one_thread):
     majority answer, and the same model shown a blank image. Measured here (2 shared cores):
     held-out accuracy ~0.5 vs ~0.24 for either baseline."""
     torch.manual_seed(0)
-    # fp32: at this width bf16 autocast gains only ~1.1x (SMALL-SCALE-NOTES), and fp32 keeps the
+    # fp32: at this width bf16 autocast gains only ~1.1x (measured in this project), and fp32 keeps the
     # test the same on every CPU
     model = mimovl.MiMoVL(small_config())
-    with torch.no_grad():  # brighter patch features: faster off the no-image plateau (SMALL-SCALE-NOTES)
+    with torch.no_grad():  # brighter patch features: faster off the no-image plateau (measured here)
         model.visual.patch_embed.proj.weight.mul_(5)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.01)
     steps, batch = 200, 32
