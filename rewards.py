@@ -532,45 +532,42 @@ def temporal_iou_reward(response, ground_truth, /, **meta):
     return iou, {"tiou": iou, "parsed": 1.0}
 
 
-_OPTION = re.compile(r"(?<![A-Za-z0-9])(?:[A-Za-z]|[0-9]{1,2})(?![A-Za-z0-9])")
-_PAREN_OPTION = re.compile(r"\(\s*([A-Za-z]|[0-9]{1,2})\s*\)")
+_LEAD_IN = re.compile(r"^(?:the\s+)?(?:correct\s+|final\s+)?(?:answer|option|choice|image)\s*"
+                      r"(?:is\b)?\s*:?\s*", re.IGNORECASE)
+_LEADING_OPTION = re.compile(r"^\(?\s*([A-Za-z]|[0-9]{1,2})\s*\)?(?![A-Za-z0-9])")
 
 
 def parse_choice(text):
-    """The option a short answer chooses: a letter or a number of at most two digits.
-
-    "(B)" anywhere wins; otherwise the first option-shaped token, skipping "I" and "A" used as
-    words ("I think image 2" -> 2, "A. Paris" -> A) and lowercase letters unless the letter is
-    the whole answer. A hedge ("1 or 2") chooses nothing.
+    """The option a short answer chooses: a letter or a number of at most two digits, standing
+    at the start of the answer, after an optional lead-in ("Image 2", "Option (B)", "The
+    correct option is C", "**B**", "B. Paris"). "A" and "I" followed by a lowercase word are
+    words, not options ("A red one"); a hedge ("1 or 2") chooses nothing; so does a sentence
+    with the option inside it ("at row 2, column 3"): stray numbers must not choose.
     """
-    text = text[:MAX_BARE_CHARS]
+    text = text[:MAX_BARE_CHARS].replace("*", "").strip()
     if _HEDGE.search(text):
         return None
-    paren = _PAREN_OPTION.search(text)
-    if paren:
-        return paren.group(1)
-    if len(text.strip("*. ")) == 1:
-        return text.strip("*. ")
-    for m in _OPTION.finditer(text):
-        tok, after = m.group(), text[m.end():m.end() + 2]
-        if tok.islower() or (tok in ("I", "A") and re.match(r"\s[a-z]", after)):
-            continue
-        return tok
-    return None
+    m = _LEADING_OPTION.match(_LEAD_IN.sub("", text, count=1))
+    if m is None:
+        return None
+    rest = m.string[m.end():]
+    if m.group(1) in ("A", "I", "a") and re.match(r"\s+[a-z]", rest):
+        return None
+    return m.group(1)
 
 
 def choice_reward(response, ground_truth, /, **meta):
-    """1 if the chosen option (parse_choice of the \\boxed{} content, the "answer is" phrase or
-    a short bare answer) equals the ground-truth option, case-insensitively."""
+    """1 if the chosen option (parse_choice of the \\boxed{} content, the "answer is" phrase, or
+    the start of the answer) equals the ground-truth option, case-insensitively."""
     truth = str(ground_truth).strip().strip("()").casefold()
     if not truth or len(truth) > 16:
         raise ValueError(f"choice ground truth must be a short option such as 'B' or '2', "
                          f"got {ground_truth!r}")
     text = answer_part(response)
     answer, how = extract_final_answer(text)
+    if how is None:                                 # a long answer without "answer": its start
+        answer = text
     pred = parse_choice(answer) if answer is not None else None
-    if pred is None and how is None:                # a long answer without "answer": its start
-        pred = parse_choice(text)
     ok = pred is not None and pred.casefold() == truth
     return float(ok), {"correct": float(ok), "pred": pred}
 

@@ -235,7 +235,10 @@ def test_temporal_iou_reward(response, truth, reward):
     ("The answer is 2", "2", 1.0),                       # not "The"
     ("The answer is 2", "1", 0.0),
     ("Image 2", "2", 1.0),
-    ("I think image 1 has more.", "1", 1.0),             # "I" is a word here, not option I
+    ("Image 1 has more.", "1", 1.0),
+    ("I think image 1 has more.", "1", 0.0),             # the option must lead the answer
+    ("A green triangle at row 2,", "2", 0.0),            # a stray number does not choose
+    ("I", "I", 1.0),                                     # "I" alone is option I
     ("(B)", "B", 1.0),
     ("**B**", "b", 1.0),
     ("B. Paris", "B", 1.0),
