@@ -440,10 +440,6 @@ class PoisonedLoss:
 # -----------------------------------------------------------------------------
 # 4. The training loop
 
-class NonFiniteLoss(RuntimeError):
-    pass
-
-
 @dataclass
 class Run:
     """What every stage of one invocation shares."""
@@ -595,12 +591,12 @@ def train(run, key, objective, wrapped, opt, step, cfg, processor):
                 g["lr"] = lr
             loss, extra = objective.forward_backward(wrapped, batch)
             if not math.isfinite(loss):
-                raise NonFiniteLoss(f"stage {key}: the loss is {loss} at step {step + 1}")
+                raise diverged(run, key, f"the loss is {loss} at step {step + 1}")
             norm = torch.nn.utils.clip_grad_norm_(params, a.grad_clip)
             if hasattr(norm, "full_tensor"):          # FSDP2: a sharded DTensor
                 norm = norm.full_tensor()
             if not math.isfinite(float(norm)):
-                raise NonFiniteLoss(f"stage {key}: the gradient norm is {float(norm)} at step {step + 1}")
+                raise diverged(run, key, f"the gradient norm is {float(norm)} at step {step + 1}")
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
@@ -619,14 +615,16 @@ def train(run, key, objective, wrapped, opt, step, cfg, processor):
             if a.debug_stop_after and step == a.debug_stop_after:
                 c.print(f"stopping after step {step} (--debug-stop-after)")
                 raise SystemExit(3)
-    except NonFiniteLoss as e:
-        last = (list_checkpoints(run.ckpt_root(key)) or ["none (the stage had not saved one yet)"])[-1]
-        raise SystemExit(f"\nERROR: {e}. Training stopped before the optimiser step, so no bad "
-                         f"weights were written. Last good checkpoint: {last}. Lower the learning "
-                         f"rate (--lr) or raise --warmup, then rerun (with --resume to continue "
-                         f"from that checkpoint).") from None
     finally:
         bar.close()
+
+
+def diverged(run, key, what):
+    """The NaN guard's exit: the optimiser step was not taken, so the checkpoints are good."""
+    last = (list_checkpoints(run.ckpt_root(key)) or ["none (the stage had not saved one yet)"])[-1]
+    return SystemExit(f"\nERROR: stage {key}: {what}. Training stopped before the optimiser step, so no "
+                      f"bad weights were written. Last good checkpoint: {last}. Lower the learning rate "
+                      "(--lr) or raise --warmup, then rerun (with --resume to continue from that checkpoint).")
 
 
 # -----------------------------------------------------------------------------
@@ -799,16 +797,18 @@ def build_parser():
 
 def resolve_stages(args, keys):
     """The stage table after --recipe, --scale and the per-field overrides."""
-    recipe = args.recipe
-    if recipe == "auto":
-        recipe = "tiny"
+    if args.init and not os.path.isfile(os.path.join(args.init, "config.json")):
+        fail(f"--init {args.init}: no config.json there; give a Qwen2.5-VL-format checkpoint folder")
+    if args.recipe == "auto":
+        args.recipe = "tiny"
         if args.init:
             with open(os.path.join(args.init, "config.json")) as f:
-                recipe = "paper" if MiMoVLConfig.from_hf_dict(json.load(f)).text.hidden_size >= 2048 else "tiny"
-    table = {**STAGES, **(PAPER_STAGES if recipe == "paper" else {})}
-    args.recipe = recipe
-    out = {k: replace(s, steps=max(1, round(s.steps * args.scale))) if args.scale != 1 else s
-           for k, s in ((k, table[k]) for k in STAGE_ORDER)}
+                big = MiMoVLConfig.from_hf_dict(json.load(f)).text.hidden_size >= 2048
+            args.recipe = "paper" if big else "tiny"
+    table = {**STAGES, **(PAPER_STAGES if args.recipe == "paper" else {})}
+    out = {k: table[k] for k in STAGE_ORDER}
+    if args.scale != 1:
+        out = {k: replace(s, steps=max(1, round(s.steps * args.scale))) for k, s in out.items()}
     fields = {"lr": float, "min_lr": float, "warmup": int, "steps": int, "seq_len": int, "rows": int,
               "trainable": lambda v: tuple(x for x in v.split("+") if x)}
     for name, kind in fields.items():
