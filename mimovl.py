@@ -957,20 +957,24 @@ def chat_stream(model, processor, conversation, think=True, max_new_tokens=None,
     device, dtype = model.device, model.dtype
     batch = {k: (v.to(device, dtype) if k.startswith("pixel_values") else v.to(device))
              for k, v in batch.items()}
-    ids, text = [], ""
+    # Incremental detokenisation (as vLLM's): decode only the tokens since the last piece plus the
+    # ones before it as context (decoders join tokens differently at the start), so each step
+    # costs O(1), not O(length) as decoding the whole reply would.
+    ids, prefix, read, finish = [], 0, 0, "length"
     for tokens, _, finished in model.stream_generate(**batch, **sampling, seed=seed,
                                                      stop_token_ids=processor.eos_token_ids):
         if bool(finished[0]) and int(tokens[0]) in processor.eos_token_ids:
-            return "stop"
+            finish = "stop"
+            break
         ids.append(int(tokens[0]))
-        new = processor.decode(ids)
-        if new.endswith("\ufffd"):          # an incomplete UTF-8 sequence: wait for the next token
-            continue
-        yield new[len(text):]
-        text = new
-    if len(processor.decode(ids)) > len(text):   # the cut-off tail, even mid-character
-        yield processor.decode(ids)[len(text):]
-    return "length"
+        before, now = processor.decode(ids[prefix:read]), processor.decode(ids[prefix:])
+        if len(now) > len(before) and not now.endswith("\ufffd"):   # else: wait for the next byte
+            yield now[len(before):]
+            prefix, read = read, len(ids)
+    before, now = processor.decode(ids[prefix:read]), processor.decode(ids[prefix:])
+    if len(now) > len(before):          # a character that never completed
+        yield now[len(before):]
+    return finish
 
 
 def _consume(stream, on_piece=None):
