@@ -4,11 +4,16 @@ checkpoint load/save, KV-cache generation and a chat CLI.
 
     python mimovl.py --model path/to/MiMo-VL-7B-RL --image cat.jpg "What is in this picture?"
     python mimovl.py --model path/to/MiMo-VL-7B-RL            # multi-turn chat
+    python mimovl.py --model path/to/MiMo-VL-7B-RL-2508 --no-think --preset paper-eval --video clip.mp4 "Summarise."
+
+The chat samples with the checkpoint's generation_config.json unless flags say otherwise, allows
+16384 new tokens by default (reasoning answers are long), picks the no-think switch from the chat
+template and prints all three choices with where each came from.
 
 MiMo-VL-7B = Qwen2.5-ViT (vit.py) + MLP projector (vit.PatchMerger) + MiMo-7B, a Qwen2-style decoder
 (GQA, q/k/v bias, SwiGLU, RMSNorm) with multimodal rotary positions (M-RoPE). The checkpoints are
-`Qwen2_5_VLForConditionalGeneration` checkpoints (SPEC.md §1-§4); transformers 4.57 is the parity
-reference. Module names mirror the legacy checkpoint keys (`model.layers.N.self_attn.q_proj.weight`,
+`Qwen2_5_VLForConditionalGeneration` checkpoints (transformers' `configuration_qwen2_5_vl.py` and
+`modeling_qwen2_5_vl.py`); transformers 4.57 is the parity reference. Module names mirror the legacy checkpoint keys (`model.layers.N.self_attn.q_proj.weight`,
 `visual.blocks.B.attn.qkv.weight`, `lm_head.weight`), so weights map name for name.
 
 Internally the language model works on *packed* tokens: a batch of rows (left-padded or not) is
@@ -73,7 +78,7 @@ class MiMoVLConfig:
 
     @classmethod
     def preset(cls, name):
-        if name == "mimo-vl-7b":  # SPEC §2.1-§2.3
+        if name == "mimo-vl-7b":  # the XiaomiMiMo/MiMo-VL-7B-RL config.json
             return cls(bos_token_id=151643, eos_token_id=151645, pad_token_id=151643).validate()
         if name == "tiny":        # ~4 M parameters, for CPU reproductions and tests
             return cls(
@@ -198,7 +203,7 @@ def _field_kinds(config_class):
 
 
 # -----------------------------------------------------------------------------
-# M-RoPE position ids (SPEC §4.9-§4.10)
+# M-RoPE position ids (transformers `modeling_qwen2_5_vl.py` get_rope_index; Qwen2.5-VL report)
 
 def get_rope_index(input_ids, cfg, image_grid_thw=None, video_grid_thw=None, second_per_grid_ts=None):
     """3-D (t, h, w) position ids of ONE sequence (1-D LongTensor of attended tokens), with the
@@ -257,7 +262,8 @@ def get_rope_index(input_ids, cfg, image_grid_thw=None, video_grid_thw=None, sec
 
 def mrope_cos_sin(position_ids, cfg, dtype):
     """cos/sin (T, head_dim) for 3-D ids (3, T): frequency j uses the t, h or w id according to
-    mrope_section, then the angles are duplicated for rotate-half (SPEC §4.9)."""
+    mrope_section, then the angles are duplicated for rotate-half (`apply_multimodal_rotary_pos_emb`
+    in transformers' `modeling_qwen2_5_vl.py`)."""
     hd = cfg.head_dim
     device = position_ids.device
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float, device=device) / hd))
@@ -307,7 +313,7 @@ class Attention(nn.Module):
         q = q.view(T, self.nh, self.hd)                 # (T, nh, hd)
         k = k.view(T, self.nkv, self.hd)                # (T, nkv, hd)
         v = v.view(T, self.nkv, self.hd)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # M-RoPE, rotate-half (SPEC §4.9)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)  # M-RoPE, rotate-half
         if cache is None:
             o = varlen_attention(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen,
                                  causal=True, scale=self.hd ** -0.5)
@@ -623,7 +629,7 @@ class MiMoVL(nn.Module):
                         pixel_values_videos=None, video_grid_thw=None, second_per_grid_ts=None,
                         max_new_tokens=32, temperature=0.0, top_k=0, top_p=1.0, seed=None,
                         stop_token_ids=None, n=1, return_logprobs=False):
-        """Prefill once, then decode token by token with a preallocated KV cache (SPEC §4.11).
+        """Prefill once, then decode token by token with a preallocated KV cache.
         Yields, per step, (tokens [B*n], logprobs [B*n] or None, finished [B*n] bool). Row b*n+j is
         sample j of prompt b; all n samples share the prompt's prefill. A finished row keeps
         yielding its stop token."""
@@ -704,11 +710,12 @@ class MiMoVL(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# Checkpoint I/O (SPEC §3)
+# Checkpoint I/O (keys as transformers 4.57 `modeling_qwen2_5_vl.py` saves them; 5.x renames them,
+# see its `conversion_mapping.py`)
 
 # Keys that may appear in a checkpoint and carry nothing this model uses.
 IGNORABLE_KEY_PREFIXES = (
-    "model.mtp_layers.",  # MiMo-7B's multi-token-prediction layers; Qwen2_5_VL has no MTP (SPEC §2.1)
+    "model.mtp_layers.",  # MiMo-7B's multi-token-prediction layers; Qwen2_5_VL has no MTP
 )
 IGNORABLE_KEY_SUFFIXES = (
     ".rotary_emb.inv_freq",  # non-persistent rotary buffers some exporters still write
@@ -717,7 +724,7 @@ IGNORABLE_KEY_SUFFIXES = (
 
 def canonical_key(key):
     """Map a checkpoint key to our (legacy) naming. transformers 5 saves `model.language_model.*`
-    and `model.visual.*` (SPEC §3.2); the legacy names are `model.*` and `visual.*`."""
+    and `model.visual.*` (its `conversion_mapping.py`); the legacy names are `model.*` and `visual.*`."""
     if key.startswith("model.language_model."):
         return "model." + key[len("model.language_model."):]
     if key.startswith("model.visual."):

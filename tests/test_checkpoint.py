@@ -36,7 +36,7 @@ def hf_saved(tmp_path_factory):
 
 
 def to_tf5_layout(src, dst):
-    """Rewrite a legacy checkpoint the way transformers 5 saves it (SPEC §3.2): keys
+    """Rewrite a legacy checkpoint the way transformers 5 saves it (its conversion_mapping.py): keys
     model.language_model.* / model.visual.*, config with only a nested text_config."""
     os.makedirs(dst, exist_ok=True)
     sd = load_file(os.path.join(src, "model.safetensors"))

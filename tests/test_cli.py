@@ -1,7 +1,6 @@
 """The chat CLI end to end on a tiny random checkpoint with a tokenizer saved beside it."""
 
 import io
-import os
 from contextlib import redirect_stderr, redirect_stdout
 
 import numpy as np

@@ -114,7 +114,7 @@ def test_rope_index_after_video(pair, spg):
 
 
 def test_rope_index_spec_example():
-    """SPEC §4.10 worked example: a b c <vs> [grid (1,4,6)] <ve> d e."""
+    """get_rope_index worked example (transformers modeling_qwen2_5_vl.py): a b c <vs> [grid (1,4,6)] <ve> d e."""
     from mimovl import MiMoVLConfig
     cfg = MiMoVLConfig.preset("tiny")
     ids = torch.tensor([20, 21, 22, cfg.vision_start_token_id] + [cfg.image_token_id] * 6 +
@@ -201,5 +201,5 @@ def test_presets():
     from mimovl import MiMoVLConfig
     with torch.device("meta"):
         m = MiMoVL(MiMoVLConfig.preset("mimo-vl-7b"))
-    # SPEC §3.3: 8,301,791,232 parameters
+    # the official configuration: 8,301,791,232 parameters (16.6 GB in bf16)
     assert sum(p.numel() for p in m.parameters()) == 8_301_791_232

@@ -1,10 +1,11 @@
-"""Image and video preprocessing (processor.py §1; SPEC §4.2, §5).
+"""Image and video preprocessing (processor.py §1; qwen-vl-utils vision_process.py, Qwen2VLImageProcessor).
 
 Images are checked against the official pipeline: qwen-vl-utils' fetch_image (load, RGBA on white,
 smart_resize, PIL bicubic) followed by transformers 4.57's slow Qwen2VLImageProcessor (rescale,
 normalise, patchify). transformers' video processor needs torchvision, which does not install beside
-the CPU torch build (../shared/MACHINE-NOTES.md), so videos are checked against cases computed by hand
-from the formulas of SPEC §5.3 and the patch order of SPEC §4.2.
+the CPU torch build (found when this project set up its environment), so videos are checked against
+cases computed by hand from qwen-vl-utils' fetch_video / smart_nframes formulas and the patch order of
+Qwen2VLImageProcessor.
 
     python -m pytest tests/test_preprocess.py
 """
@@ -95,7 +96,7 @@ def test_smart_resize_matches_qwen_vl_utils_on_a_sweep():
             assert smart_resize(h, w, 28, lo, hi) == qvu.smart_resize(h, w, 28, lo, hi), (h, w, lo, hi)
             checked += 1
     assert checked > 5000
-    # Worked examples of SPEC §5.1 (H, W order): 540x599 (WxH) -> 532x588; MiMo's GUI screenshot at
+    # Worked examples of qwen-vl-utils' smart_resize (H, W order): 540x599 (WxH) -> 532x588; MiMo's GUI screenshot at
     # 4096*28^2 -> 1876x1540.
     assert smart_resize(599, 540) == (588, 532)
     assert smart_resize(1544, 1886, max_pixels=MIMO_MAX_PIXELS) == (1540, 1876)
@@ -153,7 +154,7 @@ def test_grayscale_and_palette_images_match_official_pipeline():
 
 
 def test_image_patch_order_is_block_major_over_merge_blocks():
-    """SPEC §4.2 by hand: rows run over merged rows, merged cols, then the 2x2 sub-patches; each row is
+    """Qwen2VLImageProcessor's patch order by hand: rows run over merged rows, merged cols, then the 2x2 sub-patches; each row is
     (channel, frame-in-pair, y, x) with the single image frame repeated."""
     img = photo(56, 84, seed=7)  # already on the 28-grid and within budget: no resize
     pixel_values, grid = preprocess_image(img)
@@ -189,7 +190,7 @@ def test_image_errors_name_the_file(tmp_path):
         preprocess_image(photo(60, 60, seed=2), resized_height=56)
 
 
-# ---- videos: hand-computed cases (SPEC §5.3) ---------------------------------------------------------
+# ---- videos: hand-computed cases (qwen-vl-utils fetch_video) ---------------------------------------------
 @pytest.mark.parametrize("total,video_fps,options,expected", [
     (30, 10, {}, 6),  # 3 s at 2 fps
     (100, 30, {}, 6),  # 6.67 -> floor to even
@@ -270,7 +271,7 @@ def test_video_array_sampling_sizes_and_timing():
 
 def test_video_frame_list_patch_order_and_odd_padding():
     """Five already-sampled frames: padded to six by repeating the last; rows ordered (temporal group,
-    merged row, merged col, sub-row, sub-col), each (channel, frame-in-pair, y, x) — SPEC §4.2."""
+    merged row, merged col, sub-row, sub-col), each (channel, frame-in-pair, y, x), as Qwen2VLImageProcessor."""
     frames = [photo(308, 336, seed=10 + i) for i in range(5)]  # 103488 px: within both budgets, no resize
     pixel_values, grid, second_per_grid = preprocess_video([Image.fromarray(f) for f in frames])
     assert grid == (3, 22, 24)

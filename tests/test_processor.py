@@ -1,4 +1,4 @@
-"""The Processor: chat template, placeholder expansion, tokenisation (processor.py §2; SPEC §2.3-§2.6).
+"""The Processor: chat template, placeholder expansion, tokenisation (processor.py §2; Qwen2.5-VL's chat template and Qwen2_5_VLProcessor).
 
 The reference is transformers 4.57: PreTrainedTokenizerFast + Qwen2VLImageProcessor driven by the real
 Qwen2_5_VLProcessor.__call__ / apply_chat_template code, with images fetched by qwen-vl-utils. The
