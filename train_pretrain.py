@@ -70,7 +70,7 @@ from mimovl import MiMoVL, MiMoVLConfig
 from processor import Processor, preprocess_image
 from training import (Compute, JsonlLog, add_dummy_vision, all_reduce_sum, atomic_dir,
                       build_optimizer, clean_stale_tmp, commit_dir, compute_init, fail, full_state,
-                      gather_objects, grad_sync, list_checkpoints, load_training_state, lr_at,
+                      grad_sync, list_checkpoints, load_training_state, lr_at,
                       memory_estimate_gib, prepare_run_dir, resume_checkpoint, save_stage_folder,
                       save_training_state, set_threads, set_trainable, wrap_model)
 
@@ -520,10 +520,7 @@ def run_stage(run, key, first):
         fail(f"stage {key}: --rows {stage.rows} must be a positive multiple of the number of "
              f"processes ({c.world_size})")
     Objective = OBJECTIVES[key]
-    resume_from = None
-    if a.resume:            # rank 0 checks the checkpoints; every rank resumes from its choice
-        found = resume_checkpoint(ckpt_root, Objective.extra_files, c.print) if c.master else None
-        resume_from = gather_objects(found, c)[0]
+    resume_from = resume_checkpoint(ckpt_root, Objective.extra_files, c.print, c) if a.resume else None
 
     src = start_folder(run, key, first)
     processor = load_processor(run, resume_from or src)

@@ -76,8 +76,10 @@ class Compute:
 
 
 def fail(message):
-    """A one-line error a user can act on: printed to stderr, exit status 2 (as argparse does)."""
-    print(f"error: {message}", file=sys.stderr, flush=True)
+    """A one-line error a user can act on: printed to stderr (once, by rank 0 under torchrun),
+    exit status 2 (as argparse does)."""
+    if os.environ.get("RANK", "0") == "0":
+        print(f"error: {message}", file=sys.stderr, flush=True)
     raise SystemExit(2)
 
 
@@ -614,17 +616,21 @@ def checkpoint_problem(path, required=()):
     return None
 
 
-def resume_checkpoint(root, required=(), log=print):
+def resume_checkpoint(root, required=(), log=print, compute=None):
     """The newest intact checkpoint under `root` (None if there is none), after removing stale
     temporary folders; every newer damaged one is named with what is wrong with it (and kept,
-    for inspection: the next save of that step replaces it)."""
-    clean_stale_tmp(root, log)
-    for path in reversed(list_checkpoints(root)):
-        problem = checkpoint_problem(path, required)
-        if problem is None:
-            return path
-        log(f"skipping checkpoint {path}: {problem}")
-    return None
+    for inspection: the next save of that step replaces it). Under torchrun pass `compute`:
+    rank 0 checks and cleans, and every rank gets its choice."""
+    found = None
+    if compute is None or compute.master:
+        clean_stale_tmp(root, log)
+        for path in reversed(list_checkpoints(root)):
+            problem = checkpoint_problem(path, required)
+            if problem is None:
+                found = path
+                break
+            log(f"skipping checkpoint {path}: {problem}")
+    return found if compute is None else gather_objects(found, compute)[0]
 
 
 class JsonlLog:
