@@ -3,10 +3,16 @@ evaluate.py — held-out evaluation for both training scripts: greedy answers to
 scored with the rewards of rewards.py (one convention for training and evaluation), the
 no-image baselines (the most frequent answer; the same model given black images) and the tables.
 
-    python evaluate.py runs/pretrain/stage4                  # the held-out suite of the synthetic world
-    python evaluate.py runs/rl/final --jsonl my_benchmark.jsonl   # any JSONL file whose lines carry `answer`
+    python evaluate.py runs/pretrain/stage4                        # the synthetic held-out suite
+    python evaluate.py runs/pretrain/stage4 --tasks count,ocr --n 32
+    python evaluate.py runs/rl/final --jsonl my_benchmark.jsonl --out records.jsonl
+    torchrun --nproc_per_node=2 evaluate.py runs/pretrain/stage4    # each process scores a share
 
-The protocol follows the MiMo-VL report §4.1 at small scale: greedy decoding, one answer per item.
+MODEL_DIR is any Hugging Face folder this project loads (config.json, safetensors, tokenizer).
+A JSONL line holds `messages` (a conversation; a final assistant turn is dropped) and `answer`,
+optionally `task` (rows of the table) and `scorer` (exact, numeric, count, choice, box, point,
+span; guessed from the answer otherwise). The protocol follows the MiMo-VL report §4.1 at
+small scale: greedy decoding, one answer per item.
 """
 
 import json
@@ -18,13 +24,15 @@ from collections import Counter
 import numpy as np
 import torch
 from PIL import Image
+from tqdm import tqdm
 
 import packing
 import synthetic
 import training
 from processor import VIDEO_KEYS, fetch_video, load_image
-from rewards import (DATA_REWARDS, MathVerifyMissing, choice_reward, count_reward, ground_reward, math_reward, ocr_reward,
-                     parse_span, passed, point_reward, require_math_verify, reward_tag, temporal_iou_reward)
+from rewards import (DATA_REWARDS, MathVerifyMissing, choice_reward, count_reward, ground_reward,
+                     math_reward, ocr_reward, parse_span, passed, point_reward, require_math_verify,
+                     reward_tag, temporal_iou_reward)
 
 
 # -----------------------------------------------------------------------------
@@ -155,7 +163,6 @@ def generate_answers(model, processor, samples, batch_size=32, max_new_tokens=No
     """Greedy responses (strings) for a list of samples. Batches hold one task each, so that
     prompts have similar lengths and a batch stops as soon as its short answers are done.
     progress=True shows a bar over the batches."""
-    from tqdm import tqdm
     model.eval()
     responses = [None] * len(samples)
     by_task = {}
@@ -312,7 +319,8 @@ def run_suite(model, processor, samples, compute, batch_size=32, majority=None, 
     real = evaluate(model, processor, mine, batch_size, progress=bar)["records"]
     with_image = [s for s in mine if _name(s) not in TEXT_ONLY_TASKS]
     blank = evaluate(model, processor, with_image, batch_size, blank=True, progress=bar)["records"]
-    real, blank = sum(training.gather_objects(real, compute), []), sum(training.gather_objects(blank, compute), [])
+    real = sum(training.gather_objects(real, compute), [])
+    blank = sum(training.gather_objects(blank, compute), [])
     losses = {}
     for name in dict.fromkeys(_name(s) for s in loss_samples):
         part = [s for s in loss_samples if _name(s) == name][r::w]
@@ -340,7 +348,6 @@ def format_results(res, title):
     return "\n".join(lines)
 
 
-
 # -----------------------------------------------------------------------------
 # 2. RL evaluation: held-out reward per task and the before/after table
 
@@ -352,9 +359,9 @@ def has_media(prompt):
 def evaluate_rewards(model, processor, prompts, compute, pool, batch_size=32, blank=False):
     """Greedy responses (generate_answers, each task's response budget) to the
     held-out prompts, scored by the reward router -> ({task: {reward, pass, length, n}}, records).
-    Each rank answers its share, in the weights' dtype (as the rollouts). blank=True blacks out every image and video first (the
-    no-image baseline; text-only prompts are skipped); responses are still judged against the
-    real prompt and ground truth."""
+    Each rank answers its share, in the weights' dtype (as the rollouts). blank=True blacks out
+    every image and video first (the no-image baseline; text-only prompts are skipped);
+    responses are still judged against the real prompt and ground truth."""
     mine = prompts[compute.rank::compute.world_size]
     if blank:
         mine = [p for p in mine if has_media(p)]
