@@ -249,10 +249,11 @@ class JsonlDataset:
 # synthetic.SyntheticDataset, so a mixture of synthetic tasks alone gives exactly the samples
 # SyntheticDataset gives. A JSONL source is read in a seeded order that is reshuffled each time
 # the source has been drawn len(file) times (an epoch of that file). Which line position i reads
-# depends on how often the source was drawn before i; those counts are kept per block of
-# MIXTURE_BLOCK positions, so [i] stays a pure function of i (what PackedLoader's exact resume
-# needs) at the price of redoing the draws before i once per process: about 6 µs a draw,
-# measured in this project on a shared 2-core machine, i.e. a minute per 10 M samples.
+# depends on how often the source was drawn before i. Those counts are a pure function of i too
+# (what PackedLoader's exact resume needs), found by redoing the draws from the nearest block of
+# MIXTURE_BLOCK positions whose counts are known: about 6-18 µs a draw, measured in this project
+# on a shared 2-core machine, i.e. minutes per 10 M samples. So that a resume does not redo them
+# all, the loader's state_dict carries the counts at its position (MixtureDataset.state_dict).
 
 MIXTURE_BLOCK = 1024
 
@@ -335,13 +336,37 @@ class MixtureDataset:
         self._cum = np.cumsum([s.weight for s in self.sources]).tolist()
         if not self._cum[-1] > 0:
             raise ValueError("the mixture's weights sum to 0; give some source a weight > 0")
-        self._counts = [np.zeros(len(self.sources), np.int64)]  # draws per source before block b
+        self._counts = {0: np.zeros(len(self.sources), np.int64)}  # block b -> draws per
+        self._resumed = 0           # source before it: block 0, the resumed one, the newest
         self._block = (None, None)  # (b, the sources drawn at the positions of block b)
         self._order = {}            # source index -> (epoch, its line order in that epoch)
 
     def __repr__(self):
         return "MixtureDataset(" + ",".join(
             f"{s.path if isinstance(s, JsonlSource) else s.task}:{s.weight:g}" for s in self.sources) + ")"
+
+    def _fingerprint(self):
+        """What a resumed stream must share with the saved one (the files by name and length,
+        so that a moved data folder still resumes)."""
+        return [f"{os.path.basename(s.path)}[{len(self._jsonl[j])} lines]:{s.weight!r}"
+                if j in self._jsonl else repr(s) for j, s in enumerate(self.sources)] \
+            + [self.split, self.seed]
+
+    def state_dict(self, position):
+        """The draw counts before `position` (rounded down to a block), for a loader's state:
+        load_state_dict of a fresh dataset then starts counting there, not at 0."""
+        b = position // MIXTURE_BLOCK
+        counts = self._counts_before(b) if self._jsonl else np.zeros(len(self.sources), np.int64)
+        return {"position": b * MIXTURE_BLOCK, "counts": counts.tolist(), "mixture": self._fingerprint()}
+
+    def load_state_dict(self, state):
+        if state.get("mixture") != self._fingerprint():
+            raise ValueError(f"cannot resume: the saved loader read the mixture {state.get('mixture')}, "
+                             f"this one is {self._fingerprint()}; resume with the same mixture")
+        b, rest = divmod(state["position"], MIXTURE_BLOCK)
+        counts = np.array(state["counts"], np.int64)
+        if rest == 0 and counts.shape == (len(self.sources),) and counts.sum() == state["position"]:
+            self._counts[b], self._resumed = counts, b
 
     def _draws(self, b):
         if self._block[0] != b:
@@ -356,10 +381,19 @@ class MixtureDataset:
         if j not in self._jsonl:
             return j, None
         b, r = divmod(i, MIXTURE_BLOCK)
-        while len(self._counts) <= b:
-            self._counts.append(self._counts[-1] + np.bincount(
-                self._draws(len(self._counts) - 1), minlength=len(self.sources)))
-        return j, int(self._counts[b][j] + np.count_nonzero(self._draws(b)[:r] == j))
+        return j, int(self._counts_before(b)[j] + np.count_nonzero(self._draws(b)[:r] == j))
+
+    def _counts_before(self, b):
+        """Draws of each source at the positions before block b, from the nearest known block."""
+        if b not in self._counts:
+            a = max(k for k in self._counts if k < b)
+            counts = self._counts[a].copy()
+            for c in range(a, b):
+                counts += np.bincount(self._draws(c), minlength=len(self.sources))
+            # keep block 0, the resumed block and the newest: a loader reads forward
+            self._counts = {k: v for k, v in self._counts.items() if k in (0, self._resumed)}
+            self._counts[b] = counts
+        return self._counts[b]
 
     def first_read(self, i):
         """Whether position i reads its sample for the first time in the stream (a synthetic
@@ -630,16 +664,22 @@ class PackedLoader:
         self.skipped = self.too_long = 0     # distinct bad lines / over-long samples so far
 
     def state_dict(self):
-        return {"chunk": self.chunk, "row": self.row, "skipped": self.skipped,
-                "too_long": self.too_long, "seed": self.seed, "rank": self.rank,
-                "world_size": self.world_size, "chunk_size": self.chunk_size,
-                "max_tokens": self.max_tokens}
+        state = {"chunk": self.chunk, "row": self.row, "skipped": self.skipped,
+                 "too_long": self.too_long, "seed": self.seed, "rank": self.rank,
+                 "world_size": self.world_size, "chunk_size": self.chunk_size,
+                 "max_tokens": self.max_tokens}
+        if hasattr(self.dataset, "state_dict"):  # MixtureDataset: its counts at our position
+            state["dataset"] = self.dataset.state_dict(
+                (self.chunk * self.world_size + self.rank) * self.chunk_size)
+        return state
 
     def load_state_dict(self, state):
         for key in ("seed", "world_size", "chunk_size", "max_tokens"):
             if state[key] != getattr(self, key):
                 raise ValueError(f"cannot resume: the saved loader had {key}={state[key]}, this one "
                                  f"has {getattr(self, key)}; resume with the same data settings")
+        if "dataset" in state and hasattr(self.dataset, "load_state_dict"):
+            self.dataset.load_state_dict(state["dataset"])
         self.chunk, self.row = state["chunk"], state["row"]
         self.skipped, self.too_long = state["skipped"], state["too_long"]
 

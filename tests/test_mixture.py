@@ -90,7 +90,7 @@ def test_sources_follow_the_weights_and_jsonl_lines_cycle_per_epoch():
 
 
 def test_mixture_packs_into_rows_and_resumes_exactly(processor, monkeypatch):
-    monkeypatch.setattr(packing, "MIXTURE_BLOCK", 16)  # resume crosses count blocks
+    monkeypatch.setattr(packing, "MIXTURE_BLOCK", 8)  # resume crosses count blocks
     ds = packing.MixtureDataset(packing.parse_mixture("data/example.jsonl:1,ocr:1,ground_point:1",
                                                       base_dir=ROOT))
     kw = dict(max_tokens=768, chunk_size=12, seed=3)
@@ -107,19 +107,41 @@ def test_mixture_packs_into_rows_and_resumes_exactly(processor, monkeypatch):
     for row in rows:
         cu = row["cu_seqlens"].tolist()
         assert cu[-1] == row["input_ids"].shape[1] <= 768 and len(cu) == len(row["tasks"]) + 1
-    fresh = packing.MixtureDataset(packing.parse_mixture("data/example.jsonl:1,ocr:1,ground_point:1",
-                                                         base_dir=ROOT))
-    resumed = packing.PackedLoader(fresh, processor, num_workers=1, **kw)
+    def fresh():
+        return packing.MixtureDataset(packing.parse_mixture("data/example.jsonl:1,ocr:1,ground_point:1",
+                                                            base_dir=ROOT))
+    resumed = packing.PackedLoader(fresh(), processor, num_workers=1, **kw)
     resumed.load_state_dict(state)
     for want, got in zip(rows[3:], resumed):
         assert digest(want) == digest(got)
         if want is rows[-1]:
             break
+    # the state carries the draw counts at its position: a resume redoes no draw before it
+    ds, blocks = fresh(), []
+    draws = ds._draws
+    ds._draws = lambda b: blocks.append(b) or draws(b)
+    resumed = packing.PackedLoader(ds, processor, **kw)
+    resumed.load_state_dict(json.loads(json.dumps(state)))  # as a checkpoint stores it
+    assert digest(next(iter(resumed))) == digest(rows[3])
+    assert state["dataset"]["position"] >= 16 and min(blocks) == state["dataset"]["position"] // 8
+    # a different mixture cannot resume from it
+    other = packing.MixtureDataset(packing.parse_mixture("data/example.jsonl:2,ocr:1,ground_point:1",
+                                                         base_dir=ROOT))
+    with pytest.raises(ValueError, match="cannot resume: the saved loader read the mixture"):
+        packing.PackedLoader(other, processor, **kw).load_state_dict(state)
 
 
-def test_mixture_with_a_file_of_bad_lines_fails_fast(tmp_path, processor):
+def test_bad_lines_in_a_mixture_count_once_and_a_file_of_them_fails_fast(tmp_path, processor):
+    bad = [json.dumps({"messages": i}) for i in range(5)]
+    path = tmp_path / "some_bad.jsonl"
+    path.write_text("\n".join([json.dumps({"text": "fine"})] + bad) + "\n")
+    ds = packing.MixtureDataset(packing.parse_mixture(f"{path}:1,text:0.2"), on_error="skip")
+    loader = packing.PackedLoader(ds, processor, max_tokens=512, chunk_size=16)
+    for _ in zip(range(4), loader):  # 64 positions: about 9 epochs of the file
+        pass
+    assert loader.skipped == 5
     path = tmp_path / "bad.jsonl"
-    path.write_text("\n".join(json.dumps({"messages": i}) for i in range(5)) + "\n")
+    path.write_text("\n".join(bad) + "\n")
     ds = packing.MixtureDataset(packing.parse_mixture(f"{path}:1,text:1"), on_error="skip")
     loader = packing.PackedLoader(ds, processor, max_tokens=512, chunk_size=16)
     with time_limit(60), pytest.raises(packing.DataError, match=rf"^{path}: all 5 non-blank lines"):
