@@ -534,8 +534,8 @@ def _pid_alive(pid):
 
 
 def clean_stale_tmp(root, log=print):
-    """Remove the `NAME.tmp-PID` folders that a killed atomic_dir write left in `root`, unless
-    process PID still runs. A `NAME.old-PID` folder means the writer died between commit_dir's two
+    """Remove the `NAME.tmp-PID` folders (and files) that a killed atomic write left in `root`,
+    unless process PID still runs. A `NAME.old-PID` folder means the writer died between commit_dir's two
     renames: it holds the previous version, which goes back under NAME if NAME is missing."""
     if not os.path.isdir(root):
         return []
@@ -549,7 +549,7 @@ def clean_stale_tmp(root, log=print):
             os.rename(path, final)
             log(f"restored {final} from {name}, left by a write that was killed")
             continue
-        shutil.rmtree(path, ignore_errors=True)
+        shutil.rmtree(path, ignore_errors=True) if os.path.isdir(path) else os.remove(path)
         removed.append(path)
         log(f"removed {path}, left by a write that was killed (process {m[3]} has ended)")
     return removed

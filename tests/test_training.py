@@ -120,10 +120,11 @@ def test_stale_temporary_folders_of_killed_writes_are_cleaned(tmp_path):
     # killed between commit_dir's two renames: step-000006 is missing, its old version survives
     os.rename(fake_checkpoint(str(root), 6), root / f"step-000006.old-{dead}")
     (root / f"step-000006.tmp-{dead}").mkdir()
+    (root / f"metrics.jsonl.tmp-{dead}").write_text("{}\n")    # JsonlLog.keep_only's temporary file
     said = []
     assert training.resume_checkpoint(str(root), log=said.append) == str(root / "step-000006")
     assert sorted(os.listdir(root)) == ["step-000002", f"step-000004.tmp-{alive}", "step-000006"]
-    assert len(said) == 3 and all(str(dead) in m for m in said)
+    assert len(said) == 4 and all(str(dead) in m for m in said)
 
 
 def test_jsonl_log_keeps_only_what_is_asked_and_skips_a_cut_line(tmp_path):
