@@ -35,7 +35,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from kernels import apply_rotary, linear_cross_entropy, varlen_attention
-from processor import check_json_fields, read_json_file, write_file_atomic, write_json_atomic
+from processor import (NO_THINK_STYLES, PRESETS, Processor, check_json_fields, read_json_file, split_thinking,
+                       write_file_atomic, write_json_atomic)
 from vit import MLP, RMSNorm, VisionConfig, VisionTransformer, fuse_linears
 
 
@@ -797,7 +798,7 @@ def load_checkpoint(cls, path, dtype=None, device=None, progress=True):
     if cfg.text.tie_word_embeddings:
         expected.pop("lm_head.weight", None)
     seen, unexpected, mis_shaped, wrong_dtype, ignored = set(), [], [], [], []
-    bad_shape_keys = set()
+    reported = set()
     for shard in tqdm(shards, desc="loading shards", disable=not progress or len(shards) < 2):
         shard_path = os.path.join(path, shard)
         try:
@@ -816,11 +817,11 @@ def load_checkpoint(cls, path, dtype=None, device=None, progress=True):
                     shape = tuple(header.get_shape())
                     if shape != tuple(expected[key].shape):
                         mis_shaped.append(f"{raw_key}: checkpoint {shape} vs model {tuple(expected[key].shape)}")
-                        bad_shape_keys.add(key)
+                        reported.add(key)
                         continue
                     if header.get_dtype() not in FLOAT_DTYPES:   # every parameter is a float tensor
                         wrong_dtype.append(f"{raw_key}: {header.get_dtype()}")
-                        bad_shape_keys.add(key)
+                        reported.add(key)
                         continue
                     tensor = f.get_tensor(raw_key).to(device=device, dtype=dtype)
                     _set_param(model, key, tensor)
@@ -828,7 +829,7 @@ def load_checkpoint(cls, path, dtype=None, device=None, progress=True):
         except SafetensorError as e:
             raise ValueError(f"{shard_path} is not a readable safetensors file ({e}); it may be "
                              "truncated or corrupt: download it again") from None
-    missing = sorted(set(expected) - seen - bad_shape_keys)
+    missing = sorted(set(expected) - seen - reported)
     if missing or unexpected or mis_shaped or wrong_dtype:
         lines = [f"checkpoint {path} does not match the model built from its config.json:"]
         for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mis_shaped),
@@ -1004,7 +1005,6 @@ def chat(model, processor, conversation, **kw):
     """Reply(reasoning, answer, truncated): the reply split at `</think>` (processor.split_thinking);
     truncated is True when it stopped at max_new_tokens, so the answer is cut off or missing.
     `kw` as chat_stream's."""
-    from processor import split_thinking
     text, finish = _consume(chat_stream(model, processor, conversation, **kw))
     return Reply(*split_thinking(text), truncated=finish == "length")
 
@@ -1045,7 +1045,6 @@ USER_ERRORS = (ValueError, OSError, ImportError, MemoryError, torch.OutOfMemoryE
 
 
 def main(argv=None):
-    from processor import NO_THINK_STYLES, PRESETS, Processor
     p = _Parser(description="Chat with a MiMo-VL / Qwen2.5-VL checkpoint about images and videos.")
     p.add_argument("question", nargs="?", help="the question; without it, an interactive multi-turn chat")
     p.add_argument("--model", required=True, help="folder with config.json, *.safetensors, tokenizer.json")
@@ -1073,7 +1072,7 @@ def main(argv=None):
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N; default: cuda if available, else cpu")
     try:
         args = p.parse_args(argv)
-        return _chat_cli(args, Processor, PRESETS)
+        return _chat_cli(args)
     except _ArgumentError as e:
         print(f"error: {e} (see --help)", file=sys.stderr)
     except USER_ERRORS as e:
@@ -1084,7 +1083,7 @@ def main(argv=None):
     return 2
 
 
-def _chat_cli(args, Processor, PRESETS):
+def _chat_cli(args):
     # everything that needs no model is checked first
     check_sampling(0 if args.temperature is None else args.temperature, args.top_k or 0,
                    1 if args.top_p is None else args.top_p, args.max_new_tokens or 0, flags=True)
