@@ -309,16 +309,17 @@ def heldout_suite(n, seed=0, suite=EVAL_SUITE):
 
 
 def run_suite(model, processor, samples, compute, batch_size=32, majority=None, loss_samples=(),
-              progress=False):
+              progress=False, max_new_tokens=None):
     """Greedy scores of the model on `samples`, beside the majority answer (`majority`: {task:
     answer}, see majority_answers; else the samples' own mode) and the model given black images;
     answer losses (real and blank images) on `loss_samples`. Each rank scores its share."""
     r, w = compute.rank, compute.world_size
     bar = progress and compute.master
     mine = samples[r::w]
-    real = evaluate(model, processor, mine, batch_size, progress=bar)["records"]
+    real = evaluate(model, processor, mine, batch_size, max_new_tokens, progress=bar)["records"]
     with_image = [s for s in mine if _name(s) not in TEXT_ONLY_TASKS]
-    blank = evaluate(model, processor, with_image, batch_size, blank=True, progress=bar)["records"]
+    blank = evaluate(model, processor, with_image, batch_size, max_new_tokens, blank=True,
+                     progress=bar)["records"]
     real = sum(training.gather_objects(real, compute), [])
     blank = sum(training.gather_objects(blank, compute), [])
     losses = {}
@@ -489,6 +490,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="suite: the synthetic world's seed "
                    "(train_pretrain.py --seed)")
     p.add_argument("--batch-size", type=int, default=64, help="prompts per generation batch")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="response budget (default: the "
+                   "synthetic tasks' own, 64 for other tasks; a thinking model needs thousands)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--out", default=None, help="with --jsonl: write every scored record (response, "
                    "answer, metrics) to this JSONL file")
@@ -496,8 +499,9 @@ def main(argv=None):
     if not os.path.isfile(os.path.join(args.model, "config.json")):
         _fail(f"{args.model}: not a model folder (no config.json); pass a Hugging Face folder such "
               f"as a stage folder written by train_pretrain.py")
-    if args.n is not None and args.n < 1:
-        _fail(f"--n must be >= 1, got {args.n}")
+    for flag, value in (("--n", args.n), ("--max-new-tokens", args.max_new_tokens)):
+        if value is not None and value < 1:
+            _fail(f"{flag} must be >= 1, got {value}")
     if args.out and not args.jsonl:
         _fail("--out writes the records of a --jsonl evaluation; the suite logs one example per task")
     known = [e[0] for e in EVAL_SUITE + LOSS_SUITE]
@@ -517,14 +521,15 @@ def main(argv=None):
     processor = Processor.from_pretrained(args.model)
     if samples is not None:
         mine = samples[compute.rank::compute.world_size]
-        records = evaluate(model, processor, mine, args.batch_size, progress=compute.master)["records"]
+        records = evaluate(model, processor, mine, args.batch_size, args.max_new_tokens,
+                           progress=compute.master)["records"]
         records = sum(training.gather_objects(records, compute), [])
         _print_summary(summarise(records), f"{args.jsonl}: {len(samples)} items, greedy", compute)
     else:
         n = args.n or 64
         res = run_suite(model, processor, heldout_suite(n, args.seed, suite), compute, args.batch_size,
                         majority_answers(suite, seed=args.seed), heldout_suite(n, args.seed, losses),
-                        progress=True)
+                        progress=True, max_new_tokens=args.max_new_tokens)
         compute.print(format_results(res, f"{args.model}: held-out suite, {n} items per task, greedy"))
         return
     if args.out and compute.master:

@@ -67,26 +67,83 @@ def test_majority_answer_text_scores_as_right():
         assert all(v == 1.0 for v in metrics.values()), (scorer, metrics)
 
 
-def _cli(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), *args], cwd=cwd,
-                          capture_output=True, text=True, timeout=300)
+def _main_fails(capsys, *args):
+    """ev.main(args) exits with code 2 and a one-line message on stderr: returns the message."""
+    with pytest.raises(SystemExit) as e:
+        ev.main(list(args))
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1, err
+    return err
 
 
-def test_cli_errors_are_one_line_and_exit_2(tmp_path):
-    r = _cli(str(tmp_path / "missing"))
+def test_cli_errors_are_one_line_and_exit_2(tmp_path, capsys):
+    missing = str(tmp_path / "missing")
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), missing], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "no config.json" in r.stderr and "Traceback" not in r.stderr
     model = tmp_path / "model"
     model.mkdir()
     (model / "config.json").write_text("{}")
-    r = _cli(str(model), "--tasks", "count,nope")
-    assert r.returncode == 2 and "nope" in r.stderr and "Traceback" not in r.stderr
-    r = _cli(str(model), "--jsonl", str(tmp_path / "none.jsonl"))
-    assert r.returncode == 2 and "none.jsonl" in r.stderr and "Traceback" not in r.stderr
+    assert "nope" in _main_fails(capsys, str(model), "--tasks", "count,nope")
+    assert "none.jsonl" in _main_fails(capsys, str(model), "--jsonl", str(tmp_path / "none.jsonl"))
     bad = tmp_path / "bad.jsonl"
     line = {"messages": [{"role": "user", "content": "Where?"}], "answer": [1, 2, 3, 4],
             "scorer": "span"}
     bad.write_text(json.dumps({"messages": line["messages"]}) + "\n" + json.dumps(line) + "\n")
-    r = _cli(str(model), "--jsonl", str(bad))
-    assert r.returncode == 2 and "answer #1" in r.stderr and "Traceback" not in r.stderr
-    r = _cli(str(model), "--out", str(tmp_path / "x.jsonl"))
-    assert r.returncode == 2 and "--jsonl" in r.stderr
+    assert "answer #1" in _main_fails(capsys, str(model), "--jsonl", str(bad))
+    assert "--jsonl" in _main_fails(capsys, str(model), "--out", str(tmp_path / "x.jsonl"))
+    assert "--n" in _main_fails(capsys, str(model), "--n", "0")
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    """A random tiny model with a word-level tokenizer, saved as train_pretrain saves a stage."""
+    import torch
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
+
+    import synthetic
+    import training
+    from mimovl import MiMoVL, MiMoVLConfig
+    from processor import Processor
+    vocab = {t: i for i, t in enumerate(synthetic.SPECIAL_TOKENS)}
+    for w in "system user assistant You are a helpful What is 1 2 3 4 5 6 7 8 9 0 + ? \\boxed { }".split():
+        vocab.setdefault(w, len(vocab))
+    vocab["[UNK]"] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(),
+                                                 pre_tokenizers.Digits(individual_digits=True)])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in synthetic.SPECIAL_TOKENS])
+    processor = Processor(tok)
+    cfg = MiMoVLConfig.preset("tiny")
+    cfg.text.vocab_size = 64
+    torch.manual_seed(0)
+    model = MiMoVL(cfg.validate())
+    path = str(tmp_path_factory.mktemp("tiny") / "model")
+    training.save_stage_folder(path, model.state_dict(), model.cfg, processor, {"stage": "test"})
+    return path
+
+
+def test_cli_scores_a_jsonl_file_with_the_rewards(tiny_folder, tmp_path, capsys):
+    """End to end on a random tiny model: every record's metrics are the reward of its response."""
+    lines = [{"task": "sum", "messages": [{"role": "user", "content": f"What is {a} + {b} ?"}],
+              "answer": str(a + b)} for a, b in ((1, 2), (3, 4), (2, 2))]
+    lines.append({"task": "pick", "messages": [{"role": "user", "content": "1 or 2 ?"}], "answer": "2",
+                  "scorer": "choice"})
+    data, out = tmp_path / "data.jsonl", tmp_path / "records.jsonl"
+    data.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    ev.main([tiny_folder, "--jsonl", str(data), "--out", str(out), "--device", "cpu",
+             "--max-new-tokens", "6"])
+    records = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["answer"] for r in records] == [x["answer"] for x in lines]
+    for r in records:
+        assert isinstance(r["response"], str)
+        assert r["acc"] == ev.SCORERS[r["scorer"]](r["response"], r["answer"])["acc"]
+    assert [r["scorer"] for r in records] == ["numeric"] * 3 + ["choice"]
+    printed = capsys.readouterr().out
+    assert "sum" in printed and "pick" in printed and "4 items" in printed
+
+
+def test_cli_runs_the_suite(tiny_folder, capsys):
+    ev.main([tiny_folder, "--tasks", "text_math", "--n", "2", "--device", "cpu", "--max-new-tokens", "6"])
+    table = capsys.readouterr().out
+    assert "text_math" in table and "majority" in table and "2 items per task" in table
