@@ -358,7 +358,7 @@ def parse_points(text):
     return [[float(x), float(y)] for x, y in matches[:MAX_PREDICTIONS]]
 
 
-def truth_boxes(ground_truth):
+def _truth_boxes(ground_truth):
     """Ground-truth boxes from [x1,y1,x2,y2], {"bbox_2d": [...]}, a list of those, or their JSON."""
     gt = json.loads(ground_truth) if isinstance(ground_truth, str) else ground_truth
     if isinstance(gt, dict):
@@ -421,7 +421,7 @@ def ground_reward(response, ground_truth, /, **meta):
     the sum is divided by max(#truth, #predicted), so extra boxes are penalised. No box: 0.
     The `iou` component is the same matching on plain IoU (evaluation's Acc@0.5 reads it).
     """
-    truth = truth_boxes(ground_truth)
+    truth = _truth_boxes(ground_truth)
     boxes = parse_boxes(answer_part(response))
     if not boxes:
         return 0.0, {"parsed": 0.0, "iou": 0.0}
@@ -434,7 +434,7 @@ def ground_reward(response, ground_truth, /, **meta):
 def point_reward(response, ground_truth, /, **meta):
     """1 if the predicted point lies inside the ground-truth box (x2, y2 exclusive: see the
     coordinates note above). Several points or boxes are matched one-to-one, as for boxes."""
-    truth = truth_boxes(ground_truth)
+    truth = _truth_boxes(ground_truth)
     points = parse_points(answer_part(response))
     if not points:
         return 0.0, {"inside": 0.0, "parsed": 0.0}
@@ -504,7 +504,7 @@ def parse_span(text):
     return min(a, b), max(a, b)
 
 
-def truth_span(ground_truth):
+def _truth_span(ground_truth):
     """(start, end) seconds from `"[mm:ss,mm:ss]"` or [start_s, end_s]."""
     if isinstance(ground_truth, str):
         span = parse_span(ground_truth)
@@ -527,7 +527,7 @@ def temporal_iou(a, b):
 
 def temporal_iou_reward(response, ground_truth, /, **meta):
     """Temporal IoU between the predicted and ground-truth spans; 0 when no span can be read."""
-    truth = truth_span(ground_truth)
+    truth = _truth_span(ground_truth)
     span = parse_span(answer_part(response))
     if span is None:
         return 0.0, {"tiou": 0.0, "parsed": 0.0}
