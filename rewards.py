@@ -10,7 +10,7 @@ concept: one answer extractor, one box convention, one span parser, one way to r
 an option or a math answer.
 
 Math answers are checked by Math-Verify (github.com/huggingface/Math-Verify), the verifier the
-MiMo-VL report uses for its reasoning rewards, behind this module's own extraction and refusal
+MiMo-VL report (§3) uses for its reasoning rewards, behind this module's own extraction and refusal
 rules (section 2). It is imported only when a math reward is first computed: the model and
 inference never need it (`pip install -e .[train]` brings it). This module imports neither torch
 nor the model, so reward workers start fast.
