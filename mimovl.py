@@ -1060,7 +1060,7 @@ def main(argv=None):
     p.add_argument("--temperature", type=float, default=None, help="0 = greedy; default: generation_config.json, else 0")
     p.add_argument("--top-p", type=float, default=None, help="in (0, 1]; default: generation_config.json, else 1")
     p.add_argument("--top-k", type=int, default=None, help="0 = off; default: generation_config.json, else 0")
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None, help="seed for sampling (temperature > 0); default: random")
     # vision budgets
     p.add_argument("--preset", choices=sorted(PRESETS), default=None,
                    help="paper-eval: MiMo-VL's evaluation budgets (images <= 4096*28*28 pixels, videos "
