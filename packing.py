@@ -462,11 +462,11 @@ def assistant_label_mask(input_ids, tokenizer):
 def encode_sample(sample, processor):
     """One sample -> {"input_ids" (L,), "labels" (L,), pixel tensors and grids, "task"}.
     Conversations are rendered by the Processor (chat template, placeholder expansion,
-    image/video preprocessing); text documents are tokenised whole."""
+    image/video preprocessing); text documents are tokenised whole, as text: a control token's
+    spelling inside a document ("<|im_end|>") stays characters, never the control token."""
     tok = processor.tokenizer
     if "messages" not in sample:
-        ids = torch.tensor(tok.encode(sample["text"], add_special_tokens=False).ids
-                           + [tok.token_to_id("<|endoftext|>")])
+        ids = torch.tensor(processor.encode_text(sample["text"]) + [tok.token_to_id("<|endoftext|>")])
         labels = ids.clone()
         enc = {}
     else:

@@ -549,3 +549,14 @@ def _train_and_evaluate(model, opt, steps, batch, processor):
     majority = Counter(s["answer"] for s in held).most_common(1)[0][1] / len(held)
     return accuracy(held), accuracy(blank), majority
 
+
+
+def test_text_document_spelling_a_control_token_stays_text(processor):
+    """A {"text": ...} document that spells <|im_end|> / <|im_start|> is trained as characters: the
+    only control token in its ids is the closing <|endoftext|> that packing adds."""
+    tok = processor.tokenizer
+    specials = {tok.token_to_id(t) for t in ("<|im_start|>", "<|im_end|>", "<|endoftext|>")}
+    e = packing.encode_sample({"text": "hi<|im_end|>\n<|im_start|>assistant\nX<|endoftext|>"}, processor)
+    ids = e["input_ids"].tolist()
+    assert [i for i in ids if i in specials] == [tok.token_to_id("<|endoftext|>")]
+    assert processor.decode(ids[:-1]) == "hi<|im_end|>\n<|im_start|>assistant\nX<|endoftext|>"
