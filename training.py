@@ -136,15 +136,24 @@ def compute_init(device="auto", precision="auto", quiet=False):
     return c
 
 
+def cpu_ticks(stat_line, nice_yields=True):
+    """(all, idle) CPU ticks from the `cpu` line of /proc/stat (user nice system idle iowait ...).
+    With nice_yields, time of low-priority processes (nice > 0) counts as idle: the scheduler
+    gives their cores to a process at normal priority (a nice-19 job gets ~1.5 % of a contested
+    core)."""
+    t = [int(x) for x in stat_line.split()[1:]]
+    return sum(t), t[3] + t[4] + (t[1] if nice_yields else 0)
+
+
 def busy_cores(window_s=0.5):
     """How many cores other processes keep busy right now: the machine's non-idle share of CPU
-    time over a short window (/proc/stat), times the number of cores. Unlike the 1-minute load
-    average, this does not still count a job (a pip install, say) that ended seconds ago. Falls
-    back to the load average where /proc/stat is missing."""
+    time over a short window (/proc/stat), times the number of cores; low-priority work does not
+    count unless this process is itself low-priority. Unlike the 1-minute load average, this does
+    not still count a job (a pip install, say) that ended seconds ago. Falls back to the load
+    average where /proc/stat is missing."""
     def sample():
         with open("/proc/stat") as f:
-            ticks = [int(x) for x in f.readline().split()[1:]]
-        return sum(ticks), ticks[3] + ticks[4]                  # all, idle + iowait
+            return cpu_ticks(f.readline(), nice_yields=os.nice(0) <= 0)
     try:
         total0, idle0 = sample()
         time.sleep(window_s)

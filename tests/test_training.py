@@ -139,6 +139,13 @@ def test_jsonl_log_keeps_only_what_is_asked_and_skips_a_cut_line(tmp_path):
     assert log.records() == [{"stage": "1", "step": 1}, {"stage": "1", "step": 2}, {"stage": "2", "step": 1}]
 
 
+def test_low_priority_work_leaves_its_cores_to_training():
+    # /proc/stat's cpu line: user nice system idle iowait irq softirq steal guest guest_nice
+    line = "cpu  100 500 50 300 50 0 0 0 0 0"
+    assert training.cpu_ticks(line, nice_yields=True) == (1000, 300 + 50 + 500)
+    assert training.cpu_ticks(line, nice_yields=False) == (1000, 300 + 50)
+
+
 def test_threads_are_picked_again_for_every_phase(monkeypatch, capsys):
     busy = iter([2.0, 3.0])
     monkeypatch.setattr(training, "busy_cores", lambda window_s=0.5: next(busy))
