@@ -71,7 +71,7 @@ from processor import Processor, preprocess_image
 from training import (Compute, JsonlLog, add_dummy_vision, all_reduce_sum, atomic_dir,
                       build_optimizer, clean_stale_tmp, commit_dir, compute_init, fail, full_state,
                       grad_sync, list_checkpoints, load_training_state, lr_at,
-                      memory_estimate_gib, prepare_run_dir, resume_checkpoint, save_stage_folder,
+                      format_memory, memory_estimate_gib, prepare_run_dir, resume_checkpoint, save_stage_folder,
                       save_training_state, set_threads, set_trainable, wrap_model)
 
 
@@ -137,15 +137,19 @@ def stage_table(stages):
     return "\n".join(lines)
 
 
+DATA_STAGES = ("0-lm", "1", "2", "3", "4")      # the stages that train on a mixture (not 0-vit)
+
+
 def stage_mixture(key, args):
-    """The data of a stage: synthetic.stage_mixture (each stage adds data types, MiMo-VL report
-    §2.2) or --mixture, plus --replay of the earlier stages' mixtures (1..k-1, equal shares).
-    Measured: without replay stage 3 erased stage 1's big-shape captions (accuracy 0.81 -> 0.00)."""
+    """The data of a stage: its entry of args.data (stage_data: JSONL files and synthetic tasks
+    from the command line) or else synthetic.stage_mixture (each stage adds data types, MiMo-VL
+    report §2.2), plus --replay of the earlier stages' data (1..k-1, equal shares). Measured:
+    without replay stage 3 erased stage 1's big-shape captions (accuracy 0.81 -> 0.00)."""
     if key == "0-lm":
-        return synthetic.stage_mixture(0)
+        return args.data.get(key) or synthetic.stage_mixture(0)
     k, reasoning = int(key), not args.no_reasoning_data
-    mix = parse_mixture(args.mixture) if args.mixture else synthetic.stage_mixture(k, reasoning)
-    earlier = [synthetic.stage_mixture(j, reasoning) for j in range(1, k)]
+    mix = args.data.get(key) or synthetic.stage_mixture(k, reasoning)
+    earlier = [args.data.get(str(j)) or synthetic.stage_mixture(j, reasoning) for j in range(1, k)]
     if not earlier or args.replay <= 0:
         return mix
 
@@ -155,18 +159,52 @@ def stage_mixture(key, args):
     return scaled(mix, 1 - args.replay) + sum((scaled(e, args.replay / len(earlier)) for e in earlier), [])
 
 
-def parse_mixture(text):
-    """'count:2,ground_box:1' -> [MixItem] with default difficulty."""
-    items = []
-    for part in text.split(","):
-        task, _, w = part.partition(":")
-        if task.strip() not in synthetic.TASKS:
-            fail(f"--mixture: unknown task {task.strip()!r}; choose from {', '.join(sorted(synthetic.TASKS))}")
+def stage_data(args):
+    """{stage key: mixture} of the stages the command line gives data (the others train on the
+    synthetic default). Per stage, --stage-data wins over --stage-data-file (paths relative to
+    that file), which wins over --mixture (stages 1-4). Read at start-up: a bad entry is a
+    one-line error naming the flag, before any model is built."""
+    specs = {k: ("--mixture", args.mixture, None) for k in DATA_STAGES[1:] if args.mixture}
+    if args.stage_data_file:
+        base = os.path.dirname(os.path.abspath(args.stage_data_file))
+        specs.update({k: (f"--stage-data-file {args.stage_data_file}", v, base)
+                      for k, v in read_stage_data_file(args.stage_data_file).items()})
+    for entry in args.stage_data:
+        key, sep, spec = entry.partition("=")
+        if not sep or key.strip() not in DATA_STAGES:
+            fail(f"--stage-data {entry!r}: write STAGE=source:weight,... with STAGE one of "
+                 f"{', '.join(DATA_STAGES)}, e.g. 3=data/example.jsonl:0.3,count:1")
+        specs[key.strip()] = ("--stage-data", spec, None)
+    out = {}
+    for key, (flag, spec, base) in specs.items():
         try:
-            items.append(synthetic.MixItem(task.strip(), float(w or 1)))
-        except ValueError:
-            fail(f"--mixture: weight {w!r} of {task.strip()} is not a number")
-    return items
+            out[key] = packing.parse_mixture(spec, base)
+        except ValueError as e:
+            fail(f"{flag} (stage {key}): {e}")
+    return out
+
+
+def read_stage_data_file(path):
+    """--stage-data-file: a JSON object {"3": "data/ocr.jsonl:0.3,count:1", ...}."""
+    try:
+        with open(path) as f:
+            recipe = json.load(f)
+    except (OSError, ValueError) as e:
+        fail(f"--stage-data-file {path}: cannot read it as JSON ({e})")
+    if not isinstance(recipe, dict) or not all(k in DATA_STAGES and isinstance(v, str) for k, v in recipe.items()):
+        fail(f"--stage-data-file {path}: write one JSON object of stage -> 'source:weight,...' with "
+             f"stages among {', '.join(DATA_STAGES)}, e.g. {{\"3\": \"data/example.jsonl:0.3,count:1\"}}")
+    return recipe
+
+
+def describe_mixture(mix):
+    """'example.jsonl 27%, count 18%, ...': what a stage trains on, for the start-up printout."""
+    total = sum(m.weight for m in mix)
+    shares = {}
+    for m in mix:
+        name = os.path.relpath(m.path) if isinstance(m, packing.JsonlSource) else m.task
+        shares[name] = shares.get(name, 0) + m.weight / total
+    return ", ".join(f"{name} {share:.0%}" for name, share in shares.items())
 
 
 # -----------------------------------------------------------------------------
@@ -234,16 +272,22 @@ class NextTokenObjective:
         self.per_rank = per_rank
         vision_trainable = any(p.requires_grad for p in self.model.visual.parameters())
         self.dummy_vision = vision_trainable or (self.needs_vision and a.fsdp and c.distributed)
-        self.loader = packing.PackedLoader(
-            synthetic.SyntheticDataset(stage_mixture(self.key, a), "train", a.seed), self.processor,
-            max_tokens=self.run.stages[self.key].seq_len, chunk_size=a.chunk_size, num_workers=a.workers,
-            rank=c.rank, world_size=c.world_size, seed=a.seed, on_too_long="skip")
-        if loader_state is not None:
-            self.loader.load_state_dict(loader_state)
+        try:
+            self.loader = packing.PackedLoader(
+                packing.MixtureDataset(stage_mixture(self.key, a), "train", a.seed, on_error="skip"),
+                self.processor, max_tokens=self.run.stages[self.key].seq_len, chunk_size=a.chunk_size,
+                num_workers=a.workers, rank=c.rank, world_size=c.world_size, seed=a.seed, on_too_long="skip")
+            if loader_state is not None:
+                self.loader.load_state_dict(loader_state)
+        except ValueError as e:               # packing.DataError included
+            fail(f"stage {self.key}: {e}")
         self.stream = iter(self.loader)
 
     def next_batch(self):
-        rows = [next(self.stream) for _ in range(self.per_rank)]
+        try:
+            rows = [next(self.stream) for _ in range(self.per_rank)]
+        except packing.DataError as e:
+            fail(f"stage {self.key}: {e}")
         if self.dummy_vision:
             video = self.run.args.fsdp and self.run.compute.distributed
             rows = [add_dummy_vision(r, self.processor, video=video) for r in rows]
@@ -515,10 +559,10 @@ def run_stage(run, key, first):
         c.print(f"stage {key}: done earlier ({final}); skipping")
         return final
     set_threads(c, a.threads, f"stage {key}")
-    per_rank = stage.rows // c.world_size
-    if per_rank * c.world_size != stage.rows or per_rank == 0:
-        fail(f"stage {key}: --rows {stage.rows} must be a positive multiple of the number of "
-             f"processes ({c.world_size})")
+    per_rank = math.ceil(stage.rows / c.world_size)      # every rank takes part in every step
+    if per_rank * c.world_size != stage.rows:
+        c.print(f"stage {key}: --rows {stage.rows} rounded up to {per_rank * c.world_size} per step "
+                f"(global batch), a multiple of the {c.world_size} processes")
     Objective = OBJECTIVES[key]
     resume_from = resume_checkpoint(ckpt_root, Objective.extra_files, c.print, c) if a.resume else None
 
@@ -549,9 +593,10 @@ def run_stage(run, key, first):
             f"({n_train / 1e6:.2f} M of {n_total / 1e6:.2f} M parameters), from "
             f"{resume_from or src or 'scratch'}\n    {stage.steps} steps, lr {stage.lr:g} -> "
             f"{stage.min_lr:g}, warm-up {stage.warmup}; data: {stage.data}; paper: {stage.paper}")
-    if c.device.type == "cuda":
-        c.print(f"    estimated memory per GPU with FSDP2 + gradient checkpointing: "
-                f"{memory_estimate_gib(model.cfg, c.world_size, stage.seq_len, n_train / n_total):.1f} GiB")
+    if c.device.type == "cuda" or a.fsdp:
+        c.print("    estimated memory per GPU with FSDP2 + gradient checkpointing (training.memory_estimate_gib):\n" +
+                format_memory(memory_estimate_gib(model.cfg, c.world_size, stage.seq_len, stage.trainable,
+                                                  micro_batches=per_rank)))
 
     objective.start(per_rank, step, loader_state)
     if a.debug_nan_at_step >= 0:
@@ -751,8 +796,15 @@ def build_parser():
     g.add_argument("--rows", default=None, help="packed rows per optimiser step over all ranks (0-vit: images); "
                                                "rows / world_size per rank = gradient accumulation")
     g.add_argument("--trainable", default=None, help="parts to train, '+'-joined: vit, projector, llm")
+
+    g = p.add_argument_group("data (default: the synthetic world's stage mixtures; sources are synthetic "
+                             "task names or JSONL files, 'source:weight,...')")
     g.add_argument("--mixture", default=None,
-                   help="replace the stage mixtures (stages 1-4) by 'task:weight,...' over synthetic.TASKS")
+                   help="the data of stages 1-4, e.g. 'data/example.jsonl:0.3,count:1'")
+    g.add_argument("--stage-data", action="append", default=[], metavar="STAGE=MIXTURE",
+                   help="the data of one stage (0-lm, 1-4), e.g. 3=data/example.jsonl:0.3,count:1; repeatable")
+    g.add_argument("--stage-data-file", default=None,
+                   help='a JSON file {"3": "ocr.jsonl:0.3,count:1", ...}; paths relative to the file')
     g.add_argument("--replay", type=float, default=0.1,
                    help="fraction of each stage's data drawn from the earlier stages' mixtures (stages 2-4)")
     g.add_argument("--no-reasoning-data", action="store_true",
@@ -811,6 +863,8 @@ def resolve_stages(args, keys):
     for name, kind in fields.items():
         flag = "--" + name.replace("_", "-")
         for k, v in parse_stage_values(getattr(args, name), kind, keys, flag).items():
+            if name in ("steps", "seq_len", "rows") and v < 1:
+                fail(f"{flag}: {v} for stage {k}; give a positive number")
             out[k] = replace(out[k], **{name: v})
     return out
 
@@ -819,6 +873,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.eval_only:
         fail(f"evaluation moved to evaluate.py: python evaluate.py {args.eval_only} [--jsonl FILE]")
+    args.data = stage_data(args)
     compute = compute_init(args.device, args.precision)
     t_start = time.perf_counter()
     keys = selected_stages(args.stage, args.init)
@@ -834,6 +889,9 @@ def main(argv=None):
     if compute.master:
         clean_stale_tmp(args.out, compute.print)
     compute.print(f"stages to run ({args.recipe} table):\n" + stage_table([run.stages[k] for k in keys]))
+    compute.print("what each stage trains on (shares of the samples, replay included):\n" + "\n".join(
+        f"  {k:<6} {describe_mixture(stage_mixture(k, args)) if k in DATA_STAGES else run.stages[k].data}"
+        for k in keys))
 
     results, suite_cache = {}, {}
     for i, key in enumerate(keys):

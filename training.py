@@ -288,18 +288,59 @@ def grad_sync(wrapped, sync):
     return contextlib.nullcontext()
 
 
-def memory_estimate_gib(cfg, world_size, seq_len, trainable_fraction=1.0):
-    """Rough per-GPU memory of a stage under FSDP2 with gradient checkpointing: fp32 master
-    weights (4 B), fp32 grads and AdamW moments (12 B per trainable parameter) sharded over
-    world_size, plus bf16 activations at layer boundaries (2 B x seq x hidden x layers) and
-    one layer's working set (~16 B x seq x intermediate). An estimate, not a measurement."""
+def memory_estimate_gib(cfg, world_size, seq_len, trainable=("vit", "projector", "llm"),
+                        micro_batches=1, image_share=0.5):
+    """Per-GPU memory of one pre-training step under FSDP2 (wrap_model) with gradient
+    checkpointing and bf16 autocast, term by term, in GiB (a dict; "total" is their sum).
+    `seq_len` tokens per packed row, one row per micro-batch, `micro_batches` rows per rank per
+    step; `image_share` of a row's tokens are merged image tokens (4 ViT patches each).
+    An estimate from the code's data flow, not a measurement:
+
+    sharded over the ranks: fp32 master weights (4 B / parameter), fp32 AdamW moments (8 B) and
+    the fp32 sharded gradients (4 B) of the trainable parameters;
+    not sharded: with micro_batches > 1, FSDP2 under set_requires_gradient_sync(False) keeps each
+    unit's unsharded gradient in the fp32 reduce dtype until the last micro-batch (4 B per
+    trainable parameter, the whole model); the bf16 copies all-gathered for the unit that runs
+    and the one prefetched (2 x the largest LM layer) and the root unit's lm_head, which stays
+    gathered from the loss to the end of backward; the bf16 inputs of every LM layer and ViT
+    block kept for gradient checkpointing; one LM layer's and one ViT block's recomputed working
+    set in backward (~16 B x tokens x MLP width); the chunked cross-entropy
+    (kernels.linear_cross_entropy): one bf16 chunk of logits (<= 1 GiB), the fp32 dWeight
+    accumulator of lm_head (held from forward to backward) and the bf16 dHidden."""
     with torch.device("meta"):
-        n = sum(p.numel() for p in MiMoVL(cfg).parameters())
-    t = cfg.text
-    states = (4 * n + 12 * n * trainable_fraction) / world_size
-    acts = 2 * seq_len * t.hidden_size * t.num_hidden_layers + 16 * seq_len * t.intermediate_size
-    logits = 4 * seq_len * t.vocab_size / 4           # chunked CE holds a quarter of fp32 logits
-    return (states + acts + logits) / 2 ** 30
+        model = MiMoVL(cfg)
+    n = sum(p.numel() for p in model.parameters())
+    n_train = sum(p.numel() for name, p in model.named_parameters() if part_of(name) in trainable)
+    layer = sum(p.numel() for p in model.model.layers[0].parameters())
+    t, v = cfg.text, cfg.vision
+    patches = 4 * int(image_share * seq_len)
+    chunk_rows = min(seq_len, max(16, (1 << 30) // (t.vocab_size * 2)))
+    head_trainable = "llm" in trainable
+    b = {
+        "weights fp32 (sharded)": 4 * n / world_size,
+        "AdamW moments fp32 (sharded)": 8 * n_train / world_size,
+        "gradients fp32 (sharded)": 4 * n_train / world_size,
+        "accumulated gradients fp32 (unsharded, micro_batches > 1)": 4 * n_train if micro_batches > 1 else 0,
+        "gathered bf16 layers (running + prefetched)": 2 * 2 * layer,
+        "gathered bf16 lm_head (root unit)": 2 * t.vocab_size * t.hidden_size,
+        "LM layer inputs bf16 (checkpointed)": 2 * seq_len * t.hidden_size * t.num_hidden_layers,
+        "ViT block inputs bf16 (checkpointed)": 2 * patches * v.hidden_size * v.depth,
+        "LM layer working set (backward)": 16 * seq_len * t.intermediate_size,
+        "ViT block working set (backward)": 16 * patches * v.intermediate_size,
+        "cross-entropy logits chunk bf16": 2 * chunk_rows * t.vocab_size,
+        "cross-entropy dWeight accumulator fp32": 4 * t.vocab_size * t.hidden_size if head_trainable else 0,
+        "cross-entropy dHidden bf16": 2 * seq_len * t.hidden_size,
+    }
+    gib = {k: x / 2 ** 30 for k, x in b.items()}
+    gib["total"] = sum(gib.values())
+    return gib
+
+
+def format_memory(gib):
+    """The terms of memory_estimate_gib, one per line, largest first."""
+    terms = sorted(((k, x) for k, x in gib.items() if k != "total"), key=lambda kv: -kv[1])
+    return "\n".join([f"      {x:7.2f} GiB  {k}" for k, x in terms if x > 0] +
+                     [f"      {gib['total']:7.2f} GiB  total"])
 
 # -----------------------------------------------------------------------------
 # 3. Optimiser and schedule
