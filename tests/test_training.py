@@ -171,3 +171,29 @@ def test_compute_init_rejects_a_bad_device_or_precision_in_one_line(args, capsys
         training.compute_init(*args, quiet=True)
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and "\n" not in err and repr(args[0] if args[0] == "bogus" else args[1]) in err
+
+
+def test_memory_model_counts_every_term_by_hand_at_7b():
+    """The 7B stage-3 estimate on 8 GPUs, recomputed by hand from the parameter counts: the
+    sharded states, and the unsharded fp32 gradients that FSDP2 keeps under
+    set_requires_gradient_sync(False) only when a step has several micro-batches."""
+    from mimovl import MiMoVL, MiMoVLConfig
+    cfg = MiMoVLConfig.preset("mimo-vl-7b")
+    with torch.device("meta"):
+        n = sum(p.numel() for p in MiMoVL(cfg).parameters())
+    one = training.memory_estimate_gib(cfg, 8, 8192)
+    four = training.memory_estimate_gib(cfg, 8, 8192, micro_batches=4)
+    gib = 2 ** 30
+    assert one["weights fp32 (sharded)"] == pytest.approx(4 * n / 8 / gib)
+    assert one["AdamW moments fp32 (sharded)"] == pytest.approx(8 * n / 8 / gib)
+    assert one["accumulated gradients fp32 (unsharded, micro_batches > 1)"] == 0
+    assert four["accumulated gradients fp32 (unsharded, micro_batches > 1)"] == pytest.approx(4 * n / gib)
+    assert four["accumulated gradients fp32 (unsharded, micro_batches > 1)"] == pytest.approx(30.93, abs=0.01)
+    assert one["LM layer inputs bf16 (checkpointed)"] == pytest.approx(2 * 8192 * 4096 * 36 / gib)
+    assert one["ViT block inputs bf16 (checkpointed)"] == pytest.approx(2 * 4 * 4096 * 1280 * 32 / gib)
+    assert one["cross-entropy dWeight accumulator fp32"] == pytest.approx(4 * 151680 * 4096 / gib)
+    assert one["total"] == pytest.approx(sum(v for k, v in one.items() if k != "total"))
+    # a projector-only stage has no moments or gradients for the frozen towers
+    proj = training.memory_estimate_gib(cfg, 8, 8192, trainable=("projector",))
+    assert proj["AdamW moments fp32 (sharded)"] < 0.01 * one["AdamW moments fp32 (sharded)"]
+    assert proj["cross-entropy dWeight accumulator fp32"] == 0
