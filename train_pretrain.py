@@ -70,8 +70,9 @@ from mimovl import MiMoVL, MiMoVLConfig
 from processor import Processor, preprocess_image
 from training import (Compute, JsonlLog, add_dummy_vision, all_reduce_sum, atomic_dir,
                       build_optimizer, clean_stale_tmp, commit_dir, compute_init, fail, full_state,
-                      grad_sync, list_checkpoints, load_training_state, lr_at,
-                      format_memory, memory_estimate_gib, prepare_run_dir, resume_checkpoint, save_stage_folder,
+                      grad_sync, is_sharded, is_sharded_checkpoint, list_checkpoints, load_training_state, lr_at,
+                      format_memory, memory_estimate_gib, meta_model, prepare_run_dir, resume_checkpoint,
+                      save_stage_folder, save_stage_streamed,
                       save_training_state, set_threads, set_trainable, wrap_model)
 
 
@@ -403,7 +404,7 @@ class CellObjective:
         self.run = run
         torch.manual_seed(run.args.seed + 2)
         self.trainee = CellClassifier(model, len(synthetic.CELL_CLASSES))
-        if resume_from:
+        if resume_from and not is_sharded_checkpoint(resume_from):      # else it is in dcp/
             self.trainee.head.load_state_dict(
                 {k[len("head."):]: v for k, v in load_file(os.path.join(resume_from, "extra.safetensors")).items()})
 
@@ -538,7 +539,14 @@ def load_processor(run, folder):
 def load_model(run, key, src, resume_from, processor):
     """The stage's starting model in fp32: its checkpoint when resuming, else `src` or (None) a
     fresh model; stage 1 starts with a fresh projector (MiMo-VL report §2.1)."""
-    if resume_from or src:
+    meta = run.args.fsdp and run.compute.distributed and bool(resume_from or src)
+    if meta or (resume_from and is_sharded_checkpoint(resume_from)):
+        # no rank builds the whole model: wrap_model fills each rank's shards from the folder,
+        # or load_training_state from a sharded checkpoint
+        model = meta_model(resume_from or src)
+        if not meta:
+            model.to_empty(device="cpu")
+    elif resume_from or src:
         model = MiMoVL.from_pretrained(resume_from or src, dtype=torch.float32, progress=False)
     else:
         model = fresh_model(run.args)
@@ -546,6 +554,8 @@ def load_model(run, key, src, resume_from, processor):
         fail(f"the tokenizer has {processor.tokenizer.get_vocab_size()} tokens, more than "
              f"the model's vocab_size {model.cfg.text.vocab_size}")
     if key == "1" and not resume_from:
+        if meta:            # small: made whole on every rank (as one process makes it), then sliced
+            model.visual.merger.to_empty(device="cpu")
         torch.manual_seed(run.args.seed + 1)
         reinit_projector(model)
     return model
@@ -572,8 +582,11 @@ def run_stage(run, key, first):
     set_trainable(model, stage.trainable)
     model.visual.gradient_checkpointing = model.model.gradient_checkpointing = a.grad_checkpointing
     objective = Objective(run, key, model, processor, resume_from)
-    objective.trainee.to(c.device).train()
-    wrapped = wrap_model(objective.trainee, c, a.fsdp)
+    if not any(p.is_meta for p in objective.trainee.parameters()):
+        objective.trainee.to(c.device)
+    objective.trainee.train()
+    sharded_resume = resume_from and is_sharded_checkpoint(resume_from)
+    wrapped = wrap_model(objective.trainee, c, a.fsdp, weights=None if sharded_resume else resume_from or src)
     if a.compile:
         # the dense part of every block; attention stays eager: its packed varlen loop has
         # data-dependent segment counts (and on GPU it is already one fused Triton kernel)
@@ -603,14 +616,16 @@ def run_stage(run, key, first):
         objective = PoisonedLoss(objective, a.debug_nan_at_step, step)
     train(run, key, objective, wrapped, opt, step, model.cfg, processor)
 
-    state = full_state(wrapped)
-    if c.master:
-        model_state, extra = objective.split(state)
-        record = {"stage": key, "steps": stage.steps, "stage_config": asdict(stage),
-                  "started_from": src, "args": vars(a)}
-        save_stage_folder(final, model_state, model.cfg, processor, record,
-                          dtype=None if a.save_dtype == "float32" else getattr(torch, a.save_dtype),
-                          extra=extra)
+    record = {"stage": key, "steps": stage.steps, "stage_config": asdict(stage),
+              "started_from": src, "args": vars(a)}
+    dtype = None if a.save_dtype == "float32" else getattr(torch, a.save_dtype)
+    if is_sharded(wrapped):         # streamed, one parameter at a time: no full state dict
+        save_stage_streamed(final, wrapped, model.cfg, processor, record, c, dtype, objective.split)
+    else:
+        state = full_state(wrapped)
+        if c.master:
+            model_state, extra = objective.split(state)
+            save_stage_folder(final, model_state, model.cfg, processor, record, dtype=dtype, extra=extra)
     c.barrier()
     c.print(f"stage {key}: wrote {final}")
     return final

@@ -225,26 +225,106 @@ def set_trainable(model, parts):
     return n
 
 
-def wrap_model(trainee, compute, fsdp=False):
+def wrap_model(trainee, compute, fsdp=False, weights=None):
     """DDP (a full replica per rank) for small models; FSDP2 (`fully_shard` every ViT block, LM
     layer, the projector, the patch and token embeddings, then the root) for large ones, with bf16
-    compute and fp32 gradient reduction. Single process: the module itself."""
+    compute and fp32 gradient reduction. Single process: the module itself.
+
+    Under FSDP2 the trainee may be built on the meta device (`meta_model`), so that no rank ever
+    holds the whole fp32 model: after sharding, each rank allocates only its own shards and
+    fills them (`fill_shards`) from the checkpoint folder `weights`, reading only the rows it owns;
+    parameters that were already real before wrapping (a fresh projector, a training head) keep
+    their values. With `weights=None` the shards stay uninitialised for load_training_state."""
     if not compute.distributed:
         return trainee
     if fsdp:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
         mp = MixedPrecisionPolicy(param_dtype=compute.amp_dtype, reduce_dtype=torch.float32)
         model = trainee if isinstance(trainee, MiMoVL) else trainee.model   # e.g. MiMoVL + a head
+        on_meta = any(p.is_meta for p in trainee.parameters())
+        real = {n: t.detach().clone() for n, t in trainee.state_dict().items() if not t.is_meta}
         units = [*model.visual.blocks, model.visual.merger, model.visual.patch_embed,
                  *model.model.layers, model.model.embed_tokens]
         for m in units:
             fully_shard(m, mp_policy=mp)
         # lm_head stays in the root unit: the loss reads lm_head.weight directly
         fully_shard(trainee, mp_policy=mp)
+        if on_meta:
+            trainee.to_empty(device=compute.device)
+            fill_shards(trainee, weights, real)
         return trainee
     from torch.nn.parallel import DistributedDataParallel as DDP
     ids = [compute.device.index] if compute.device.type == "cuda" else None
     return DDP(trainee, device_ids=ids)
+
+
+def meta_model(folder):
+    """A MiMoVL built from `folder`'s config.json on the meta device: no memory until
+    wrap_model shards it (or `.to_empty` allocates it for load_training_state)."""
+    from mimovl import MiMoVLConfig
+    from processor import read_json_file
+    cfg = MiMoVLConfig.from_hf_dict(read_json_file(os.path.join(folder, "config.json")),
+                                    source=os.path.join(folder, "config.json"))
+    with torch.device("meta"):
+        return MiMoVL(cfg)
+
+
+def local_rows(t):
+    """(first, end) rows of dimension 0 that this rank holds of the FSDP2-sharded DTensor `t`
+    (Shard(0) as torch.chunk cuts: ceil(n / world) rows per rank, the last ranks may hold
+    fewer or none); (0, n) for a plain tensor."""
+    from torch.distributed.tensor import DTensor, Shard
+    if not isinstance(t, DTensor):
+        return 0, t.shape[0] if t.ndim else 1
+    if len(t.placements) != 1 or t.placements[0] != Shard(0):
+        raise NotImplementedError(f"only FSDP2's Shard(0) placement is supported, not {t.placements}")
+    n, world, rank = t.shape[0], t.device_mesh.size(), t.device_mesh.get_local_rank()
+    per = -(-n // world)
+    first, end = min(n, rank * per), min(n, (rank + 1) * per)
+    assert t.to_local().shape[0] == end - first, "internal error: FSDP2 sharded differently"
+    return first, end
+
+
+@torch.no_grad()
+def fill_shards(trainee, folder, real):
+    """Fill this rank's shards of a sharded trainee: the MiMoVL's tensors from the safetensors
+    files of the HF folder `folder` (safe_open slices: only the rows this rank owns are read,
+    one tensor at a time), the tensors in `real` (name -> full tensor) by slicing them. Strict:
+    every tensor must be filled, every checkpoint key used (mimovl's ignorable keys aside).
+    With folder=None only `real` is filled (the rest comes from a sharded checkpoint)."""
+    from safetensors import safe_open
+    from torch.distributed.tensor import DTensor
+    from mimovl import IGNORABLE_KEY_PREFIXES, IGNORABLE_KEY_SUFFIXES, canonical_key, checkpoint_shards
+    path, mimo = next((n, m) for n, m in trainee.named_modules() if isinstance(m, MiMoVL))
+    prefix = path + "." if path else ""
+    targets = trainee.state_dict()
+    if mimo.cfg.text.tie_word_embeddings:
+        targets.pop(prefix + "lm_head.weight", None)          # the embedding is the head
+
+    def put(name, read):
+        t = targets.pop(name)
+        first, end = local_rows(t)
+        local = t.to_local() if isinstance(t, DTensor) else t
+        local.copy_(read(first, end).reshape(local.shape))
+
+    for name in [n for n in targets if n in real]:
+        put(name, lambda a, b, name=name: real[name][a:b] if real[name].ndim else real[name])
+    unexpected = []
+    if folder is not None:
+        for shard in checkpoint_shards(folder):
+            with safe_open(os.path.join(folder, shard), framework="pt", device="cpu") as f:
+                for key in f.keys():
+                    name = prefix + canonical_key(key)
+                    if key.startswith(IGNORABLE_KEY_PREFIXES) or key.endswith(IGNORABLE_KEY_SUFFIXES):
+                        continue
+                    if name not in targets:
+                        if name not in real:
+                            unexpected.append(key)
+                        continue
+                    put(name, lambda a, b, key=key: f.get_slice(key)[a:b])
+    if folder is not None and (targets or unexpected):
+        raise ValueError(f"{folder}: does not match the model: missing {sorted(targets)[:20]}, "
+                         f"unexpected {unexpected[:20]}")
 
 
 def add_dummy_vision(row, processor, video=False):
@@ -427,9 +507,15 @@ def save_stage_folder(path, state, cfg, processor, record, dtype=None, extra=Non
     """A stage's output: a Hugging Face folder (weights, config, tokenizer, chat template,
     preprocessor and generation configs) plus pretrain_stage.json, written atomically. `extra`
     (the 0-vit head) goes to extra.safetensors, which loaders of the model ignore."""
-    from safetensors.torch import save_file
     tmp = atomic_dir(path)
     write_model(tmp, state, cfg, dtype)
+    _stage_files(tmp, cfg, processor, record, extra)
+    commit_dir(tmp, path)
+
+
+def _stage_files(tmp, cfg, processor, record, extra):
+    """What a stage folder holds beside the model's weights and config.json."""
+    from safetensors.torch import save_file
     if extra:
         save_file({k: v.contiguous() for k, v in extra.items()}, os.path.join(tmp, "extra.safetensors"))
     processor.save_pretrained(tmp)
@@ -437,7 +523,59 @@ def save_stage_folder(path, state, cfg, processor, record, dtype=None, extra=Non
                 {"eos_token_id": processor.eos_token_ids, "pad_token_id": processor.pad_token_id,
                  "bos_token_id": cfg.bos_token_id, "do_sample": False})
     write_json(os.path.join(tmp, "pretrain_stage.json"), record)
-    commit_dir(tmp, path)
+
+
+def save_stage_streamed(path, wrapped, cfg, processor, record, compute, dtype=None, split=None,
+                        max_shard_bytes=5 * 1024 ** 3):
+    """save_stage_folder for an FSDP2 model without the full state dict: the parameters are
+    gathered one at a time (DTensor.full_tensor) and rank 0 writes them into safetensors shards
+    of at most `max_shard_bytes` (with model.safetensors.index.json when there are several), so
+    no rank holds more than one shard and one tensor of the exported model. Same folder as
+    save_stage_folder; all ranks call this. `split` as in save_training_state."""
+    from safetensors.torch import save_file
+    from torch.distributed.tensor import DTensor
+    tmp = gather_objects(atomic_dir(path) if compute.master else None, compute)[0]
+    dtype = dtype or torch.float32
+    parts, current, size, extra = [], {}, 0, {}
+
+    def flush(tensors):
+        name = f"part-{len(parts):05d}.safetensors"
+        save_file(tensors, os.path.join(tmp, name), metadata={"format": "pt"})
+        parts.append((name, sorted(tensors), sum(v.numel() * v.element_size() for v in tensors.values())))
+
+    for name, t in wrapped.state_dict().items():
+        full = t.full_tensor() if isinstance(t, DTensor) else t        # all ranks take part
+        if not compute.master:
+            continue
+        full = full.detach().to("cpu", dtype if full.is_floating_point() else full.dtype).contiguous()
+        weights, head = split({name: full}) if split else ({name: full}, {})
+        extra.update(head)
+        for key, v in weights.items():
+            if cfg.text.tie_word_embeddings and key == "lm_head.weight":
+                continue                                                   # the embedding is the head
+            n = v.numel() * v.element_size()
+            if current and size + n > max_shard_bytes:
+                flush(current)
+                current, size = {}, 0
+            current[key] = v
+            size += n
+    if compute.master:
+        flush(current)
+        if len(parts) == 1:
+            os.rename(os.path.join(tmp, parts[0][0]), os.path.join(tmp, "model.safetensors"))
+        else:
+            weight_map = {}
+            for i, (part, keys, _) in enumerate(parts):
+                final = f"model-{i + 1:05d}-of-{len(parts):05d}.safetensors"
+                os.rename(os.path.join(tmp, part), os.path.join(tmp, final))
+                weight_map.update({k: final for k in keys})
+            write_json(os.path.join(tmp, "model.safetensors.index.json"),
+                       {"metadata": {"total_size": sum(p[2] for p in parts)}, "weight_map": weight_map})
+        write_json(os.path.join(tmp, "config.json"),
+                   {**cfg.to_hf_dict(), "torch_dtype": str(dtype).replace("torch.", "")})
+        _stage_files(tmp, cfg, processor, record, extra)
+        commit_dir(tmp, path)
+    compute.barrier()
 
 
 def rng_state(compute):
@@ -469,10 +607,14 @@ def save_training_state(root, step, wrapped, optimizer, cfg, processor, loader_s
     0-vit head), optimizer.safetensors (AdamW moments keyed by parameter name), rng.safetensors
     (torch/CUDA generator states of every rank) and trainer_state.json (step, optimiser groups,
     data position and Python/NumPy RNG of every rank). All ranks call this (FSDP gathers).
-    `split(state) -> (MiMoVL weights, extra weights)` separates a training head from the model."""
+    `split(state) -> (MiMoVL weights, extra weights)` separates a training head from the model.
+    An FSDP2 model is saved sharded instead (save_sharded_state): nothing is gathered."""
     from safetensors.torch import save_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
+    if is_sharded(wrapped):
+        return save_sharded_state(root, step, wrapped, optimizer, cfg, processor, loader_state, compute,
+                                  keep_last, meta)
     state = full_state(wrapped)
     osd = get_optimizer_state_dict(wrapped, optimizer,
                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -488,25 +630,109 @@ def save_training_state(root, step, wrapped, optimizer, cfg, processor, loader_s
         opt_tensors = {f"{name}::{k}": v.detach().cpu().contiguous()
                        for name, st in osd["state"].items() for k, v in st.items()}
         save_file(opt_tensors, os.path.join(tmp, "optimizer.safetensors"))
-        rng_tensors = {}
-        for r, s in enumerate(rngs):
-            rng_tensors[f"rank{r}.torch"] = s["torch"]
-            if "cuda" in s:
-                rng_tensors[f"rank{r}.cuda"] = s["cuda"]
-        save_file(rng_tensors, os.path.join(tmp, "rng.safetensors"))
         groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()}
                   for g in osd["param_groups"]]
-        write_json(os.path.join(tmp, "trainer_state.json"), {
-            "step": step, "world_size": compute.world_size, "param_groups": groups,
-            "loader": loaders,
-            "python_rng": [[s["python"][0], list(s["python"][1]), s["python"][2]] for s in rngs],
-            "numpy_rng": [[s["numpy"][0], s["numpy"][1].tolist(), *s["numpy"][2:]] for s in rngs],
-            **meta})
+        _rng_and_state(tmp, step, compute, rngs, loaders, {"param_groups": groups, **meta})
         processor.save_pretrained(tmp)          # so an intermediate checkpoint is a usable folder
         commit_dir(tmp, final)
         for old in list_checkpoints(root)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
     compute.barrier()
+
+
+def is_sharded(wrapped):
+    """True for an FSDP2 model (its parameters are DTensors)."""
+    from torch.distributed.tensor import DTensor
+    return any(isinstance(p, DTensor) for p in wrapped.parameters())
+
+
+def is_sharded_checkpoint(path):
+    """A checkpoint written by save_sharded_state: its model weights are in dcp/, not in an HF
+    folder, so load_training_state restores them."""
+    return os.path.isdir(os.path.join(path, "dcp"))
+
+
+COMPLETE = "COMPLETE"      # the last file a sharded checkpoint writes: without it, it is ignored
+
+
+def _rng_and_state(tmp, step, compute, rngs, loaders, extra):
+    """rng.safetensors and trainer_state.json of a checkpoint (rank 0)."""
+    from safetensors.torch import save_file
+    rng_tensors = {}
+    for r, s in enumerate(rngs):
+        rng_tensors[f"rank{r}.torch"] = s["torch"]
+        if "cuda" in s:
+            rng_tensors[f"rank{r}.cuda"] = s["cuda"]
+    save_file(rng_tensors, os.path.join(tmp, "rng.safetensors"))
+    write_json(os.path.join(tmp, "trainer_state.json"), {
+        "step": step, "world_size": compute.world_size, **extra, "loader": loaders,
+        "python_rng": [[s["python"][0], list(s["python"][1]), s["python"][2]] for s in rngs],
+        "numpy_rng": [[s["numpy"][0], s["numpy"][1].tolist(), *s["numpy"][2:]] for s in rngs]})
+
+
+def save_sharded_state(root, step, wrapped, optimizer, cfg, processor, loader_state, compute,
+                       keep_last, meta):
+    """checkpoints/<stage>/step-NNNNNN/ of an FSDP2 run: dcp/ (torch.distributed.checkpoint:
+    each rank writes its own shards of the model and of the AdamW moments, rank 0 the metadata),
+    rng.safetensors + trainer_state.json as save_training_state, config.json and the tokenizer.
+    Atomic: all ranks write into rank 0's temporary folder, rank 0 writes COMPLETE last and
+    renames the folder; a folder without COMPLETE is never resumed from. DCP reshards on load,
+    so a run may resume with any number of processes (load_training_state)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    final = os.path.join(root, f"step-{step:06d}")
+    tmp = gather_objects(atomic_dir(final) if compute.master else None, compute)[0]
+    model_state, optim_state = get_state_dict(wrapped, optimizer)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=os.path.join(tmp, "dcp"))
+    rngs = gather_objects(rng_state(compute), compute)
+    loaders = gather_objects(loader_state, compute)
+    if compute.master:
+        _rng_and_state(tmp, step, compute, rngs, loaders, {"format": "dcp", **meta})
+        write_json(os.path.join(tmp, "config.json"), cfg.to_hf_dict())
+        processor.save_pretrained(tmp)
+        with open(os.path.join(tmp, COMPLETE), "w") as f:
+            f.write(f"step {step}, {compute.world_size} process(es)\n")
+        commit_dir(tmp, final)
+        for old in list_checkpoints(root)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    compute.barrier()
+
+
+def rank_loader_state(saved, rank, world_size):
+    """This rank's data position from the positions that all ranks of a checkpoint saved, for a
+    run with `world_size` processes. Same world size: its own. Otherwise the position must be
+    one the new split can express: a step-keyed state (stage 0-vit: the same for every rank), or
+    PackedLoader states that all stand at the start of chunk c (rank r of W reads global chunks
+    r, r + W, ...): c x W global chunks are read, which `world_size` ranks split evenly when
+    it divides c x W."""
+    if len(saved) == world_size:
+        return saved[rank]
+    if all(s == saved[0] and set(s) == {"step"} for s in saved):
+        return saved[0]
+    old = len(saved)
+    if not all(s.get("row") == 0 and s.get("chunk") == saved[0]["chunk"] for s in saved):
+        fail(f"cannot resume with {world_size} process(es): the checkpoint's {old} ranks stand at "
+             f"different points of their data chunks ({[(s.get('chunk'), s.get('row')) for s in saved]}); "
+             f"resume with {old} process(es), or use chunks that fill whole rows")
+    done = saved[0]["chunk"] * old
+    if done % world_size:
+        fail(f"cannot resume with {world_size} process(es): {done} data chunks were read, which "
+             f"{world_size} ranks cannot split evenly; resume with {old} process(es)")
+    state = dict(saved[0], chunk=done // world_size, row=0, rank=rank, world_size=world_size,
+                 skipped=sum(s["skipped"] for s in saved) if rank == 0 else 0,
+                 too_long=sum(s["too_long"] for s in saved) if rank == 0 else 0)
+    return state
+
+
+def load_sharded_state(path, wrapped, optimizer, ts):
+    """Model and optimiser from a sharded checkpoint's dcp/, resharded to this run's processes
+    (any number, FSDP2, DDP or one process)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    model_state, optim_state = get_state_dict(wrapped, optimizer)      # the layout to read into
+    dcp.load({"model": model_state, "optim": optim_state}, checkpoint_id=os.path.join(path, "dcp"))
+    set_state_dict(wrapped, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
 
 
 def list_checkpoints(root):
@@ -518,34 +744,41 @@ def list_checkpoints(root):
 
 def load_training_state(path, wrapped, optimizer, compute):
     """Restore optimiser, RNG and return (step, this rank's loader state, trainer_state). The
-    model weights were loaded from `path` before wrapping (see run_stage)."""
+    model weights were loaded from `path` before wrapping (see run_stage), except from a sharded
+    checkpoint, whose model is restored here too, with any number of processes."""
     from safetensors.torch import load_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     with open(os.path.join(path, "trainer_state.json")) as f:
         ts = json.load(f)
-    if ts["world_size"] != compute.world_size:
-        fail(f"cannot resume {path}: it was written by {ts['world_size']} process(es), this run has "
-             f"{compute.world_size}. Resume with the same number of processes (each rank's data "
-             "position is saved), or start again with --overwrite.")
-    tensors = load_file(os.path.join(path, "optimizer.safetensors"))
-    state = {}
-    for key, v in tensors.items():
-        name, k = key.rsplit("::", 1)
-        state.setdefault(name, {})[k] = v
-    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in ts["param_groups"]]
-    set_optimizer_state_dict(wrapped, optimizer, {"state": state, "param_groups": groups},
-                             options=StateDictOptions(full_state_dict=True))
-    r = compute.rank
+    old, r = ts["world_size"], compute.rank
+    if is_sharded_checkpoint(path):
+        load_sharded_state(path, wrapped, optimizer, ts)
+        loader = rank_loader_state(ts["loader"], r, compute.world_size)
+    else:
+        if old != compute.world_size:
+            fail(f"cannot resume {path}: it was written by {old} process(es), this run has "
+                 f"{compute.world_size}. Resume with the same number of processes (each rank's data "
+                 "position is saved), or start again with --overwrite.")
+        tensors = load_file(os.path.join(path, "optimizer.safetensors"))
+        state = {}
+        for key, v in tensors.items():
+            name, k = key.rsplit("::", 1)
+            state.setdefault(name, {})[k] = v
+        groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in ts["param_groups"]]
+        set_optimizer_state_dict(wrapped, optimizer, {"state": state, "param_groups": groups},
+                                 options=StateDictOptions(full_state_dict=True))
+        loader = ts["loader"][r]
+    # a rank that the checkpoint did not have takes the generators of rank r mod (its ranks)
     rng = load_file(os.path.join(path, "rng.safetensors"))
-    py = ts["python_rng"][r]
-    npy = ts["numpy_rng"][r]
-    s = {"torch": rng[f"rank{r}.torch"], "python": (py[0], tuple(py[1]), py[2]),
+    src = r % old
+    py, npy = ts["python_rng"][src], ts["numpy_rng"][src]
+    s = {"torch": rng[f"rank{src}.torch"], "python": (py[0], tuple(py[1]), py[2]),
          "numpy": (npy[0], np.array(npy[1], dtype=np.uint32), *npy[2:])}
-    if f"rank{r}.cuda" in rng:
-        s["cuda"] = rng[f"rank{r}.cuda"]
+    if f"rank{src}.cuda" in rng:
+        s["cuda"] = rng[f"rank{src}.cuda"]
     set_rng_state(s, compute)
-    return ts["step"], ts["loader"][r], ts
+    return ts["step"], loader, ts
 
 
 # -----------------------------------------------------------------------------
@@ -630,12 +863,16 @@ def _safetensors_problem(path):
 
 def checkpoint_problem(path, required=()):
     """Why the checkpoint folder `path` (written by save_training_state) cannot be resumed from,
-    or None if it is intact: every file present (`required` adds some, e.g. extra.safetensors),
-    every JSON file parses, every safetensors header is readable and matches its file size, and
-    trainer_state.json agrees with the folder name and holds every rank's state."""
-    files = ["config.json", "trainer_state.json", "optimizer.safetensors", "rng.safetensors", *required]
-    if not os.path.isfile(os.path.join(path, "model.safetensors.index.json")):
-        files.append("model.safetensors")
+    or None if it is intact: every file present (`required` adds some, e.g. extra.safetensors;
+    a sharded checkpoint needs COMPLETE, its last file, and dcp/), every JSON file parses, every
+    safetensors header is readable and matches its file size, and trainer_state.json agrees
+    with the folder name and holds every rank's state."""
+    if is_sharded_checkpoint(path):          # the model, heads and optimiser are all in dcp/
+        files = [COMPLETE, "config.json", "trainer_state.json", "rng.safetensors", "dcp/.metadata"]
+    else:
+        files = ["config.json", "trainer_state.json", "optimizer.safetensors", "rng.safetensors", *required]
+        if not os.path.isfile(os.path.join(path, "model.safetensors.index.json")):
+            files.append("model.safetensors")
     for name in files:
         if not os.path.isfile(os.path.join(path, name)):
             return f"{name} is missing"
@@ -653,8 +890,9 @@ def checkpoint_problem(path, required=()):
                 return f"{name}: {problem}"
     with open(os.path.join(path, "trainer_state.json")) as f:
         ts = json.load(f)
-    if not isinstance(ts, dict) or not all(k in ts for k in ("step", "world_size", "param_groups", "loader",
-                                                             "python_rng", "numpy_rng")):
+    keys = ("step", "world_size", "loader", "python_rng", "numpy_rng")
+    if not isinstance(ts, dict) or not all(k in ts for k in keys) or \
+            not (is_sharded_checkpoint(path) or "param_groups" in ts):
         return "trainer_state.json lacks step, world_size, param_groups, loader or the RNG states"
     m = re.search(r"step-(\d+)$", os.path.normpath(path))
     if m and ts["step"] != int(m[1]):
