@@ -203,6 +203,27 @@ def _field_kinds(config_class):
     return {f.name: kinds[f.type] for f in fields(config_class) if f.type in kinds}
 
 
+def tiny_config(scale=1):
+    """The tiny preset, widened for scale >= 3 (train_pretrain.py --scale): w = round(sqrt(scale))
+    heads per head of the tiny model; head_dim stays 64, so mrope_section [8, 12, 12] still sums
+    to head_dim / 2."""
+    cfg = MiMoVLConfig.preset("tiny")
+    w = max(1, round(scale ** 0.5))
+    if w == 1:
+        return cfg
+    t, v = cfg.text, cfg.vision
+    t.num_attention_heads, t.num_key_value_heads = 4 * w, 2 * w
+    t.hidden_size = 64 * t.num_attention_heads
+    t.intermediate_size = 16 * round(2.6875 * t.hidden_size / 16)
+    t.num_hidden_layers = 4 + 2 * (w - 1)
+    v.num_heads, v.hidden_size = 2 * w, 128 * w
+    v.intermediate_size = 2 * v.hidden_size
+    v.depth = 4 + 2 * (w - 1)
+    v.fullatt_block_indexes = list(range(1, v.depth, 2))
+    v.out_hidden_size = t.hidden_size
+    return cfg.validate()
+
+
 # -----------------------------------------------------------------------------
 # M-RoPE position ids (transformers `modeling_qwen2_5_vl.py` get_rope_index; Qwen2.5-VL report)
 
@@ -706,6 +727,49 @@ class MiMoVL(nn.Module):
         so peak memory stays near one copy of the model plus one shard."""
         return load_checkpoint(cls, path, dtype=dtype, device=device, progress=progress)
 
+    @classmethod
+    def from_towers(cls, vit_dir, lm_dir, tokenizer_dir=None, projector_from_vit=False, dtype=None, device=None,
+                    progress=True):
+        """MiMo-VL's start point (MiMo-VL report §2.1): the ViT from one checkpoint, the LM from
+        another, a fresh projector.
+
+        vit_dir: a Qwen2.5-VL-format folder (transformers 4.57 keys `visual.*` / `model.*` or 5.x
+            keys `model.visual.*` / `model.language_model.*`); its `visual.*` tensors become the
+            ViT, its LM tensors are skipped.
+        lm_dir: a text checkpoint (Qwen2ForCausalLM / MiMoForCausalLM: `model.embed_tokens`,
+            `model.layers.N.*`, `model.norm`, `lm_head` or tied) or a Qwen2.5-VL folder, whose LM
+            part is taken. MiMo-7B-Base's `model.mtp_layers.*` (multi-token prediction) are dropped
+            and counted on stderr; any other missing, unexpected, mis-shaped or non-float key in
+            either folder is an error listing them all.
+        tokenizer_dir: the folder with the LM's tokenizer.json (default lm_dir), checked with
+            check_tokenizer: it must fit the embedding and have the four vision tokens at the
+            config's ids (a text tokenizer without them is an error saying what to add).
+        projector_from_vit: take the projector (`visual.merger.*`) from vit_dir too; only possible
+            when its out_hidden_size equals the LM's hidden_size. The paper's pair does not fit:
+            Qwen2.5-VL-7B's merger outputs 3584 (Qwen2-7B's width), MiMo-7B's hidden size is 4096,
+            so its last Linear could not be reused; MiMo-VL starts with a fresh projector, the
+            default here (init_projector: drawn from torch's global RNG, seed it first).
+        dtype: default the LM's config.json torch_dtype, else fp32; device: default cpu.
+
+        The config comes from the two config.json files (towers_config). The model is built on
+        the meta device and filled tensor by tensor, shard by shard, so memory peaks near one
+        model plus one tensor. Returns the model in eval mode."""
+        return load_towers(cls, vit_dir, lm_dir, tokenizer_dir=tokenizer_dir, projector_from_vit=projector_from_vit,
+                           dtype=dtype, device=device, progress=progress)
+
+    def init_projector(self):
+        """A fresh projector (`visual.merger`), initialised as a from-scratch MiMoVL is (_init_weights:
+        normal(0, 0.02) weights, zero biases; unit RMSNorm weight), drawn in fp32 on the CPU from
+        torch's global RNG, then moved to the model's device and dtype, so the same seed gives the
+        same projector everywhere. Also fills a merger left on the meta device (from_towers)."""
+        merger = self.visual.merger
+        device, dtype = self.device, self.dtype
+        merger.to_empty(device="cpu").float()
+        with torch.no_grad():
+            merger.apply(self._init_weights)
+            merger.ln_q.weight.fill_(1.0)
+        merger.to(device=device, dtype=dtype)
+
     def save_pretrained(self, path, max_shard_bytes=5 * 1024 ** 3):
         save_checkpoint(self, path, max_shard_bytes=max_shard_bytes)
 
@@ -772,73 +836,101 @@ def checkpoint_shards(path):
     return shards
 
 
-def load_checkpoint(cls, path, dtype=None, device=None, progress=True):
-    from safetensors import SafetensorError, safe_open
-    from tqdm import tqdm
-
+def _read_config(path, role="model folder"):
+    """(config.json as a dict, its path) of checkpoint folder `path`, with errors that say what to do."""
     path = os.fspath(path)
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"model folder {path!r} does not exist; download a Qwen2.5-VL-format "
+        raise FileNotFoundError(f"{role} {path!r} does not exist; download a Qwen2.5-VL-format "
                                 "checkpoint (e.g. XiaomiMiMo/MiMo-VL-7B-RL) into a folder and pass that folder")
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise FileNotFoundError(f"{cfg_path} is missing: the folder is not a Hugging Face checkpoint")
-    raw = read_json_file(cfg_path)
-    cfg = MiMoVLConfig.from_hf_dict(raw, source=cfg_path)
+    return read_json_file(cfg_path), cfg_path
+
+
+def _file_dtype(raw, cfg_path):
     try:
-        file_dtype = _dtype_from_name(raw.get("torch_dtype") or raw.get("dtype"))
+        return _dtype_from_name(raw.get("torch_dtype") or raw.get("dtype"))
     except ValueError as e:
         raise ValueError(f"{cfg_path}: torch_dtype: {e}") from None
+
+
+def load_checkpoint(cls, path, dtype=None, device=None, progress=True):
+    raw, cfg_path = _read_config(path)
+    path = os.fspath(path)
+    cfg = MiMoVLConfig.from_hf_dict(raw, source=cfg_path)
+    file_dtype = _file_dtype(raw, cfg_path)     # checked even when `dtype` overrides it
     dtype = _dtype_from_name(dtype) or file_dtype or torch.float32
     device = torch.device(device or "cpu")
-    shards = checkpoint_shards(path)
+    checkpoint_shards(path)          # a folder without weights fails before the model is built
     with torch.device("meta"):
         model = cls(cfg)
-    expected = {k: v for k, v in model.state_dict().items()}
-    if cfg.text.tie_word_embeddings:
-        expected.pop("lm_head.weight", None)
-    seen, unexpected, mis_shaped, wrong_dtype, ignored = set(), [], [], [], []
-    reported = set()
-    for shard in tqdm(shards, desc="loading shards", disable=not progress or len(shards) < 2):
+    tied = cfg.text.tie_word_embeddings
+    expected = set(model.state_dict()) - ({"lm_head.weight"} if tied else set())
+
+    def route(key):
+        if key.startswith(IGNORABLE_KEY_PREFIXES) or key.endswith(IGNORABLE_KEY_SUFFIXES):
+            return "ignorable"
+        return "tied: the embedding is the head" if key == "lm_head.weight" and tied else "load"
+    _, problems = _load_tensors(model, path, route, expected, dtype, device, progress)
+    if problems:
+        raise ValueError("\n".join([f"checkpoint {path} does not match the model built from its config.json:",
+                                    *problems]))
+    return _finish_loading(model)
+
+
+def _load_tensors(model, path, route, expected, dtype, device, progress):
+    """Fill the parameters of `model` (built on the meta device) from checkpoint folder `path`,
+    shard by shard and tensor by tensor, so memory holds the model plus one tensor being copied.
+    `route(key)` (key in our naming, canonical_key) says "load" for a tensor this folder must
+    provide, or a reason to skip it; `expected` is the set of parameter names this folder must
+    fill. Returns ({reason: [skipped raw keys]}, [one line per kind of problem]); the problems are
+    missing, unexpected, mis-shaped and non-float keys, every one listed (at most 20 per line)."""
+    from safetensors import SafetensorError, safe_open
+    from tqdm import tqdm
+
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    loaded, reported, skipped = set(), set(), {}
+    unexpected, mis_shaped, wrong_dtype = [], [], []
+    shards = checkpoint_shards(path)
+    for shard in tqdm(shards, desc=f"loading {path}", disable=not progress or len(shards) < 2):
         shard_path = os.path.join(path, shard)
         try:
             with safe_open(shard_path, framework="pt", device="cpu") as f:
                 for raw_key in f.keys():
                     key = canonical_key(raw_key)
-                    if key.startswith(IGNORABLE_KEY_PREFIXES) or key.endswith(IGNORABLE_KEY_SUFFIXES):
-                        ignored.append(raw_key)
+                    why = route(key)
+                    if why != "load":
+                        skipped.setdefault(why, []).append(raw_key)
                         continue
-                    if key == "lm_head.weight" and cfg.text.tie_word_embeddings:
-                        continue    # tied: the embedding is the head
                     if key not in expected:
                         unexpected.append(raw_key)
                         continue
                     header = f.get_slice(raw_key)
                     shape = tuple(header.get_shape())
-                    if shape != tuple(expected[key].shape):
-                        mis_shaped.append(f"{raw_key}: checkpoint {shape} vs model {tuple(expected[key].shape)}")
+                    if shape != shapes[key]:
+                        mis_shaped.append(f"{raw_key}: checkpoint {shape} vs model {shapes[key]}")
                         reported.add(key)
                         continue
                     if header.get_dtype() not in FLOAT_DTYPES:   # every parameter is a float tensor
                         wrong_dtype.append(f"{raw_key}: {header.get_dtype()}")
                         reported.add(key)
                         continue
-                    tensor = f.get_tensor(raw_key).to(device=device, dtype=dtype)
-                    _set_param(model, key, tensor)
-                    seen.add(key)
+                    _set_param(model, key, f.get_tensor(raw_key).to(device=device, dtype=dtype))
+                    loaded.add(key)
         except SafetensorError as e:
             raise ValueError(f"{shard_path} is not a readable safetensors file ({e}); it may be "
                              "truncated or corrupt: download it again") from None
-    missing = sorted(set(expected) - seen - reported)
-    if missing or unexpected or mis_shaped or wrong_dtype:
-        lines = [f"checkpoint {path} does not match the model built from its config.json:"]
-        for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mis_shaped),
-                             ("non-float (parameters are float tensors)", wrong_dtype)):
-            if items:
-                lines.append(f"  {len(items)} {title} key(s): " + ", ".join(items[:20]) +
-                             (" ..." if len(items) > 20 else ""))
-        raise ValueError("\n".join(lines))
-    if cfg.text.tie_word_embeddings:
+    missing = sorted(expected - loaded - reported)
+    problems = [f"  {len(items)} {title} key(s): " + ", ".join(items[:20]) + (" ..." if len(items) > 20 else "")
+                for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mis_shaped),
+                                     ("non-float (parameters are float tensors)", wrong_dtype)) if items]
+    return skipped, problems
+
+
+def _finish_loading(model):
+    """Tie the head to the embedding where the config says so; every parameter must be filled."""
+    if model.cfg.text.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     leftover = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     assert not leftover, f"internal error: parameters left on meta: {leftover}"
@@ -849,6 +941,182 @@ def _set_param(model, key, tensor):
     module_name, _, name = key.rpartition(".")
     module = model.get_submodule(module_name)
     module._parameters[name] = nn.Parameter(tensor, requires_grad=module._parameters[name].requires_grad)
+
+
+# -----------------------------------------------------------------------------
+# The paper's start point: Qwen2.5-ViT from one checkpoint, MiMo-7B-Base from another, a fresh
+# projector (MiMo-VL report §2.1)
+
+# transformers' Qwen2Config defaults (`configuration_qwen2.py`): what transformers uses for a key a
+# text-only config.json leaves out, so we read such a file as it does.
+QWEN2_TEXT_DEFAULTS = dict(vocab_size=151936, hidden_size=4096, intermediate_size=22016, num_hidden_layers=32,
+                           num_attention_heads=32, hidden_act="silu", max_position_embeddings=32768,
+                           rms_norm_eps=1e-6, tie_word_embeddings=False, rope_theta=10000.0)
+
+# The config fields naming the vision tokens, and the tokens (Qwen2.5-VL's tokenizer) they must be.
+VISION_TOKENS = (("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"),
+                 ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"))
+
+
+def _qwen2_mrope_section(head_dim, vit_mrope):
+    """M-RoPE's (t, h, w) split for an LM trained with 1-D RoPE. Text-only tokens have equal t, h
+    and w ids, so any split leaves text exactly as the LM was trained; images need one. Take the
+    ViT checkpoint's when it fits head_dim, else Qwen2.5-VL's proportions ([16, 24, 24] of 64:
+    3/8 each for height and width, the rest for time)."""
+    half = head_dim // 2
+    if sum(vit_mrope) == half:
+        return list(vit_mrope)
+    hw = 3 * half // 8
+    return [half - 2 * hw, hw, hw]
+
+
+def _text_config(raw, cfg_path, vit_mrope):
+    """TextConfig of a text-only Qwen2ForCausalLM / MiMoForCausalLM config.json (fields at top
+    level, transformers' Qwen2Config defaults for the ones left out)."""
+    check_json_fields(raw, cfg_path, {**_field_kinds(TextConfig), "rope_scaling": "object",
+                                      "use_sliding_window": "boolean"})
+    rope = raw.get("rope_scaling") or {}
+    if rope.get("rope_type", rope.get("type", "default")) not in ("default", "mrope"):
+        raise ValueError(f"{cfg_path}: rope_scaling {rope} is not supported (only plain RoPE); "
+                         "start from a checkpoint trained without rope scaling")
+    if raw.get("use_sliding_window"):
+        raise ValueError(f"{cfg_path}: use_sliding_window=true is not supported (full attention only)")
+    kw = {**QWEN2_TEXT_DEFAULTS, **{f.name: raw[f.name] for f in fields(TextConfig)
+                                    if f.name != "mrope_section" and raw.get(f.name) is not None}}
+    kw.setdefault("num_key_value_heads", kw["num_attention_heads"])   # Qwen2Config: None means MHA
+    heads = kw["num_attention_heads"]
+    head_dim = kw["hidden_size"] // heads if isinstance(heads, int) and heads > 0 else 0
+    return TextConfig(**kw, mrope_section=_qwen2_mrope_section(head_dim, vit_mrope))
+
+
+def _towers_config(vit_dir, lm_dir):
+    """(combined MiMoVLConfig, the ViT checkpoint's own config, whether lm_dir is a Qwen2.5-VL
+    folder, the LM's file dtype); see towers_config."""
+    vit_raw, vit_path = _read_config(vit_dir, "ViT folder")
+    vit_cfg = MiMoVLConfig.from_hf_dict(vit_raw, source=vit_path)
+    lm_raw, lm_path = _read_config(lm_dir, "LM folder")
+    if not isinstance(lm_raw, dict):
+        raise ValueError(f"{lm_path} must hold a JSON object, not a {type(lm_raw).__name__}")
+    lm_is_vl = "vision_config" in lm_raw
+    if lm_is_vl:                      # a Qwen2.5-VL folder: its LM part and its vision-token ids
+        lm_cfg = MiMoVLConfig.from_hf_dict(lm_raw, source=lm_path)
+        text, ids_from = lm_cfg.text, lm_cfg
+        ends = {k: getattr(lm_cfg, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    else:                             # a text checkpoint: vision-token ids as the ViT's config names them
+        text, ids_from = _text_config(lm_raw, lm_path, vit_cfg.text.mrope_section), vit_cfg
+        check_json_fields(lm_raw, lm_path, {"bos_token_id": "integer >= 0", "pad_token_id": "integer >= 0",
+                                            "eos_token_id": "token id or list of token ids"})
+        eos = lm_raw.get("eos_token_id")
+        ends = {"bos_token_id": lm_raw.get("bos_token_id"), "pad_token_id": lm_raw.get("pad_token_id"),
+                "eos_token_id": eos[0] if isinstance(eos, list) and eos else eos}
+    ends = {k: getattr(vit_cfg, k) if v is None else v for k, v in ends.items()}
+    vision = VisionConfig(**{**asdict(vit_cfg.vision), "out_hidden_size": text.hidden_size})
+    cfg = MiMoVLConfig(text=text, vision=vision, **{k: getattr(ids_from, k) for k, _ in VISION_TOKENS}, **ends)
+    try:
+        cfg.validate()
+    except ValueError as e:
+        raise ValueError(f"{lm_path} + {vit_path}: {e}") from None
+    return cfg, vit_cfg, lm_is_vl, _file_dtype(lm_raw, lm_path)
+
+
+def towers_config(vit_dir, lm_dir):
+    """The MiMoVLConfig of ViT-from-`vit_dir` + LM-from-`lm_dir` (what from_towers builds), from
+    the two config.json files: vision_config from the ViT folder; the text fields from the LM
+    folder (top level in a Qwen2 / MiMo text config.json, read with transformers' Qwen2Config
+    defaults; or a Qwen2.5-VL config's text part); the projector's out_hidden_size = the LM's
+    hidden_size; the vision-token ids from the LM folder when it is a Qwen2.5-VL folder, else
+    from the ViT folder; bos/eos/pad from the LM folder (else the ViT folder)."""
+    return _towers_config(vit_dir, lm_dir)[0]
+
+
+def check_tokenizer(cfg, folder):
+    """The tokenizer in `folder` (tokenizer.json) must fit `cfg`: the embedding has a row for every
+    token id, and <|vision_start|>, <|vision_end|>, <|image_pad|>, <|video_pad|> exist with exactly
+    the config's ids (a wrong id would put image features on other tokens). Every problem is
+    listed in one ValueError that says how to fix it."""
+    from tokenizers import Tokenizer
+
+    path = os.path.join(os.fspath(folder), "tokenizer.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} is missing: the LM's tokenizer is needed to check the vocabulary "
+                                "and the vision-token ids; copy it there or pass tokenizer_dir")
+    try:
+        tok = Tokenizer.from_file(path)
+    except Exception as e:  # the Rust library raises a bare Exception for every parse error
+        raise ValueError(f"{path} is not a readable tokenizer ({e})") from None
+    rows = cfg.text.vocab_size
+    top = max(tok.get_vocab(with_added_tokens=True).values(), default=-1)
+    problems = []
+    if top >= rows:
+        problems.append(f"it has token ids up to {top}, but the LM's embedding has {rows} rows: "
+                        "use the tokenizer the LM was trained with")
+    for name, token in VISION_TOKENS:
+        want, have = getattr(cfg, name), tok.token_to_id(token)
+        if have is None:
+            problems.append(f"it has no {token}, which the config uses as {name}={want}: add it to tokenizer.json's "
+                            f"\"added_tokens\" as {{\"id\": {want}, \"content\": \"{token}\", \"special\": true}} "
+                            f"(and to tokenizer_config.json's \"added_tokens_decoder\"); id {want} is "
+                            + ("an embedding row the LM has (it learns its meaning in training)" if want < rows else
+                               f"outside the {rows} embedding rows: choose an id below {rows} in both files"))
+        elif have != want:
+            problems.append(f"{token} is id {have} there, but the config uses {name}={want}: set {name} to "
+                            f"{have} in the config.json the ids come from, or use the matching tokenizer")
+    if problems:
+        raise ValueError(f"tokenizer {path} does not fit the model:\n  " + "\n  ".join(problems))
+
+
+def load_towers(cls, vit_dir, lm_dir, tokenizer_dir=None, projector_from_vit=False, dtype=None, device=None,
+                progress=True):
+    """See MiMoVL.from_towers."""
+    vit_dir, lm_dir = os.fspath(vit_dir), os.fspath(lm_dir)
+    cfg, vit_cfg, lm_is_vl, file_dtype = _towers_config(vit_dir, lm_dir)
+    check_tokenizer(cfg, tokenizer_dir or lm_dir)
+    if projector_from_vit and vit_cfg.vision.out_hidden_size != cfg.text.hidden_size:
+        raise ValueError(f"projector_from_vit: the projector in {vit_dir} outputs vision_config.out_hidden_size="
+                         f"{vit_cfg.vision.out_hidden_size}, but the LM in {lm_dir} has hidden_size="
+                         f"{cfg.text.hidden_size}; start with a fresh projector (projector_from_vit=False), "
+                         "as MiMo-VL does")
+    dtype = _dtype_from_name(dtype) or file_dtype or torch.float32
+    device = torch.device(device or "cpu")
+    for path in (vit_dir, lm_dir):
+        checkpoint_shards(path)
+    with torch.device("meta"):
+        model = cls(cfg)
+    names, tied = set(model.state_dict()), cfg.text.tie_word_embeddings
+    fresh = not projector_from_vit
+
+    def vit_route(key):
+        if key.endswith(IGNORABLE_KEY_SUFFIXES):
+            return "ignorable"
+        if key.startswith(("model.", "lm_head.")):
+            return "the ViT folder's language model"
+        return "fresh projector" if fresh and key.startswith("visual.merger.") else "load"
+
+    def lm_route(key):
+        if key.startswith("model.mtp_layers."):
+            return "mtp"
+        if key.endswith(IGNORABLE_KEY_SUFFIXES):
+            return "ignorable"
+        if lm_is_vl and key.startswith("visual."):
+            return "the LM folder's vision tower"
+        return "tied: the embedding is the head" if key == "lm_head.weight" and tied else "load"
+
+    vit_keys = {k for k in names if k.startswith("visual.") and not (fresh and k.startswith("visual.merger."))}
+    lm_keys = {k for k in names if not k.startswith("visual.")} - ({"lm_head.weight"} if tied else set())
+    errors = []
+    for what, path, route, keys in (("ViT", vit_dir, vit_route, vit_keys), ("LM", lm_dir, lm_route, lm_keys)):
+        skipped, problems = _load_tensors(model, path, route, keys, dtype, device, progress)
+        if problems:
+            errors += [f"{what} checkpoint {path}:", *problems]
+        if what == "LM" and skipped.get("mtp") and progress:
+            print(f"{lm_dir}: dropped {len(skipped['mtp'])} model.mtp_layers.* tensors (MiMo-7B's "
+                  "multi-token prediction; MiMo-VL does not use it)", file=sys.stderr)
+    if errors:
+        raise ValueError("\n".join(["the checkpoints do not match the model built from their config.json files:",
+                                    *errors]))
+    if fresh:
+        model.init_projector()
+    return _finish_loading(model)
 
 
 def save_checkpoint(model, path, max_shard_bytes=5 * 1024 ** 3):
