@@ -349,6 +349,38 @@ def format_results(res, title):
     return "\n".join(lines)
 
 
+def stages_table(results):
+    """Markdown over pre-training stages ({stage key: run_suite result}): every metric after each
+    stage 1-4, beside the baselines of the last one; stage 0's measurements above it. None if
+    no stage 1-4 was evaluated."""
+    keys = [k for k in ("1", "2", "3", "4") if k in results]
+    if not keys:
+        return None
+
+    def cell(x):
+        return "-" if x is None or x != x else f"{x:.2f}"
+    last = results[keys[-1]]
+    lines = []
+    if "0-lm" in results:
+        lines.append(f"stage 0-lm: held-out text loss {results['0-lm']['text_loss']:.3f} nats/token")
+    if "0-vit" in results:
+        lines.append(f"stage 0-vit: held-out cell accuracy {results['0-vit']['cell_acc']:.3f} "
+                     f"(always 'empty': {results['0-vit']['majority']:.3f})")
+    lines += ["", "| task | metric | " + " | ".join(f"stage {k}" for k in keys) + " | majority | blank image |",
+              "|" + "---|" * (len(keys) + 4)]
+    for task, m in last["model"].items():
+        for metric in PRIMARY_METRICS[m["scorer"]]:
+            vals = [cell(results[k]["model"].get(task, {}).get(metric)) for k in keys]
+            lines.append(f"| {task} | {metric} | " + " | ".join(vals) + f" | "
+                         f"{cell(last['majority'].get(task, {}).get(metric))} | "
+                         f"{cell(last['blank'].get(task, {}).get(metric))} |")
+    for task, l in last.get("loss", {}).items():
+        lines.append(f"| {task} | loss (nats) | " +
+                     " | ".join(cell(results[k].get("loss", {}).get(task, {}).get("model")) for k in keys) +
+                     f" | - | {cell(l['blank'])} |")
+    return "\n".join(lines)
+
+
 # -----------------------------------------------------------------------------
 # 2. RL evaluation: held-out reward per task and the before/after table
 

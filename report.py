@@ -33,12 +33,11 @@ import json
 import math
 import os
 import time
-from types import SimpleNamespace
 
 import synthetic
 from processor import load_image
-from evaluate import EVAL_SUITE, PRIMARY_METRICS
-from train_pretrain import STAGE_ORDER, write_summary
+from evaluate import EVAL_SUITE, PRIMARY_METRICS, stages_table
+from train_pretrain import STAGE_ORDER
 from training import JsonlLog
 
 MATPLOTLIB_HINT = 'the report\'s plots need matplotlib: pip install -e ".[report]"'
@@ -476,8 +475,7 @@ def write_report(pretrain_dir, rl_dir=None, out_dir=None, ablation_dir=None, com
                f"{eval_n} held-out items per task, greedy. \"majority\" always gives the most frequent "
                "answer; \"blank image\" is the same model given black images (in the table: the last "
                "stage's). A task is learned from the pixels when the model's score rises above both.", "",
-               # write_summary returns its table and writes summary.md only on the master rank
-               write_summary(SimpleNamespace(out=None, compute=SimpleNamespace(master=False)), evals), ""]
+               stages_table(evals), ""]
         if evals[keys[-1]].get("examples"):
             md += [f"### Sample answers after stage {keys[-1]}", "",
                    *sample_section(evals[keys[-1]]["examples"], out_dir, f"stage{keys[-1]}", eval_n, seed)]

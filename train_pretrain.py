@@ -9,7 +9,9 @@ and Table 1), runnable from a 2-core laptop to many GPUs with plain PyTorch and 
     # 8 GPUs on one node (DDP for small models; --fsdp shards every block with FSDP2)
     torchrun --standalone --nproc_per_node 8 train_pretrain.py --scale 16 --out runs/pretrain-s16
     torchrun --standalone --nproc_per_node 8 train_pretrain.py --init path/to/Qwen2.5-VL-7B-Instruct \\
-        --recipe paper --fsdp --grad-checkpointing --stage 1 --steps 2000
+        --recipe paper --fsdp --grad-checkpointing --stage 1 --steps 2000 --stage-data-file my_data.json
+    # real data: JSONL files (format: packing.py) and synthetic tasks mixed by weight, per stage
+    python train_pretrain.py --stage 3 --from runs/pretrain/stage2 --stage-data 3=data/example.jsonl:0.3,count:1
     # several nodes (run on every node, NODE = 0..N-1; the data are read per rank, shared disk for --out)
     torchrun --nnodes 4 --node_rank $NODE --nproc_per_node 8 --rdzv_backend c10d \\
         --rdzv_endpoint $MASTER_HOST:29500 train_pretrain.py --init ... --recipe paper --fsdp
@@ -37,7 +39,9 @@ there are no pretrained towers, so a stage 0 makes tiny ones first: `0-lm` train
 synthetic text corpus, `0-vit` trains the ViT to classify every 28-px cell of synthetic scenes
 through a small temporary head (measured: with random towers a projector-only stage 1 learns
 colour but not shape). The tiny values in STAGES below are ours, chosen so that each stage
-learns within minutes on a CPU; PAPER_STAGES are the paper's.
+learns within minutes on a CPU; PAPER_STAGES are the paper's. Every stage trains on the synthetic
+world's mixture for it unless --mixture (stages 1-4), --stage-data-file or --stage-data give it
+JSONL files and synthetic tasks by weight (printed at start).
 
 Output (`--out`, default runs/pretrain; a rerun needs --resume or --overwrite): tokenizer/ (the
 from-scratch BPE), stage0-lm/ stage0-vit/ stage1/ .. stage4/ (Hugging Face folders that
@@ -61,12 +65,13 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors.torch import load_file
 
 import packing
 import synthetic
-from evaluate import (PRIMARY_METRICS, answer_loss, eval_suites, format_results, heldout_suite,
-                      majority_answers, run_suite)
-from mimovl import MiMoVL, MiMoVLConfig
+from evaluate import (answer_loss, eval_suites, format_results, heldout_suite, majority_answers,
+                      run_suite, stages_table)
+from mimovl import MiMoVL, MiMoVLConfig, tiny_config
 from processor import Processor, preprocess_image
 from training import (Compute, JsonlLog, add_dummy_vision, all_reduce_sum, atomic_dir,
                       build_optimizer, clean_stale_tmp, commit_dir, compute_init, fail, full_state,
@@ -141,16 +146,16 @@ def stage_table(stages):
 DATA_STAGES = ("0-lm", "1", "2", "3", "4")      # the stages that train on a mixture (not 0-vit)
 
 
-def stage_mixture(key, args):
-    """The data of a stage: its entry of args.data (stage_data: JSONL files and synthetic tasks
+def stage_mixture(key, args, data):
+    """The data of a stage: its entry of `data` (stage_data: JSONL files and synthetic tasks
     from the command line) or else synthetic.stage_mixture (each stage adds data types, MiMo-VL
     report §2.2), plus --replay of the earlier stages' data (1..k-1, equal shares). Measured:
     without replay stage 3 erased stage 1's big-shape captions (accuracy 0.81 -> 0.00)."""
     if key == "0-lm":
-        return args.data.get(key) or synthetic.stage_mixture(0)
+        return data.get(key) or synthetic.stage_mixture(0)
     k, reasoning = int(key), not args.no_reasoning_data
-    mix = args.data.get(key) or synthetic.stage_mixture(k, reasoning)
-    earlier = [args.data.get(str(j)) or synthetic.stage_mixture(j, reasoning) for j in range(1, k)]
+    mix = data.get(key) or synthetic.stage_mixture(k, reasoning)
+    earlier = [data.get(str(j)) or synthetic.stage_mixture(j, reasoning) for j in range(1, k)]
     if not earlier or args.replay <= 0:
         return mix
 
@@ -166,10 +171,19 @@ def stage_data(args):
     that file), which wins over --mixture (stages 1-4). Read at start-up: a bad entry is a
     one-line error naming the flag, before any model is built."""
     specs = {k: ("--mixture", args.mixture, None) for k in DATA_STAGES[1:] if args.mixture}
-    if args.stage_data_file:
-        base = os.path.dirname(os.path.abspath(args.stage_data_file))
-        specs.update({k: (f"--stage-data-file {args.stage_data_file}", v, base)
-                      for k, v in read_stage_data_file(args.stage_data_file).items()})
+    path = args.stage_data_file
+    if path:
+        try:
+            with open(path) as f:
+                recipe = json.load(f)
+        except (OSError, ValueError) as e:
+            fail(f"--stage-data-file {path}: cannot read it as JSON ({e})")
+        if not isinstance(recipe, dict) or not all(k in DATA_STAGES and isinstance(v, str)
+                                                   for k, v in recipe.items()):
+            fail(f"--stage-data-file {path}: write one JSON object of stage -> 'source:weight,...', "
+                 f"stages among {', '.join(DATA_STAGES)}, e.g. {{\"3\": \"data/example.jsonl:0.3,count:1\"}}")
+        base = os.path.dirname(os.path.abspath(path))
+        specs.update({k: (f"--stage-data-file {path}", v, base) for k, v in recipe.items()})
     for entry in args.stage_data:
         key, sep, spec = entry.partition("=")
         if not sep or key.strip() not in DATA_STAGES:
@@ -183,19 +197,6 @@ def stage_data(args):
         except ValueError as e:
             fail(f"{flag} (stage {key}): {e}")
     return out
-
-
-def read_stage_data_file(path):
-    """--stage-data-file: a JSON object {"3": "data/ocr.jsonl:0.3,count:1", ...}."""
-    try:
-        with open(path) as f:
-            recipe = json.load(f)
-    except (OSError, ValueError) as e:
-        fail(f"--stage-data-file {path}: cannot read it as JSON ({e})")
-    if not isinstance(recipe, dict) or not all(k in DATA_STAGES and isinstance(v, str) for k, v in recipe.items()):
-        fail(f"--stage-data-file {path}: write one JSON object of stage -> 'source:weight,...' with "
-             f"stages among {', '.join(DATA_STAGES)}, e.g. {{\"3\": \"data/example.jsonl:0.3,count:1\"}}")
-    return recipe
 
 
 def describe_mixture(mix):
@@ -222,29 +223,20 @@ def reinit_projector(model):
     nn.init.ones_(merger.ln_q.weight)
 
 
-def tiny_config(scale=1):
-    """The tiny preset, widened for --scale >= 3 (w = round(sqrt(scale)) heads per head of the
-    tiny model; head_dim stays 64 so mrope_section [8, 12, 12] still sums to head_dim / 2)."""
-    cfg = MiMoVLConfig.preset("tiny")
-    w = max(1, round(scale ** 0.5))
-    if w == 1:
-        return cfg
-    t, v = cfg.text, cfg.vision
-    t.num_attention_heads, t.num_key_value_heads = 4 * w, 2 * w
-    t.hidden_size = 64 * t.num_attention_heads
-    t.intermediate_size = 16 * round(2.6875 * t.hidden_size / 16)
-    t.num_hidden_layers = 4 + 2 * (w - 1)
-    v.num_heads, v.hidden_size = 2 * w, 128 * w
-    v.intermediate_size = 2 * v.hidden_size
-    v.depth = 4 + 2 * (w - 1)
-    v.fullatt_block_indexes = list(range(1, v.depth, 2))
-    v.out_hidden_size = t.hidden_size
-    return cfg.validate()
-
-
-def fresh_model(a):
-    """A from-scratch model (stage 0-lm's start): the tiny preset (widened by --scale) or --preset."""
+def scratch_config(a, p):
+    """A from-scratch model's architecture: the tiny preset (widened by --scale) or --preset, with
+    the special-token ids of the from-scratch tokenizer (processor p): the mimo-vl-7b preset has
+    the official tokenizer's 151643..., which the synthetic BPE does not have."""
     cfg = tiny_config(a.scale) if a.preset == "tiny" else MiMoVLConfig.preset(a.preset)
+    return replace(cfg, image_token_id=p.image_token_id, video_token_id=p.video_token_id,
+                   vision_start_token_id=p.vision_start_token_id,
+                   vision_end_token_id=p.tokenizer.token_to_id("<|vision_end|>"),
+                   bos_token_id=p.pad_token_id, eos_token_id=p.eos_token_id, pad_token_id=p.pad_token_id).validate()
+
+
+def fresh_model(a, processor):
+    """A from-scratch model (stage 0-lm's start), initialised identically on every rank."""
+    cfg = scratch_config(a, processor)
     torch.manual_seed(a.seed)               # identical initial weights on every rank
     model = MiMoVL(cfg)
     with torch.no_grad():
@@ -275,7 +267,7 @@ class NextTokenObjective:
         self.dummy_vision = vision_trainable or (self.needs_vision and a.fsdp and c.distributed)
         try:
             self.loader = packing.PackedLoader(
-                packing.MixtureDataset(stage_mixture(self.key, a), "train", a.seed, on_error="skip"),
+                packing.MixtureDataset(stage_mixture(self.key, a, self.run.data), "train", a.seed, on_error="skip"),
                 self.processor, max_tokens=self.run.stages[self.key].seq_len, chunk_size=a.chunk_size,
                 num_workers=a.workers, rank=c.rank, world_size=c.world_size, seed=a.seed, on_too_long="skip")
             if loader_state is not None:
@@ -370,6 +362,13 @@ class CellClassifier(nn.Module):
         return loss, (logits.argmax(-1) == cell_labels).sum()
 
 
+def load_head(head, folder):
+    """The 0-vit head saved beside a folder's weights (extra.safetensors, keys head.*)."""
+    state = load_file(os.path.join(folder, "extra.safetensors"))
+    head.load_state_dict({k[len("head."):]: v for k, v in state.items()})
+    return head
+
+
 class CellBatches(torch.utils.data.Dataset):
     """Item `step` = this rank's share of the 0-vit batch of that step: (pixel values, grids,
     cell labels) of `per_rank` scenes. A pure function of the step, so resuming needs only it."""
@@ -400,13 +399,11 @@ class CellObjective:
     extra_files = ("extra.safetensors",)
 
     def __init__(self, run, key, model, processor, resume_from):
-        from safetensors.torch import load_file
         self.run = run
         torch.manual_seed(run.args.seed + 2)
         self.trainee = CellClassifier(model, len(synthetic.CELL_CLASSES))
         if resume_from and not is_sharded_checkpoint(resume_from):      # else it is in dcp/
-            self.trainee.head.load_state_dict(
-                {k[len("head."):]: v for k, v in load_file(os.path.join(resume_from, "extra.safetensors")).items()})
+            load_head(self.trainee.head, resume_from)
 
     def start(self, per_rank, step, loader_state):
         a, c = self.run.args, self.run.compute
@@ -444,11 +441,9 @@ class CellObjective:
     @torch.no_grad()
     def evaluate(run, key, model, processor, folder, cache):
         """Accuracy of the saved head on held-out scenes, beside always answering "empty"."""
-        from safetensors.torch import load_file
         c = run.compute
-        head = nn.Linear(model.cfg.vision.out_hidden_size, len(synthetic.CELL_CLASSES)).to(c.device, model.dtype)
-        head.load_state_dict({k[len("head."):]: v for k, v in
-                              load_file(os.path.join(folder, "extra.safetensors")).items()})
+        head = load_head(nn.Linear(model.cfg.vision.out_hidden_size, len(synthetic.CELL_CLASSES)), folder)
+        head = head.to(c.device, model.dtype)
         right = total = empty = 0
         for step in range(c.rank, max(1, run.args.eval_n // 32), c.world_size):
             pv, grid, labels = CellBatches(32, 0, 1, run.args.seed, "heldout")[step]
@@ -466,22 +461,6 @@ OBJECTIVES = {"0-lm": NextTokenObjective, "0-vit": CellObjective, "1": Multimoda
               "2": MultimodalObjective, "3": MultimodalObjective, "4": MultimodalObjective}
 
 
-class PoisonedLoss:
-    """--debug-nan-at-step (for the tests of the NaN guard): the wrapped objective, except that
-    step `at` (0-based) reports a NaN loss, as a diverging run would."""
-
-    def __init__(self, objective, at, step):
-        self.objective, self.at, self.step = objective, at, step
-
-    def __getattr__(self, name):
-        return getattr(self.objective, name)
-
-    def forward_backward(self, wrapped, batch):
-        loss, extra = self.objective.forward_backward(wrapped, batch)
-        self.step += 1
-        return (float("nan") if self.step - 1 == self.at else loss), extra
-
-
 # -----------------------------------------------------------------------------
 # 4. The training loop
 
@@ -492,6 +471,7 @@ class Run:
     compute: Compute
     out: str
     stages: dict            # key -> Stage (after overrides)
+    data: dict              # key -> the mixture the command line gives it (stage_data)
 
     def __post_init__(self):
         self.metrics = JsonlLog(os.path.join(self.out, "metrics.jsonl"), self.compute)
@@ -549,7 +529,7 @@ def load_model(run, key, src, resume_from, processor):
     elif resume_from or src:
         model = MiMoVL.from_pretrained(resume_from or src, dtype=torch.float32, progress=False)
     else:
-        model = fresh_model(run.args)
+        model = fresh_model(run.args, processor)
     if processor.tokenizer.get_vocab_size() > model.cfg.text.vocab_size:
         fail(f"the tokenizer has {processor.tokenizer.get_vocab_size()} tokens, more than "
              f"the model's vocab_size {model.cfg.text.vocab_size}")
@@ -612,8 +592,6 @@ def run_stage(run, key, first):
                                                   micro_batches=per_rank)))
 
     objective.start(per_rank, step, loader_state)
-    if a.debug_nan_at_step >= 0:
-        objective = PoisonedLoss(objective, a.debug_nan_at_step, step)
     train(run, key, objective, wrapped, opt, step, model.cfg, processor)
 
     record = {"stage": key, "steps": stage.steps, "stage_config": asdict(stage),
@@ -647,6 +625,8 @@ def train(run, key, objective, wrapped, opt, step, cfg, processor):
             for g in opt.param_groups:
                 g["lr"] = lr
             loss, extra = objective.forward_backward(wrapped, batch)
+            if step == a.debug_nan_at_step:          # as a diverging run would (tests the guard)
+                loss = float("nan")
             if not math.isfinite(loss):
                 raise diverged(run, key, f"the loss is {loss} at step {step + 1}")
             norm = torch.nn.utils.clip_grad_norm_(params, a.grad_clip)
@@ -703,41 +683,6 @@ def evaluate_stage(run, key, folder, cache):
     return res
 
 
-def write_summary(run, results):
-    """One table over the stages: every metric after each stage, beside its baselines (those
-    of the last stage evaluated); stage 0's own measurements above it. Written to summary.md."""
-    keys = [k for k in ("1", "2", "3", "4") if k in results]
-    if not keys:
-        return None
-
-    def cell(x):
-        return "-" if x is None or x != x else f"{x:.2f}"
-    last = results[keys[-1]]
-    lines = []
-    if "0-lm" in results:
-        lines.append(f"stage 0-lm: held-out text loss {results['0-lm']['text_loss']:.3f} nats/token")
-    if "0-vit" in results:
-        lines.append(f"stage 0-vit: held-out cell accuracy {results['0-vit']['cell_acc']:.3f} "
-                     f"(always 'empty': {results['0-vit']['majority']:.3f})")
-    lines += ["", "| task | metric | " + " | ".join(f"stage {k}" for k in keys) + " | majority | blank image |",
-              "|" + "---|" * (len(keys) + 4)]
-    for task, m in last["model"].items():
-        for metric in PRIMARY_METRICS[m["scorer"]]:
-            vals = [cell(results[k]["model"].get(task, {}).get(metric)) for k in keys]
-            lines.append(f"| {task} | {metric} | " + " | ".join(vals) + f" | "
-                         f"{cell(last['majority'].get(task, {}).get(metric))} | "
-                         f"{cell(last['blank'].get(task, {}).get(metric))} |")
-    for task, l in last.get("loss", {}).items():
-        lines.append(f"| {task} | loss (nats) | " +
-                     " | ".join(cell(results[k].get("loss", {}).get(task, {}).get("model")) for k in keys) +
-                     f" | - | {cell(l['blank'])} |")
-    table = "\n".join(lines)
-    if run.compute.master:
-        with open(os.path.join(run.out, "summary.md"), "w") as f:
-            f.write(table + "\n")
-    return table
-
-
 # -----------------------------------------------------------------------------
 # 6. Command line
 
@@ -789,7 +734,6 @@ def build_parser():
     g.add_argument("--init", default=None,
                    help="a Qwen2.5-VL-format checkpoint: ViT and LM from there, projector re-initialised; "
                         "skips stage 0")
-    g.add_argument("--eval-only", default=None, help=argparse.SUPPRESS)      # moved to evaluate.py
 
     g = p.add_argument_group("model")
     g.add_argument("--preset", default="tiny", choices=MiMoVLConfig.PRESETS, help="architecture of a from-scratch model")
@@ -886,13 +830,13 @@ def resolve_stages(args, keys):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    if args.eval_only:
-        fail(f"evaluation moved to evaluate.py: python evaluate.py {args.eval_only} [--jsonl FILE]")
-    args.data = stage_data(args)
+    data = stage_data(args)
     compute = compute_init(args.device, args.precision)
     t_start = time.perf_counter()
     keys = selected_stages(args.stage, args.init)
-    run = Run(args, compute, args.out, resolve_stages(args, keys))
+    run = Run(args, compute, args.out, resolve_stages(args, keys), data)
+    for k, mix in data.items():     # the table's data column: what the command line gave
+        run.stages[k] = replace(run.stages[k], data=describe_mixture(mix))
     outputs = [p for k in keys for p in (f"stage{k}", os.path.join("checkpoints", f"stage{k}"))]
     if "0-lm" in keys and not args.from_dir:
         outputs.append("tokenizer")              # the from-scratch tokenizer, made by stage 0-lm
@@ -905,7 +849,7 @@ def main(argv=None):
         clean_stale_tmp(args.out, compute.print)
     compute.print(f"stages to run ({args.recipe} table):\n" + stage_table([run.stages[k] for k in keys]))
     compute.print("what each stage trains on (shares of the samples, replay included):\n" + "\n".join(
-        f"  {k:<6} {describe_mixture(stage_mixture(k, args)) if k in DATA_STAGES else run.stages[k].data}"
+        f"  {k:<6} {describe_mixture(stage_mixture(k, args, data)) if k in DATA_STAGES else run.stages[k].data}"
         for k in keys))
 
     results, suite_cache = {}, {}
@@ -915,7 +859,10 @@ def main(argv=None):
             continue
         logged = [r for r in run.evals.records() if r.get("stage") == key] if args.resume else []
         results[key] = logged[-1] if logged else evaluate_stage(run, key, folder, suite_cache)
-    table = None if args.no_eval else write_summary(run, results)
+    table = None if args.no_eval else stages_table(results)
+    if table and compute.master:
+        with open(os.path.join(args.out, "summary.md"), "w") as f:
+            f.write(table + "\n")
     if table:
         compute.print("\nheld-out results after each stage (greedy; majority = always the most "
                       "frequent answer; blank image = the final model given black images):\n" + table)

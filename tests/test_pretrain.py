@@ -17,7 +17,7 @@ import synthetic
 import evaluate as ev
 import train_pretrain as tp
 import training
-from mimovl import MiMoVL, MiMoVLConfig
+from mimovl import MiMoVL, MiMoVLConfig, tiny_config
 from processor import Processor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,7 +53,8 @@ def test_every_part_of_the_model_belongs_to_one_stage_part():
 
 
 def test_every_stage_runs_and_frozen_parameters_stay_bit_identical(chain):
-    fresh = tp.fresh_model(tp.build_parser().parse_args([])).state_dict()
+    tokenizer = Processor.from_pretrained(f"{chain}/tokenizer")
+    fresh = tp.fresh_model(tp.build_parser().parse_args([]), tokenizer).state_dict()
     before = {"0-lm": fresh, "0-vit": weights(f"{chain}/stage0-lm"), "1": weights(f"{chain}/stage0-vit"),
               "2": weights(f"{chain}/stage1"), "3": weights(f"{chain}/stage2"), "4": weights(f"{chain}/stage3")}
     for key, stage in tp.STAGES.items():
@@ -127,11 +128,13 @@ def _torchrun(out, extra, nproc):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r.stdout
 
 
 def test_ddp_and_fsdp2_on_two_processes_match_one_process(chain, tmp_path):
     # chunks of 4 samples fit one row each, so rank r's row of step s is the row that one process
-    # reads as micro-batch r of step s: the same global batch either way
+    # reads as micro-batch r of step s: the same global batch either way. DDP is given --rows 1
+    # and --scale 16 (the README's 8-GPU command): 1 row rounds up to one per process
     common = ["--stage", "3", "--from", f"{chain}/stage2", *FAST, "--steps", "3", "--rows", "2",
               "--chunk-size", "4", "--seq-len", "2048", "--threads", "1"]
     one = str(tmp_path / "one")
@@ -139,7 +142,8 @@ def test_ddp_and_fsdp2_on_two_processes_match_one_process(chain, tmp_path):
     ref = losses(one, "3")
     for mode in ([], ["--fsdp"]):
         out = str(tmp_path / ("fsdp" if mode else "ddp"))
-        _torchrun(out, common + mode, 2)
+        said = _torchrun(out, common + (mode or ["--rows", "1", "--scale", "16"]), 2)
+        assert mode or "stage 3: --rows 1 rounded up to 2 per step (global batch)" in said
         got = losses(out, "3")
         assert len(got) == len(ref) == 3
         for (l1, g1), (l2, g2) in zip(ref, got):
@@ -243,8 +247,8 @@ def test_majority_baseline_scores_the_most_frequent_answer():
 
 
 def test_scale_widens_the_tiny_model():
-    assert tp.tiny_config(1) == MiMoVLConfig.preset("tiny")
-    cfg = tp.tiny_config(4)                      # w = 2: twice the heads of every tower
+    assert tiny_config(1) == MiMoVLConfig.preset("tiny")
+    cfg = tiny_config(4)                         # w = 2: twice the heads of every tower
     assert (cfg.text.hidden_size, cfg.text.num_hidden_layers, cfg.vision.hidden_size) == (512, 6, 256)
     assert cfg.text.head_dim == 64 and cfg.vision.head_dim == 64
     model = MiMoVL(cfg)

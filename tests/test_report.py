@@ -160,7 +160,7 @@ def test_write_report_everything(tmp_path):
                 "samples/stage2-count.png", "samples/rl-count.png"):
         assert os.path.getsize(os.path.join(out, png)) > 0, png
         assert f"]({png})" in text, png
-    assert "| count | acc | 0.10 | 0.60 | 0.25 | 0.30 |" in text        # write_summary's table
+    assert "| count | acc | 0.10 | 0.60 | 0.25 | 0.30 |" in text        # evaluate.stages_table
     assert "| count | acc | 0.60 | 0.30 | 0.25 |" in text                 # the ablation's table
     assert "held-out item 3" in text                                     # found the evaluated item
     assert "| count | count | 0.500 | 0.700 |" in text                    # rl.json's table

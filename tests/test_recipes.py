@@ -1,0 +1,137 @@
+"""train_pretrain.py's data per stage: a stage trains on a mixture of a JSONL file and synthetic
+tasks (its rows hold the file's samples, token for token), resumes exactly after a crash, and
+refuses bad data settings with one line (exit 2); a from-scratch --preset mimo-vl-7b takes its
+special-token ids from the from-scratch tokenizer."""
+
+import json
+import os
+
+import pytest
+import torch
+
+import packing
+import synthetic
+import train_pretrain as tp
+from mimovl import MiMoVLConfig, tiny_config
+from processor import Processor
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+EXAMPLE = os.path.join(ROOT, "data", "example.jsonl")
+FAST = ["--warmup", "1", "--seq-len", "512", "--chunk-size", "4", "--workers", "0", "--no-eval",
+        "--precision", "fp32", "--threads", "1"]
+MIX = f"3={EXAMPLE}:1,count:1"
+
+
+@pytest.fixture(scope="module")
+def start(tmp_path_factory):
+    """A from-scratch stage 0-lm (one step): a tokenizer and a model folder to start stage 3 from."""
+    out = str(tmp_path_factory.mktemp("recipes"))
+    tp.main(["--out", out, "--stage", "0-lm", *FAST, "--steps", "1", "--save-every", "0"])
+    return f"{out}/stage0-lm"
+
+
+def losses(out, stage):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [(r["loss"], r["grad_norm"]) for r in map(json.loads, f) if r["stage"] == stage]
+
+
+def one_line_error(capsys, argv):
+    with pytest.raises(SystemExit) as e:
+        tp.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and err.startswith("error: ") and "\n" not in err, err
+    return err
+
+
+def test_a_stage_on_jsonl_and_synthetic_data_trains_on_both_and_resumes_exactly(start, tmp_path, monkeypatch,
+                                                                               capsys):
+    rows = []
+    next_batch = tp.NextTokenObjective.next_batch
+    monkeypatch.setattr(tp.NextTokenObjective, "next_batch", lambda self: rows.append(next_batch(self)) or rows[-1])
+    common = ["--stage", "3", "--from", start, *FAST, "--steps", "4", "--save-every", "1", "--stage-data", MIX]
+    full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
+    tp.main(["--out", full, *common])
+    said = capsys.readouterr().out
+    assert f"3      {os.path.relpath(EXAMPLE)} 45%, count 45%, caption 8%, interleaved 2%" in said  # + replay
+
+    # every packed segment is one sample encoded alone; the file's samples are among them
+    processor = Processor.from_pretrained(start)
+    segments = set()
+    for row in (r for step in rows for r in step):
+        ids, cu = row["input_ids"][0].tolist(), row["cu_seqlens"].tolist()
+        segments |= {tuple(ids[a:b]) for a, b in zip(cu, cu[1:])}
+    from_file = {tuple(packing.encode_sample(s, processor)["input_ids"].tolist())
+                 for s in packing.JsonlDataset(EXAMPLE)}
+    assert len(segments & from_file) >= 2
+    assert segments - from_file                                             # and synthetic ones
+
+    with pytest.raises(SystemExit) as e:
+        tp.main(["--out", cut, *common, "--debug-stop-after", "2"])          # "crashes" after step 2
+    assert e.value.code == 3
+    tp.main(["--out", cut, *common, "--resume"])
+    assert "resuming from" in capsys.readouterr().out
+    assert losses(cut, "3") == losses(full, "3") and len(losses(full, "3")) == 4   # bit-identical
+
+    # resuming the finished stage's checkpoint with other data is refused, not silently mixed
+    os.remove(f"{cut}/stage3/pretrain_stage.json")
+    err = one_line_error(capsys, ["--out", cut, *common[:-1], "3=count:1", "--resume"])
+    assert "stage 3: cannot resume" in err and "same mixture" in err
+
+
+def test_stage_data_file_paths_are_relative_to_the_file_and_later_flags_win(tmp_path):
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps({"3": os.path.relpath(EXAMPLE, tmp_path) + ":0.3,count:1", "0-lm": "text"}))
+    args = tp.build_parser().parse_args(["--mixture", "caption", "--stage-data-file", str(recipe),
+                                         "--stage-data", "4=ocr:2"])
+    data = tp.stage_data(args)
+    (jsonl, count), = [data["3"]]
+    assert os.path.normpath(jsonl.path) == EXAMPLE and jsonl.weight == 0.3 and count == synthetic.MixItem("count", 1.0)
+    assert data["0-lm"] == [synthetic.MixItem("text", 1.0)]
+    assert data["4"] == [synthetic.MixItem("ocr", 2.0)]
+    assert data["1"] == data["2"] == [synthetic.MixItem("caption", 1.0)]   # --mixture: stages 1-4
+    # stage 3 replays stages 1 and 2 as the command line gives them (here: captions)
+    args.replay = 0.2
+    mix = tp.stage_mixture("3", args, data)
+    assert [(type(m).__name__, round(m.weight, 6)) for m in mix] == [
+        ("JsonlSource", round(0.8 * 0.3 / 1.3, 6)), ("MixItem", round(0.8 / 1.3, 6)), ("MixItem", 0.1), ("MixItem", 0.1)]
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--stage-data", "3=nosuch.jsonl:1"], ["--stage-data (stage 3)", "nosuch.jsonl", "not found"]),
+    (["--stage-data", "3=count:x"], ["--stage-data (stage 3)", "'x'"]),
+    (["--stage-data", "0-vit=count"], ["--stage-data '0-vit=count'", "STAGE=source:weight"]),
+    (["--mixture", "countt"], ["--mixture (stage 1)", "'countt'", "neither a synthetic task"]),
+    (["--stage-data-file", "missing.json"], ["--stage-data-file missing.json", "cannot read"]),
+    (["--rows", "0"], ["--rows", "positive"]),
+])
+def test_bad_data_settings_are_one_line_errors_before_any_work(tmp_path, capsys, argv, words):
+    err = one_line_error(capsys, ["--out", str(tmp_path / "o"), *argv])
+    assert all(w in err for w in words), err
+    assert not os.path.exists(tmp_path / "o" / "tokenizer")
+
+
+def test_a_jsonl_file_without_a_usable_line_stops_the_stage_with_one_line(start, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": "not a list"}\n{"no": "messages"}\n')
+    err = one_line_error(capsys, ["--out", str(tmp_path / "o"), "--stage", "3", "--from", start, *FAST,
+                                  "--steps", "1", "--stage-data", f"3={bad}:1"])
+    assert err.startswith("error: stage 3: ") and str(bad) in err
+
+
+def test_a_from_scratch_7b_preset_takes_the_token_ids_of_the_from_scratch_tokenizer(start):
+    processor = Processor.from_pretrained(start)
+    assert processor.tokenizer.token_to_id("<|image_pad|>") == 6 != 151655
+    cfg = tp.scratch_config(tp.build_parser().parse_args(["--preset", "mimo-vl-7b"]), processor)
+    official = MiMoVLConfig.preset("mimo-vl-7b")
+    assert (cfg.text, cfg.vision) == (official.text, official.vision)          # the 7B architecture
+    assert official.image_token_id == 151655
+    tok = processor.tokenizer
+    assert (cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id, cfg.vision_end_token_id,
+            cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id) == tuple(tok.token_to_id(t) for t in (
+                "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>", "<|endoftext|>",
+                "<|im_end|>", "<|endoftext|>"))
+    # the tiny preset's ids are already the tokenizer's: from-scratch tiny runs are unchanged
+    tiny = tp.scratch_config(tp.build_parser().parse_args([]), processor)
+    assert tiny == tiny_config(1)
+    assert torch.equal(tp.fresh_model(tp.build_parser().parse_args([]), processor).lm_head.weight,
+                       tp.fresh_model(tp.build_parser().parse_args([]), processor).lm_head.weight)
