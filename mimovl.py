@@ -751,9 +751,10 @@ class MiMoVL(nn.Module):
             default here (init_projector: drawn from torch's global RNG, seed it first).
         dtype: default the LM's config.json torch_dtype, else fp32; device: default cpu.
 
-        The config comes from the two config.json files (towers_config). The model is built on
-        the meta device and filled tensor by tensor, shard by shard, so memory peaks near one
-        model plus one tensor. Returns the model in eval mode."""
+        Everything is checked first, from the config.json files, the tokenizer and the safetensors
+        headers (towers_plan: how the config is combined); then the model is built on the meta
+        device and filled tensor by tensor, shard by shard, so memory peaks near one model plus
+        one tensor. Returns the model in eval mode."""
         return load_towers(cls, vit_dir, lm_dir, tokenizer_dir=tokenizer_dir, projector_from_vit=projector_from_vit,
                            dtype=dtype, device=device, progress=progress)
 
@@ -761,9 +762,13 @@ class MiMoVL(nn.Module):
         """A fresh projector (`visual.merger`), initialised as a from-scratch MiMoVL is (_init_weights:
         normal(0, 0.02) weights, zero biases; unit RMSNorm weight), drawn in fp32 on the CPU from
         torch's global RNG, then moved to the model's device and dtype, so the same seed gives the
-        same projector everywhere. Also fills a merger left on the meta device (from_towers)."""
+        same projector everywhere. Also fills a merger left on the meta device (from_towers); on a
+        model still wholly on the meta device (before FSDP2 sharding) the projector becomes a real
+        fp32 CPU module and the rest stays on meta."""
         merger = self.visual.merger
         device, dtype = self.device, self.dtype
+        if device.type == "meta":
+            device = torch.device("cpu")
         merger.to_empty(device="cpu").float()
         with torch.no_grad():
             merger.apply(self._init_weights)
@@ -872,31 +877,35 @@ def load_checkpoint(cls, path, dtype=None, device=None, progress=True):
         if key.startswith(IGNORABLE_KEY_PREFIXES) or key.endswith(IGNORABLE_KEY_SUFFIXES):
             return "ignorable"
         return "tied: the embedding is the head" if key == "lm_head.weight" and tied else "load"
-    _, problems = _load_tensors(model, path, route, expected, dtype, device, progress)
+    sources, _, problems = plan_folder(path, route, expected, model)
     if problems:
         raise ValueError("\n".join([f"checkpoint {path} does not match the model built from its config.json:",
                                     *problems]))
+    load_sources(model, sources, dtype, device, progress)
     return _finish_loading(model)
 
 
-def _load_tensors(model, path, route, expected, dtype, device, progress):
-    """Fill the parameters of `model` (built on the meta device) from checkpoint folder `path`,
-    shard by shard and tensor by tensor, so memory holds the model plus one tensor being copied.
-    `route(key)` (key in our naming, canonical_key) says "load" for a tensor this folder must
-    provide, or a reason to skip it; `expected` is the set of parameter names this folder must
-    fill. Returns ({reason: [skipped raw keys]}, [one line per kind of problem]); the problems are
-    missing, unexpected, mis-shaped and non-float keys, every one listed (at most 20 per line)."""
+def _unreadable(file, error):
+    return ValueError(f"{file} is not a readable safetensors file ({error}); it may be truncated or "
+                      "corrupt: download it again")
+
+
+def plan_folder(path, route, expected, model):
+    """Where each parameter of `model` comes from in checkpoint folder `path`, read from the
+    safetensors headers only (no tensor data). `route(key)` (key in our naming, canonical_key)
+    says "load" for a tensor this folder must provide, or a reason to skip it; `expected` is the
+    set of parameter names the folder must provide. Returns (sources {name: (file, raw key)},
+    skipped {reason: [raw keys]}, problems): one line per kind of problem (missing, unexpected,
+    mis-shaped, non-float keys), each listing its keys (at most 20)."""
     from safetensors import SafetensorError, safe_open
-    from tqdm import tqdm
 
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    loaded, reported, skipped = set(), set(), {}
+    sources, reported, skipped = {}, set(), {}
     unexpected, mis_shaped, wrong_dtype = [], [], []
-    shards = checkpoint_shards(path)
-    for shard in tqdm(shards, desc=f"loading {path}", disable=not progress or len(shards) < 2):
-        shard_path = os.path.join(path, shard)
+    for shard in checkpoint_shards(path):
+        file = os.path.join(path, shard)
         try:
-            with safe_open(shard_path, framework="pt", device="cpu") as f:
+            with safe_open(file, framework="pt", device="cpu") as f:
                 for raw_key in f.keys():
                     key = canonical_key(raw_key)
                     why = route(key)
@@ -911,21 +920,37 @@ def _load_tensors(model, path, route, expected, dtype, device, progress):
                     if shape != shapes[key]:
                         mis_shaped.append(f"{raw_key}: checkpoint {shape} vs model {shapes[key]}")
                         reported.add(key)
-                        continue
-                    if header.get_dtype() not in FLOAT_DTYPES:   # every parameter is a float tensor
+                    elif header.get_dtype() not in FLOAT_DTYPES:   # every parameter is a float tensor
                         wrong_dtype.append(f"{raw_key}: {header.get_dtype()}")
                         reported.add(key)
-                        continue
-                    _set_param(model, key, f.get_tensor(raw_key).to(device=device, dtype=dtype))
-                    loaded.add(key)
+                    else:
+                        sources[key] = (file, raw_key)
         except SafetensorError as e:
-            raise ValueError(f"{shard_path} is not a readable safetensors file ({e}); it may be "
-                             "truncated or corrupt: download it again") from None
-    missing = sorted(expected - loaded - reported)
+            raise _unreadable(file, e) from None
+    missing = sorted(expected - set(sources) - reported)
     problems = [f"  {len(items)} {title} key(s): " + ", ".join(items[:20]) + (" ..." if len(items) > 20 else "")
                 for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mis_shaped),
                                      ("non-float (parameters are float tensors)", wrong_dtype)) if items]
-    return skipped, problems
+    return sources, skipped, problems
+
+
+def load_sources(model, sources, dtype, device, progress=True):
+    """Fill the parameters of `model` (built on the meta device) from `sources` ({name: (file,
+    raw key)}, plan_folder), file by file and tensor by tensor: memory holds the model plus the
+    one tensor being converted, never a whole shard."""
+    from safetensors import SafetensorError, safe_open
+    from tqdm import tqdm
+
+    by_file = {}
+    for name, (file, raw_key) in sources.items():
+        by_file.setdefault(file, []).append((name, raw_key))
+    for file, items in tqdm(by_file.items(), desc="loading shards", disable=not progress or len(by_file) < 2):
+        try:
+            with safe_open(file, framework="pt", device="cpu") as f:
+                for name, raw_key in items:
+                    _set_param(model, name, f.get_tensor(raw_key).to(device=device, dtype=dtype))
+        except SafetensorError as e:
+            raise _unreadable(file, e) from None
 
 
 def _finish_loading(model):
@@ -991,7 +1016,7 @@ def _text_config(raw, cfg_path, vit_mrope):
 
 def _towers_config(vit_dir, lm_dir):
     """(combined MiMoVLConfig, the ViT checkpoint's own config, whether lm_dir is a Qwen2.5-VL
-    folder, the LM's file dtype); see towers_config."""
+    folder, the LM's file dtype); see towers_plan."""
     vit_raw, vit_path = _read_config(vit_dir, "ViT folder")
     vit_cfg = MiMoVLConfig.from_hf_dict(vit_raw, source=vit_path)
     lm_raw, lm_path = _read_config(lm_dir, "LM folder")
@@ -1017,16 +1042,6 @@ def _towers_config(vit_dir, lm_dir):
     except ValueError as e:
         raise ValueError(f"{lm_path} + {vit_path}: {e}") from None
     return cfg, vit_cfg, lm_is_vl, _file_dtype(lm_raw, lm_path)
-
-
-def towers_config(vit_dir, lm_dir):
-    """The MiMoVLConfig of ViT-from-`vit_dir` + LM-from-`lm_dir` (what from_towers builds), from
-    the two config.json files: vision_config from the ViT folder; the text fields from the LM
-    folder (top level in a Qwen2 / MiMo text config.json, read with transformers' Qwen2Config
-    defaults; or a Qwen2.5-VL config's text part); the projector's out_hidden_size = the LM's
-    hidden_size; the vision-token ids from the LM folder when it is a Qwen2.5-VL folder, else
-    from the ViT folder; bos/eos/pad from the LM folder (else the ViT folder)."""
-    return _towers_config(vit_dir, lm_dir)[0]
 
 
 def check_tokenizer(cfg, folder):
@@ -1065,9 +1080,23 @@ def check_tokenizer(cfg, folder):
         raise ValueError(f"tokenizer {path} does not fit the model:\n  " + "\n  ".join(problems))
 
 
-def load_towers(cls, vit_dir, lm_dir, tokenizer_dir=None, projector_from_vit=False, dtype=None, device=None,
-                progress=True):
-    """See MiMoVL.from_towers."""
+TowersPlan = namedtuple("TowersPlan", ["config", "sources", "dropped", "dtype"])
+
+
+def towers_plan(vit_dir, lm_dir, tokenizer_dir=None, projector_from_vit=False):
+    """Everything MiMoVL.from_towers checks, before one weight is read (config.json files, the
+    tokenizer, safetensors headers): TowersPlan(config, sources, dropped, dtype).
+
+    config: the combined MiMoVLConfig. vision_config from the ViT folder; the text fields from
+        the LM folder (top level in a Qwen2 / MiMo text config.json, read with transformers'
+        Qwen2Config defaults; or a Qwen2.5-VL config's text part); the projector's
+        out_hidden_size = the LM's hidden_size; the vision-token ids from the LM folder when it is
+        a Qwen2.5-VL folder, else from the ViT folder; bos/eos/pad from the LM folder (else the
+        ViT folder's).
+    sources: {parameter name: (safetensors file, key)} for every parameter but a fresh
+        projector's (and lm_head when tied), so a sharded trainer can read just its own rows.
+    dropped: the LM folder's `model.mtp_layers.*` keys, left out.
+    dtype: the LM's config.json torch_dtype (None when it has none)."""
     vit_dir, lm_dir = os.fspath(vit_dir), os.fspath(lm_dir)
     cfg, vit_cfg, lm_is_vl, file_dtype = _towers_config(vit_dir, lm_dir)
     check_tokenizer(cfg, tokenizer_dir or lm_dir)
@@ -1076,14 +1105,11 @@ def load_towers(cls, vit_dir, lm_dir, tokenizer_dir=None, projector_from_vit=Fal
                          f"{vit_cfg.vision.out_hidden_size}, but the LM in {lm_dir} has hidden_size="
                          f"{cfg.text.hidden_size}; start with a fresh projector (projector_from_vit=False), "
                          "as MiMo-VL does")
-    dtype = _dtype_from_name(dtype) or file_dtype or torch.float32
-    device = torch.device(device or "cpu")
     for path in (vit_dir, lm_dir):
         checkpoint_shards(path)
     with torch.device("meta"):
-        model = cls(cfg)
-    names, tied = set(model.state_dict()), cfg.text.tie_word_embeddings
-    fresh = not projector_from_vit
+        model = MiMoVL(cfg)                # shapes only
+    names, tied, fresh = set(model.state_dict()), cfg.text.tie_word_embeddings, not projector_from_vit
 
     def vit_route(key):
         if key.endswith(IGNORABLE_KEY_SUFFIXES):
@@ -1103,18 +1129,30 @@ def load_towers(cls, vit_dir, lm_dir, tokenizer_dir=None, projector_from_vit=Fal
 
     vit_keys = {k for k in names if k.startswith("visual.") and not (fresh and k.startswith("visual.merger."))}
     lm_keys = {k for k in names if not k.startswith("visual.")} - ({"lm_head.weight"} if tied else set())
-    errors = []
+    sources, errors = {}, []
     for what, path, route, keys in (("ViT", vit_dir, vit_route, vit_keys), ("LM", lm_dir, lm_route, lm_keys)):
-        skipped, problems = _load_tensors(model, path, route, keys, dtype, device, progress)
+        found, skipped, problems = plan_folder(path, route, keys, model)
+        sources.update(found)
         if problems:
             errors += [f"{what} checkpoint {path}:", *problems]
-        if what == "LM" and skipped.get("mtp") and progress:
-            print(f"{lm_dir}: dropped {len(skipped['mtp'])} model.mtp_layers.* tensors (MiMo-7B's "
-                  "multi-token prediction; MiMo-VL does not use it)", file=sys.stderr)
     if errors:
         raise ValueError("\n".join(["the checkpoints do not match the model built from their config.json files:",
                                     *errors]))
-    if fresh:
+    return TowersPlan(cfg, sources, skipped.get("mtp", []), file_dtype)
+
+
+def load_towers(cls, vit_dir, lm_dir, tokenizer_dir=None, projector_from_vit=False, dtype=None, device=None,
+                progress=True):
+    """See MiMoVL.from_towers."""
+    plan = towers_plan(vit_dir, lm_dir, tokenizer_dir, projector_from_vit)
+    if plan.dropped and progress:
+        print(f"{os.fspath(lm_dir)}: dropped {len(plan.dropped)} model.mtp_layers.* tensors (MiMo-7B's "
+              "multi-token prediction; MiMo-VL does not use it)", file=sys.stderr)
+    with torch.device("meta"):
+        model = cls(plan.config)
+    load_sources(model, plan.sources, _dtype_from_name(dtype) or plan.dtype or torch.float32,
+                 torch.device(device or "cpu"), progress)
+    if not projector_from_vit:
         model.init_projector()
     return _finish_loading(model)
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mimovl import MiMoVL, towers_config
+from mimovl import MiMoVL, towers_plan
 from reference import IMAGE, VEND, VIDEO, VSTART, hf_model
 from test_checkpoint import to_tf5_layout
 
@@ -123,7 +123,20 @@ def test_weights_come_from_each_tower(towers, capsys):
     assert (cfg.bos_token_id, cfg.eos_token_id) == (1, 2)     # from the LM's config.json
     assert cfg.text.max_position_embeddings == 2048
     assert cfg.text.mrope_section == [4, 4, 4]       # head_dim 24: Qwen2.5-VL's 2:3:3 split, rounded
-    assert towers_config(root / "vit", root / "lm") == cfg
+    plan = towers_plan(root / "vit", root / "lm")      # what a sharded trainer reads, per rank
+    assert plan.config == cfg and len(plan.dropped) == N_MTP
+    assert set(plan.sources) == {k for k in ours if not k.startswith("visual.merger.")}
+    assert len({file for file, _ in plan.sources.values()}) == 9       # 8 LM shards + the ViT file
+
+
+def test_init_projector_on_a_meta_model_makes_only_the_projector_real(towers):
+    _, _, root = towers
+    with torch.device("meta"):
+        model = MiMoVL(towers_plan(root / "vit", root / "lm").config)
+    model.init_projector()
+    real = {n for n, p in model.named_parameters() if not p.is_meta}
+    assert real == {n for n, _ in model.named_parameters() if n.startswith("visual.merger.")}
+    assert model.visual.merger.mlp[0].weight.device.type == "cpu"
 
 
 def test_text_logits_equal_the_source_lm(towers):
