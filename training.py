@@ -309,19 +309,22 @@ def fill_shards(trainee, folder, real):
 
     for name in [n for n in targets if n in real]:
         put(name, lambda a, b, name=name: real[name][a:b] if real[name].ndim else real[name])
-    unexpected = []
-    if folder is not None:
-        for shard in checkpoint_shards(folder):
-            with safe_open(os.path.join(folder, shard), framework="pt", device="cpu") as f:
-                for key in f.keys():
-                    name = prefix + canonical_key(key)
-                    if key.startswith(IGNORABLE_KEY_PREFIXES) or key.endswith(IGNORABLE_KEY_SUFFIXES):
-                        continue
-                    if name not in targets:
-                        if name not in real:
-                            unexpected.append(key)
-                        continue
-                    put(name, lambda a, b, key=key: f.get_slice(key)[a:b])
+    unexpected, files = [], {}
+    for shard in checkpoint_shards(folder) if folder is not None else []:
+        with safe_open(os.path.join(folder, shard), framework="pt", device="cpu") as f:
+            files.update({key: os.path.join(folder, shard) for key in f.keys()})
+    for key, file in files.items():
+        name = prefix + canonical_key(key)
+        if key.startswith(IGNORABLE_KEY_PREFIXES) or key.endswith(IGNORABLE_KEY_SUFFIXES):
+            continue
+        if name not in targets:
+            if name not in real:
+                unexpected.append(key)
+            continue
+        # opened per tensor: the file's pages that a slice touches leave this process's memory
+        # when it closes, instead of piling up to a whole shard file per rank
+        with safe_open(file, framework="pt", device="cpu") as f:
+            put(name, lambda a, b: f.get_slice(key)[a:b])
     if folder is not None and (targets or unexpected):
         raise ValueError(f"{folder}: does not match the model: missing {sorted(targets)[:20]}, "
                          f"unexpected {unexpected[:20]}")
