@@ -16,6 +16,12 @@ MiMo-VL-7B = Qwen2.5-ViT (vit.py) + MLP projector (vit.PatchMerger) + MiMo-7B, a
 `modeling_qwen2_5_vl.py`); transformers 4.57 is the parity reference. Module names mirror the legacy checkpoint keys (`model.layers.N.self_attn.q_proj.weight`,
 `visual.blocks.B.attn.qkv.weight`, `lm_head.weight`), so weights map name for name.
 
+Loading is strict and shard by shard onto the meta device (plan_folder / load_sources).
+`MiMoVL.from_pretrained(dir)` reads one Qwen2.5-VL-format folder; `MiMoVL.from_towers(vit_dir,
+lm_dir)` builds MiMo-VL's start point (MiMo-VL report §2.1): the ViT of a Qwen2.5-VL checkpoint,
+the LM of a text checkpoint such as MiMo-7B-Base (its multi-token-prediction layers dropped) and
+a fresh projector.
+
 Internally the language model works on *packed* tokens: a batch of rows (left-padded or not) is
 flattened to the attended tokens only, and `cu_seqlens` marks where each sequence starts. A packed
 training row of several documents is the same thing with more boundaries. All attention goes
@@ -1046,9 +1052,9 @@ def _towers_config(vit_dir, lm_dir):
 
 def check_tokenizer(cfg, folder):
     """The tokenizer in `folder` (tokenizer.json) must fit `cfg`: the embedding has a row for every
-    token id, and <|vision_start|>, <|vision_end|>, <|image_pad|>, <|video_pad|> exist with exactly
-    the config's ids (a wrong id would put image features on other tokens). Every problem is
-    listed in one ValueError that says how to fix it."""
+    token id, <|vision_start|>, <|vision_end|>, <|image_pad|>, <|video_pad|> exist with exactly
+    the config's ids (a wrong id would put image features on other tokens), and so do the
+    config's bos/eos/pad ids. Every problem is listed in one ValueError that says how to fix it."""
     from tokenizers import Tokenizer
 
     path = os.path.join(os.fspath(folder), "tokenizer.json")
@@ -1076,6 +1082,11 @@ def check_tokenizer(cfg, folder):
         elif have != want:
             problems.append(f"{token} is id {have} there, but the config uses {name}={want}: set {name} to "
                             f"{have} in the config.json the ids come from, or use the matching tokenizer")
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        token_id = getattr(cfg, name)
+        if token_id is not None and tok.id_to_token(token_id) is None:
+            problems.append(f"it has no token {token_id}, the config's {name}: use the tokenizer the LM was "
+                            f"trained with, or fix {name} in the LM's config.json")
     if problems:
         raise ValueError(f"tokenizer {path} does not fit the model:\n  " + "\n  ".join(problems))
 

@@ -199,6 +199,17 @@ def test_transformers5_naming_and_projector_from_vit(towers, tmp_path):
         torch.testing.assert_close(model(ids).logits, other(input_ids=ids).logits, rtol=1e-4, atol=1e-5)
 
 
+def test_one_qwen25vl_folder_for_both_towers_is_today_init(towers):
+    """from_towers(d, d) = from_pretrained(d) with a fresh projector (train_pretrain's --init d)."""
+    _, _, root = towers
+    whole = MiMoVL.from_pretrained(root / "vit", dtype=torch.float32, progress=False).state_dict()
+    both = MiMoVL.from_towers(root / "vit", root / "vit", tokenizer_dir=root / "lm", dtype=torch.float32,
+                              progress=False).state_dict()
+    assert set(both) == set(whole)
+    for k, v in whole.items():
+        assert torch.equal(both[k], v) != k.startswith("visual.merger."), k     # the source perturbs all
+
+
 def test_missing_and_unexpected_lm_keys_are_listed_together(towers, tmp_path):
     _, _, root = towers
 
@@ -242,6 +253,18 @@ def test_tokenizer_must_fit(towers, tmp_path, tokens, size, expected):
     # a tokenizer elsewhere can be named instead of the LM folder's
     write_tokenizer(tmp_path)
     MiMoVL.from_towers(root / "vit", lm, tokenizer_dir=tmp_path, progress=False)
+
+
+def test_end_of_text_id_must_be_in_the_tokenizer(towers, tmp_path):
+    _, _, root = towers
+
+    def eos(folder):
+        cfg = json.load(open(folder / "config.json"))
+        cfg["eos_token_id"] = [999, 2]
+        json.dump(cfg, open(folder / "config.json", "w"))
+    lm = copy_folder(root / "lm", tmp_path / "lm", eos)
+    with pytest.raises(ValueError, match="it has no token 999, the config's eos_token_id"):
+        MiMoVL.from_towers(root / "vit", lm, progress=False)
 
 
 def test_missing_tokenizer_and_unsupported_lm_config(towers, tmp_path):
