@@ -1017,6 +1017,9 @@ def _text_config(raw, cfg_path, vit_mrope):
     kw.setdefault("num_key_value_heads", kw["num_attention_heads"])   # Qwen2Config: None means MHA
     heads = kw["num_attention_heads"]
     head_dim = kw["hidden_size"] // heads if isinstance(heads, int) and heads > 0 else 0
+    if raw.get("head_dim") not in (None, head_dim):
+        raise ValueError(f"{cfg_path}: head_dim={raw['head_dim']} is not hidden_size / num_attention_heads="
+                         f"{head_dim}; such a model is not a Qwen2 decoder and is not supported")
     return TextConfig(**kw, mrope_section=_qwen2_mrope_section(head_dim, vit_mrope))
 
 

@@ -210,7 +210,7 @@ def test_one_qwen25vl_folder_for_both_towers_is_today_init(towers):
         assert torch.equal(both[k], v) != k.startswith("visual.merger."), k     # the source perturbs all
 
 
-def test_missing_and_unexpected_lm_keys_are_listed_together(towers, tmp_path):
+def test_missing_unexpected_and_misshaped_lm_keys_are_listed_together(towers, tmp_path):
     _, _, root = towers
 
     def edit(folder):
@@ -220,7 +220,9 @@ def test_missing_and_unexpected_lm_keys_are_listed_together(towers, tmp_path):
             if "model.layers.1.mlp.down_proj.weight" in sd:
                 sd.pop("model.layers.1.mlp.down_proj.weight")
                 sd["model.extra_head.weight"] = torch.zeros(2)
-                save_file(sd, folder / name)
+            if "model.norm.weight" in sd:       # a checkpoint of another width
+                sd["model.norm.weight"] = torch.ones(LM_HIDDEN + 1)
+            save_file(sd, folder / name)
     lm = copy_folder(root / "lm", tmp_path / "lm", edit)
     with pytest.raises(ValueError) as e:
         MiMoVL.from_towers(root / "vit", lm, progress=False)
@@ -228,6 +230,7 @@ def test_missing_and_unexpected_lm_keys_are_listed_together(towers, tmp_path):
     assert f"LM checkpoint {lm}:" in msg
     assert "1 missing key(s): model.layers.1.mlp.down_proj.weight" in msg
     assert "1 unexpected key(s): model.extra_head.weight" in msg
+    assert f"1 wrong shape key(s): model.norm.weight: checkpoint ({LM_HIDDEN + 1},) vs model ({LM_HIDDEN},)" in msg
     assert "mtp_layers" not in msg and "ViT checkpoint" not in msg
 
 
