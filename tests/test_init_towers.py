@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mimovl import MiMoVL, towers_plan
-from reference import IMAGE, VEND, VIDEO, VSTART, hf_model
+from reference import IMAGE, VEND, VIDEO, VSTART, hf_model, pixels, sequence
 from test_checkpoint import to_tf5_layout
 
 VOCAB, LM_HIDDEN = 256, 96          # the LM is wider than the ViT checkpoint's merger output (64)
@@ -146,6 +146,13 @@ def test_text_logits_equal_the_source_lm(towers):
     with torch.no_grad():
         ours, ref = model(ids).logits, lm(ids).logits
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-5)
+    # and the fresh projector feeds the wider LM: an image's tokens go through
+    g = torch.Generator().manual_seed(0)
+    seq, images, _ = sequence([3, ("image", (1, 4, 8)), 2], g)
+    pv, grid = pixels(images, g)
+    with torch.no_grad():
+        logits = model(torch.tensor([seq]), pixel_values=pv, image_grid_thw=grid).logits
+    assert logits.shape == (1, len(seq), VOCAB) and logits.isfinite().all()
 
 
 def test_tied_lm(towers, tmp_path):
@@ -175,7 +182,7 @@ def test_fresh_projector_is_drawn_as_the_model_init_draws_it(towers):
     assert torch.equal(merger.ln_q.weight, torch.ones_like(merger.ln_q.weight))
 
 
-def test_transformers5_naming_and_projector_from_vit(towers, tmp_path):
+def test_transformers5_naming_and_projector_from_vit(towers, tmp_path, capsys):
     """Both towers from Qwen2.5-VL folders in transformers-5 naming (model.visual.*,
     model.language_model.*), MTP tensors under the 5.x prefix, the ViT folder's projector kept."""
     vl, _, root = towers
@@ -188,7 +195,8 @@ def test_transformers5_naming_and_projector_from_vit(towers, tmp_path):
     save_file(sd, tmp_path / "lm5" / "model.safetensors")
     write_tokenizer(tmp_path / "lm5")
     model = MiMoVL.from_towers(tmp_path / "vit5", tmp_path / "lm5", projector_from_vit=True,
-                               dtype=torch.float32, progress=False)
+                               dtype=torch.float32)
+    assert "dropped 1 model.mtp_layers.* tensors" in capsys.readouterr().err
     vit_src = source_tensors(tmp_path / "vit5")
     ours = model.state_dict()
     for k, v in vit_src.items():
