@@ -518,7 +518,7 @@ def main(argv=None):
     p.add_argument("--n", type=int, default=None, help="suite: items per task (default 64); "
                    "--jsonl: the first N lines with an answer (default all)")
     p.add_argument("--tasks", default=None, help="suite: comma-separated task names (default all: "
-                   + ",".join(e[0] for e in EVAL_SUITE + LOSS_SUITE) + ")")
+                   + ",".join(dict.fromkeys(e[0] for e in EVAL_SUITE + LOSS_SUITE)) + ")")
     p.add_argument("--seed", type=int, default=0, help="suite: the synthetic world's seed "
                    "(train_pretrain.py --seed)")
     p.add_argument("--batch-size", type=int, default=64, help="prompts per generation batch")
@@ -536,7 +536,7 @@ def main(argv=None):
             _fail(f"{flag} must be >= 1, got {value}")
     if args.out and not args.jsonl:
         _fail("--out writes the records of a --jsonl evaluation; the suite logs one example per task")
-    known = [e[0] for e in EVAL_SUITE + LOSS_SUITE]
+    known = list(dict.fromkeys(e[0] for e in EVAL_SUITE + LOSS_SUITE))
     unknown = sorted({t.strip() for t in (args.tasks or "").split(",") if t.strip()} - set(known))
     if unknown:
         _fail(f"--tasks: unknown {unknown}; choose from {', '.join(known)}")
