@@ -1,15 +1,19 @@
 """
 training.py — what both training scripts share: one entry point for CPU, one GPU and torchrun
 (`compute_init`) with its precision policy; wrapping for data parallelism (DDP, FSDP2);
-the optimiser and the learning-rate schedule; atomic checkpoints that resume exactly.
+the optimiser and the learning-rate schedule; atomic checkpoints that resume exactly; under
+FSDP2 a model that no rank ever holds whole (built on the meta device, each rank reading its own
+rows of the checkpoint), sharded torch.distributed.checkpoint checkpoints that resume with any
+number of processes, a streamed Hugging Face export, and a per-GPU memory model term by term.
 
     from training import compute_init, prepare_run_dir, resume_checkpoint, wrap_model, build_optimizer
     compute = compute_init("auto")              # prints the device, processes and precision
     prepare_run_dir(out, resume, overwrite, outputs=["checkpoints", "metrics.jsonl"], compute=compute)
     last = resume_checkpoint(f"{out}/checkpoints") if resume else None   # newest intact step-*
 
-Sections: 1 compute and precision · 2 freezing and wrapping (with the dummy vision input
-that DDP/FSDP need) · 3 optimiser and schedule · 4 checkpoints ·
+Sections: 1 compute and precision · 2 freezing and wrapping (meta-device start, the dummy
+vision input that DDP/FSDP need, the memory model) · 3 optimiser and schedule · 4 checkpoints
+(HF folders, full and sharded training state) ·
 5 the run folder: refuse to overwrite, resume from the newest intact checkpoint, the JSONL logs.
 Used by train_pretrain.py and train_rl.py; imports the model, never the other way round.
 """
@@ -242,7 +246,8 @@ def wrap_model(trainee, compute, fsdp=False, weights=None):
         mp = MixedPrecisionPolicy(param_dtype=compute.amp_dtype, reduce_dtype=torch.float32)
         model = trainee if isinstance(trainee, MiMoVL) else trainee.model   # e.g. MiMoVL + a head
         on_meta = any(p.is_meta for p in trainee.parameters())
-        real = {n: t.detach().clone() for n, t in trainee.state_dict().items() if not t.is_meta}
+        real = {n: t.detach().clone() for n, t in trainee.state_dict().items()
+                if on_meta and not t.is_meta}
         units = [*model.visual.blocks, model.visual.merger, model.visual.patch_embed,
                  *model.model.layers, model.model.embed_tokens]
         for m in units:
@@ -305,11 +310,11 @@ def fill_shards(trainee, folder, real):
         t = targets.pop(name)
         first, end = local_rows(t)
         local = t.to_local() if isinstance(t, DTensor) else t
-        local.copy_(read(first, end).reshape(local.shape))
+        local.copy_(read(first, end).reshape(local.shape))     # cast to fp32 if stored in bf16
 
     for name in [n for n in targets if n in real]:
         put(name, lambda a, b, name=name: real[name][a:b] if real[name].ndim else real[name])
-    unexpected, files = [], {}
+    unexpected, mis_shaped, files = [], [], {}
     for shard in checkpoint_shards(folder) if folder is not None else []:
         with safe_open(os.path.join(folder, shard), framework="pt", device="cpu") as f:
             files.update({key: os.path.join(folder, shard) for key in f.keys()})
@@ -324,10 +329,16 @@ def fill_shards(trainee, folder, real):
         # opened per tensor: the file's pages that a slice touches leave this process's memory
         # when it closes, instead of piling up to a whole shard file per rank
         with safe_open(file, framework="pt", device="cpu") as f:
+            shape = tuple(f.get_slice(key).get_shape())
+            if shape != tuple(targets[name].shape):
+                mis_shaped.append(f"{key}: checkpoint {shape} vs model {tuple(targets.pop(name).shape)}")
+                continue
             put(name, lambda a, b: f.get_slice(key)[a:b])
-    if folder is not None and (targets or unexpected):
-        raise ValueError(f"{folder}: does not match the model: missing {sorted(targets)[:20]}, "
-                         f"unexpected {unexpected[:20]}")
+    if folder is not None and (targets or unexpected or mis_shaped):
+        problems = [f"{len(v)} {what} key(s): {', '.join(sorted(v)[:20])}" for what, v in
+                    (("missing", targets), ("unexpected", unexpected), ("wrong shape", mis_shaped)) if v]
+        raise ValueError(f"checkpoint {folder} does not match the model built from its config.json: "
+                         + "; ".join(problems))
 
 
 def add_dummy_vision(row, processor, video=False):

@@ -197,3 +197,28 @@ def test_memory_model_counts_every_term_by_hand_at_7b():
     proj = training.memory_estimate_gib(cfg, 8, 8192, trainable=("projector",))
     assert proj["AdamW moments fp32 (sharded)"] < 0.01 * one["AdamW moments fp32 (sharded)"]
     assert proj["cross-entropy dWeight accumulator fp32"] == 0
+
+
+def test_fill_shards_reads_a_checkpoint_into_a_meta_built_model_strictly(tmp_path):
+    """One process (plain tensors: every rank's rows are all rows): a model built on the meta
+    device and filled from a folder equals the folder's model, parameters given in `real` keep
+    their values, and a folder of another shape is refused with every mismatch named."""
+    from mimovl import MiMoVL, MiMoVLConfig
+    torch.manual_seed(0)
+    src = MiMoVL(MiMoVLConfig.preset("tiny"))
+    src.save_pretrained(str(tmp_path / "a"))
+    model = training.meta_model(str(tmp_path / "a")).to_empty(device="cpu")
+    fresh = torch.randn_like(src.visual.merger.mlp[0].weight)
+    training.fill_shards(model, str(tmp_path / "a"), {"visual.merger.mlp.0.weight": fresh})
+    for name, p in model.state_dict().items():
+        want = fresh if name == "visual.merger.mlp.0.weight" else src.state_dict()[name]
+        assert torch.equal(p, want), name
+
+    cfg = MiMoVLConfig.preset("tiny")
+    cfg.text.intermediate_size += 16
+    other = MiMoVL(cfg)
+    other.save_pretrained(str(tmp_path / "b"))
+    with pytest.raises(ValueError) as e:
+        training.fill_shards(model, str(tmp_path / "b"), {})
+    msg = str(e.value)
+    assert "wrong shape" in msg and "model.layers.0.mlp.up_proj.weight: checkpoint (" in msg
