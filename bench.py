@@ -793,7 +793,7 @@ def _paired_runs(ours_fn, hf_fn, repeats):
 
 
 def _cpu_dtype():
-    from mimovl import default_dtype
+    from chat import default_dtype
     return default_dtype("cpu")
 
 

@@ -4,7 +4,7 @@ main_job.py — the whole small-scale reproduction in one command, with one prog
     python train_rl.py --all           # what the README runs from a fresh clone
 
 pre-training stages 0-4 (train_pretrain.py) -> the Bradley-Terry reward model (train_rl.py
---train-rm) -> MORL (train_rl.py) -> a chat answer from the CLI (mimovl.py) about a synthetic
+--train-rm) -> MORL (train_rl.py) -> a chat answer from the CLI (chat.py) about a synthetic
 image generated afterwards -> the tables of each phase and, when matplotlib is installed, the
 report (report.py). Each phase runs as a child process with --resume, so a rerun continues where
 it stopped, and writes its output to <out>/main-N.log. The bar follows each phase through the
@@ -96,7 +96,7 @@ def run(out="runs/rl", seed=0, threads=None):
     phases = [("pre-training", [py, os.path.join(here, "train_pretrain.py"), "--out", pre_out, *common]),
               ("reward model", rl + ["--train-rm"]),
               ("rl", rl),
-              ("chat", [py, os.path.join(here, "mimovl.py"), "--model", final, "--image", image_path,
+              ("chat", [py, os.path.join(here, "chat.py"), "--model", final, "--image", image_path,
                         "--max-new-tokens", "64", question])]
     print(f"main job: {len(phases)} phases, the bar shows each one's own steps; logs in "
           f"{out}/main-*.log", flush=True)
@@ -117,7 +117,7 @@ def run(out="runs/rl", seed=0, threads=None):
     print("\n=== pre-training: held-out results after each stage\n" + read(os.path.join(pre_out, "summary.md")))
     print("\n=== reward model\n" + read(os.path.join(out, "reward_model", "pretrain_stage.json")))
     print("\n=== MORL: held-out reward before and after\n" + read(os.path.join(out, "summary.md")))
-    print(f"\n=== chat\n$ python mimovl.py --model {final} --image {image_path} \"{question}\"\n"
+    print(f"\n=== chat\n$ python chat.py --model {final} --image {image_path} \"{question}\"\n"
           + "\n".join(answer) + f"\n(ground truth: {sample['answer']})")
     try:
         import report

@@ -8,8 +8,8 @@ processor.py — everything between raw inputs (text, images, videos) and token 
      tensors the model takes (transformers' `Qwen2_5_VLProcessor` semantics). Two deliberate
      differences: message text is tokenised as text (a "<|im_end|>" typed by a user is not the
      control token), and a checkpoint's template runs in a sandbox with a work and size budget.
-     Every JSON file of a checkpoint folder is read and type-checked by read_json_file /
-     check_json_fields (mimovl.py uses them for config.json and the weight index).
+     Every JSON file of a checkpoint folder is read and type-checked by
+     checkpoint_files.read_json_file / check_json_fields (as mimovl.py reads config.json).
 
 This file stands on its own: it imports neither the model nor the kernels.
 """
@@ -21,9 +21,7 @@ import io
 import json
 import math
 import numbers
-import os
 import re
-import secrets
 from pathlib import Path
 
 import jinja2
@@ -35,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from PIL import Image
+
+from checkpoint_files import check_json_fields, read_json_file, write_file_atomic, write_json_atomic
 
 # --- 2.0 The built-in chat template (defined first: the from-scratch tokenizer of section 5 saves it) -----
 # Qwen2.5-VL's template (its hub chat_template.json) with MiMo's default system prompt (the one ms-swift registers for
@@ -603,70 +603,9 @@ def split_thinking(text):
     return "", text.strip()
 
 
-# --- 2.2 Checkpoint folder files: every JSON file read and type-checked in one place ----------------
-# A checkpoint folder is input like any other: config.json and the weight index (read by mimovl.py),
-# tokenizer_config.json, chat_template.json, preprocessor_config.json and generation_config.json
-# (read here) all go through read_json_file and check_json_fields, so a wrong type is one clear
-# error that names the file, the key and the value, never a traceback deep inside the model.
-def _is_int(v):
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v):
-    return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
-
-
-JSON_KINDS = {
-    "integer": _is_int,
-    "positive integer": lambda v: _is_int(v) and v > 0,
-    "integer >= 0": lambda v: _is_int(v) and v >= 0,
-    "number": _is_number,
-    "positive number": lambda v: _is_number(v) and v > 0,
-    "number >= 0": lambda v: _is_number(v) and v >= 0,
-    "number in (0, 1]": lambda v: _is_number(v) and 0 < v <= 1,
-    "boolean": lambda v: isinstance(v, bool),
-    "string": lambda v: isinstance(v, str),
-    "object": lambda v: isinstance(v, dict),
-    "list of integers": lambda v: isinstance(v, list) and all(_is_int(x) for x in v),
-    "list of 3 numbers": lambda v: isinstance(v, list) and len(v) == 3 and all(_is_number(x) for x in v),
-    "token id or list of token ids": lambda v: (_is_int(v) and v >= 0) or (
-        isinstance(v, list) and v and all(_is_int(x) and x >= 0 for x in v)),
-    "token (a string or {\"content\": string})": lambda v: isinstance(v, str) or (
-        isinstance(v, dict) and isinstance(v.get("content"), str)),
-    "list of tokens": lambda v: isinstance(v, list) and all(
-        isinstance(x, str) or (isinstance(x, dict) and isinstance(x.get("content"), str)) for x in v),
-    "chat template (a string or a list of {\"name\", \"template\"})": lambda v: isinstance(v, str) or (
-        isinstance(v, list) and all(isinstance(t, dict) and isinstance(t.get("template"), str) for t in v)),
-}
-
-
-def read_json_file(path, required=False):
-    """A checkpoint's JSON file as a dict; {} when it is absent (unless required). Not JSON, not
-    UTF-8 or not a JSON object: a ValueError naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        if required:
-            raise FileNotFoundError(f"{path} is missing")
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); download or write it again") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object {{...}}, not a {type(data).__name__}")
-    return data
-
-
-def check_json_fields(data, path, kinds, prefix=""):
-    """Raise a ValueError naming `path` and the key when a present, non-null key of `data` is not of
-    its kind in `kinds` ({key: a JSON_KINDS name}). Returns `data`."""
-    for key, kind in kinds.items():
-        value = data.get(key)
-        if value is not None and not JSON_KINDS[kind](value):
-            raise ValueError(f"{path}: {prefix}{key}={json.dumps(value)[:80]} must be a {kind}")
-    return data
-
-
+# --- 2.2 Checkpoint folder files: the schemas of the ones the Processor reads -------------------------
+# Each file goes through checkpoint_files.read_json_file and check_json_fields, so a wrong type is one
+# clear error that names the file, the key and the value.
 TOKENIZER_CONFIG_KINDS = {**{k: "token (a string or {\"content\": string})" for k in (
     "bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")},
     "additional_special_tokens": "list of tokens",
@@ -679,28 +618,6 @@ PREPROCESSOR_SIZE_KINDS = {"shortest_edge": "positive integer", "longest_edge": 
 GENERATION_KINDS = {"eos_token_id": "token id or list of token ids", "do_sample": "boolean",
                     "temperature": "number >= 0", "top_p": "number in (0, 1]", "top_k": "integer >= 0",
                     "max_new_tokens": "positive integer"}
-
-
-def write_file_atomic(path, write):
-    """Call write(temporary path) in the target's folder, then rename onto `path`: a crash never
-    leaves a half-written file under the real name. The file gets the usual permissions (0644
-    under umask 022) even when the writer creates it private (safetensors writes 0600)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    umask = os.umask(0o022)   # reading the umask means setting it; put it straight back
-    os.umask(umask)
-    try:
-        write(str(tmp))
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def write_json_atomic(path, obj):
-    write_file_atomic(path, lambda tmp: Path(tmp).write_text(
-        json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"))
 
 
 # --- 2.3 The Processor --------------------------------------------------------------------------------

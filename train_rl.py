@@ -51,7 +51,7 @@ rewards are all equal carry no gradient: dropped, the batch refilled) and the ea
 every sample of which passes leave the stream and come back with probability 0.1).
 
 Outputs (--out, default runs/rl): final/ (the RL model, a Hugging Face folder:
-`python mimovl.py --model runs/rl/final`), reward_model/, checkpoints/step-N/, metrics.jsonl,
+`python chat.py --model runs/rl/final`), reward_model/, checkpoints/step-N/, metrics.jsonl,
 eval.jsonl (--eval-every), eval_sft.json, summary.md (the before/after table), progress.json.
 An existing run is never deleted: pass --resume to continue it or --overwrite to start again.
 Tests: tests/test_grpo.py (advantages, normalisers, losses by hand), tests/test_rl.py (the loop

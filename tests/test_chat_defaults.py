@@ -11,8 +11,8 @@ from contextlib import redirect_stderr, redirect_stdout
 import pytest
 import torch
 
-import mimovl
-from mimovl import DEFAULT_GENERATION, MiMoVL, chat, generation_settings
+from chat import DEFAULT_GENERATION, chat, generation_settings, main
+from mimovl import MiMoVL
 from processor import DEFAULT_CHAT_TEMPLATE, PRESETS, Processor, split_thinking
 from test_faults import tiny_config, write_chat_checkpoint
 
@@ -28,7 +28,7 @@ SLASH_TEMPLATE = DEFAULT_CHAT_TEMPLATE.replace(
 def run(argv):
     out, err = io.StringIO(), io.StringIO()
     with redirect_stdout(out), redirect_stderr(err):
-        code = mimovl.main(argv)
+        code = main(argv)
     return code, out.getvalue(), err.getvalue()
 
 
@@ -124,7 +124,7 @@ def test_paper_eval_preset_reaches_the_processor(tmp_path, monkeypatch):
         seen.update(kw, conversation=conversation)
         yield "ok"
         return "stop"
-    monkeypatch.setattr(mimovl, "chat_stream", fake_stream)
+    monkeypatch.setattr("chat.chat_stream", fake_stream)
     code, out, err = run(["--model", str(folder), "--preset", "paper-eval", "--video", str(folder), "hi"])
     assert code == 0 and out == "ok\n", err
     assert seen["max_pixels"] == 4096 * 28 * 28

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-import mimovl
+import chat
 from mimovl import MiMoVL, MiMoVLConfig
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
@@ -41,7 +41,7 @@ def ckpt(tmp_path_factory):
 def run(argv):
     out, err = io.StringIO(), io.StringIO()
     with redirect_stdout(out), redirect_stderr(err):
-        code = mimovl.main(argv)
+        code = chat.main(argv)
     return code, out.getvalue(), err.getvalue()
 
 

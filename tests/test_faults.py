@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-import mimovl
+import chat
 from mimovl import MiMoVL, MiMoVLConfig, TextConfig
 from packing import IGNORE_INDEX, encode_sample
 from processor import DEFAULT_CHAT_TEMPLATE, Processor, fetch_video
@@ -68,14 +68,14 @@ def ckpt(tmp_path_factory):
 
 def run(argv, stdin=None):
     out, err = io.StringIO(), io.StringIO()
-    old = mimovl.sys.stdin
+    old = chat.sys.stdin
     if stdin is not None:
-        mimovl.sys.stdin = stdin
+        chat.sys.stdin = stdin
     try:
         with redirect_stdout(out), redirect_stderr(err):
-            code = mimovl.main(argv)
+            code = chat.main(argv)
     finally:
-        mimovl.sys.stdin = old
+        chat.sys.stdin = old
     return code, out.getvalue(), err.getvalue()
 
 
