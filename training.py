@@ -725,9 +725,13 @@ def rank_loader_state(saved, rank, world_size):
     if all(s == saved[0] and set(s) == {"step"} for s in saved):
         return saved[0]
     old = len(saved)
-    if not all(s.get("row") == 0 and s.get("chunk") == saved[0]["chunk"] for s in saved):
+    if not all(isinstance(s, dict) and "chunk" in s and "row" in s for s in saved):
+        fail(f"cannot resume with {world_size} process(es): the checkpoint was written by {old}, "
+             f"and its data position is kept per rank; resume with {old} process(es), or start "
+             "again with --overwrite")
+    if not all(s["row"] == 0 and s["chunk"] == saved[0]["chunk"] for s in saved):
         fail(f"cannot resume with {world_size} process(es): the checkpoint's {old} ranks stand at "
-             f"different points of their data chunks ({[(s.get('chunk'), s.get('row')) for s in saved]}); "
+             f"different points of their data chunks ({[(s['chunk'], s['row']) for s in saved]}); "
              f"resume with {old} process(es), or use chunks that fill whole rows")
     done = saved[0]["chunk"] * old
     if done % world_size:
@@ -759,7 +763,8 @@ def list_checkpoints(root):
 def load_training_state(path, wrapped, optimizer, compute):
     """Restore optimiser, RNG and return (step, this rank's loader state, trainer_state). The
     model weights were loaded from `path` before wrapping (see run_stage), except from a sharded
-    checkpoint, whose model is restored here too, with any number of processes."""
+    checkpoint, whose model is restored here too. Either kind resumes with any number of
+    processes where the data position allows it (rank_loader_state)."""
     from safetensors.torch import load_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
@@ -768,12 +773,7 @@ def load_training_state(path, wrapped, optimizer, compute):
     old, r = ts["world_size"], compute.rank
     if is_sharded_checkpoint(path):
         load_sharded_state(path, wrapped, optimizer, ts)
-        loader = rank_loader_state(ts["loader"], r, compute.world_size)
-    else:
-        if old != compute.world_size:
-            fail(f"cannot resume {path}: it was written by {old} process(es), this run has "
-                 f"{compute.world_size}. Resume with the same number of processes (each rank's data "
-                 "position is saved), or start again with --overwrite.")
+    else:                       # the full optimiser state, which every rank reads (and shards)
         tensors = load_file(os.path.join(path, "optimizer.safetensors"))
         state = {}
         for key, v in tensors.items():
@@ -782,7 +782,7 @@ def load_training_state(path, wrapped, optimizer, compute):
         groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in ts["param_groups"]]
         set_optimizer_state_dict(wrapped, optimizer, {"state": state, "param_groups": groups},
                                  options=StateDictOptions(full_state_dict=True))
-        loader = ts["loader"][r]
+    loader = rank_loader_state(ts["loader"], r, compute.world_size)
     # a rank that the checkpoint did not have takes the generators of rank r mod (its ranks)
     rng = load_file(os.path.join(path, "rng.safetensors"))
     src = r % old

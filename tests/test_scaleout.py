@@ -134,6 +134,8 @@ def test_the_data_position_of_a_checkpoint_splits_over_another_number_of_process
         training.rank_loader_state([at(3, 1, 0), at(3, 0, 1)], 0, 1)
     with pytest.raises(SystemExit):                     # 6 chunks do not split over 4 ranks
         training.rank_loader_state(saved, 0, 4)
+    with pytest.raises(SystemExit):                     # a per-rank position of another kind (RL)
+        training.rank_loader_state([{"position": 8}, {"position": 9}], 0, 1)
 
 
 def peak_rss_rise(start):
