@@ -222,3 +222,27 @@ def test_fill_shards_reads_a_checkpoint_into_a_meta_built_model_strictly(tmp_pat
         training.fill_shards(model, str(tmp_path / "b"), {})
     msg = str(e.value)
     assert "wrong shape" in msg and "model.layers.0.mlp.up_proj.weight: checkpoint (" in msg
+
+
+def test_streamed_export_in_several_shards_loads_as_the_full_export(tmp_path):
+    """save_stage_streamed (one tensor at a time, shards of at most max_shard_bytes, an index)
+    writes the weights save_stage_folder writes from the full state dict."""
+    import synthetic
+    from mimovl import MiMoVL, MiMoVLConfig
+    from processor import Processor
+    synthetic.train_tokenizer(str(tmp_path / "tok"), vocab_size=1024, n_samples=200)
+    processor = Processor.from_pretrained(str(tmp_path / "tok"))
+    torch.manual_seed(0)
+    model = MiMoVL(MiMoVLConfig.preset("tiny"))
+    compute = training.Compute(torch.device("cpu"))
+    training.save_stage_streamed(str(tmp_path / "streamed"), model, model.cfg, processor, {"stage": "t"},
+                                 compute, max_shard_bytes=4 * 2 ** 20)
+    training.save_stage_folder(str(tmp_path / "full"), model.state_dict(), model.cfg, processor, {"stage": "t"})
+    index = json.load(open(tmp_path / "streamed" / "model.safetensors.index.json"))
+    assert len(set(index["weight_map"].values())) >= 4
+    a = MiMoVL.from_pretrained(str(tmp_path / "streamed"), progress=False).state_dict()
+    b = MiMoVL.from_pretrained(str(tmp_path / "full"), progress=False).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert sorted(os.listdir(tmp_path / "streamed")) == sorted(
+        [f for f in os.listdir(tmp_path / "full") if f != "model.safetensors"] +
+        ["model.safetensors.index.json", *set(index["weight_map"].values())])
