@@ -54,6 +54,7 @@ training scripts share (compute, wrapping, optimiser, checkpoints, run folder) a
 """
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -71,7 +72,7 @@ import packing
 import synthetic
 from evaluate import (answer_loss, eval_suites, format_results, heldout_suite, majority_answers,
                       run_suite, stages_table)
-from mimovl import MiMoVL, MiMoVLConfig, tiny_config
+from mimovl import MiMoVL, MiMoVLConfig, tiny_config, towers_plan
 from processor import Processor, preprocess_image
 from training import (Compute, JsonlLog, add_dummy_vision, all_reduce_sum, atomic_dir,
                       build_optimizer, clean_stale_tmp, commit_dir, compute_init, fail, full_state,
@@ -211,17 +212,6 @@ def describe_mixture(mix):
 
 # -----------------------------------------------------------------------------
 # 2. The model: initialisation (freezing: training.set_trainable over training.PARTS)
-
-def reinit_projector(model):
-    """A fresh projector, as the paper's stage 1 starts with (MiMo-VL report §2.1), initialised as
-    MiMoVL initialises a from-scratch model: normal(0, 0.02) weights, zero biases, unit norm."""
-    merger = model.visual.merger
-    for m in merger.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, std=0.02)
-            nn.init.zeros_(m.bias)
-    nn.init.ones_(merger.ln_q.weight)
-
 
 def scratch_config(a, p):
     """A from-scratch model's architecture: the tiny preset (widened by --scale) or --preset, with
@@ -492,8 +482,8 @@ def start_folder(run, key, first):
         return a.from_dir
     if key == "0-lm":
         return None
-    if key == "1" and a.init:
-        return a.init
+    if key == "1" and (a.init or a.init_lm):
+        return a.init or a.init_lm              # --init-lm: the tokenizer comes with the LM
     prev = STAGE_ORDER[STAGE_ORDER.index(key) - 1]
     path = run.stage_dir(prev)
     if not os.path.isfile(os.path.join(path, "config.json")):
@@ -516,16 +506,36 @@ def load_processor(run, folder):
     return Processor.from_pretrained(path)
 
 
+def start_weights(run, key, src, resume_from):
+    """Where the stage's starting weights come from: the checkpoint when resuming, else `src`, or
+    for stage 1 from --init-vit + --init-lm the towers_plan's {parameter: (file, key)}."""
+    a = run.args
+    if key == "1" and not resume_from and a.init_lm and src == a.init_lm:
+        return towers(a).sources
+    return resume_from or src
+
+
 def load_model(run, key, src, resume_from, processor):
     """The stage's starting model in fp32: its checkpoint when resuming, else `src` or (None) a
     fresh model; stage 1 starts with a fresh projector (MiMo-VL report §2.1)."""
-    meta = run.args.fsdp and run.compute.distributed and bool(resume_from or src)
+    weights = start_weights(run, key, src, resume_from)
+    if isinstance(weights, dict):
+        plan = towers(run.args)
+        run.compute.print(f"stage 1 starts from the ViT of {run.args.init_vit} and the LM of {run.args.init_lm} "
+                          f"(dropped {len(plan.dropped)} model.mtp_layers.* tensors), a fresh projector")
+    meta = run.args.fsdp and run.compute.distributed and bool(weights)
     if meta or (resume_from and is_sharded_checkpoint(resume_from)):
         # no rank builds the whole model: wrap_model fills each rank's shards from the folder,
         # or load_training_state from a sharded checkpoint
-        model = meta_model(resume_from or src)
+        if isinstance(weights, dict):
+            with torch.device("meta"):
+                model = MiMoVL(towers(run.args).config)
+        else:
+            model = meta_model(weights)
         if not meta:
             model.to_empty(device="cpu")
+    elif isinstance(weights, dict):
+        model = MiMoVL.from_towers(run.args.init_vit, run.args.init_lm, dtype=torch.float32, progress=False)
     elif resume_from or src:
         model = MiMoVL.from_pretrained(resume_from or src, dtype=torch.float32, progress=False)
     else:
@@ -534,10 +544,10 @@ def load_model(run, key, src, resume_from, processor):
         fail(f"the tokenizer has {processor.tokenizer.get_vocab_size()} tokens, more than "
              f"the model's vocab_size {model.cfg.text.vocab_size}")
     if key == "1" and not resume_from:
-        if meta:            # small: made whole on every rank (as one process makes it), then sliced
-            model.visual.merger.to_empty(device="cpu")
+        # a fresh projector; on a meta model (FSDP2) it is made whole on every rank, as one
+        # process makes it, then sliced by wrap_model
         torch.manual_seed(run.args.seed + 1)
-        reinit_projector(model)
+        model.init_projector()
     return model
 
 
@@ -566,7 +576,8 @@ def run_stage(run, key, first):
         objective.trainee.to(c.device)
     objective.trainee.train()
     sharded_resume = resume_from and is_sharded_checkpoint(resume_from)
-    wrapped = wrap_model(objective.trainee, c, a.fsdp, weights=None if sharded_resume else resume_from or src)
+    wrapped = wrap_model(objective.trainee, c, a.fsdp,
+                         weights=None if sharded_resume else start_weights(run, key, src, resume_from))
     if a.compile:
         # the dense part of every block; attention stays eager: its packed varlen loop has
         # data-dependent segment counts (and on GPU it is already one fused Triton kernel)
@@ -714,7 +725,7 @@ def selected_stages(text, init):
                 fail(f"--stage {text!r}: use all, 0, 0-lm, 0-vit, 1, 2, 3, 4 or a comma list")
             keys += ["0-lm", "0-vit"] if part == "0" else [part]
     if init and any(k.startswith("0") for k in keys):
-        fail("--init gives pretrained towers: stage 0 (tower pre-training from scratch) "
+        fail("--init / --init-lm give pretrained towers: stage 0 (tower pre-training from scratch) "
              "does not apply; run stages 1-4")
     return sorted(set(keys), key=STAGE_ORDER.index)
 
@@ -734,6 +745,11 @@ def build_parser():
     g.add_argument("--init", default=None,
                    help="a Qwen2.5-VL-format checkpoint: ViT and LM from there, projector re-initialised; "
                         "skips stage 0")
+    g.add_argument("--init-vit", default=None,
+                   help="the paper's start point, with --init-lm: the ViT from this Qwen2.5-VL-format folder")
+    g.add_argument("--init-lm", default=None,
+                   help="with --init-vit: the LM (and tokenizer) from this Qwen2/MiMo text or Qwen2.5-VL folder "
+                        "(MiMo-7B-Base's mtp_layers are dropped); the projector is fresh; skips stage 0")
 
     g = p.add_argument_group("model")
     g.add_argument("--preset", default="tiny", choices=MiMoVLConfig.PRESETS, help="architecture of a from-scratch model")
@@ -803,6 +819,24 @@ def build_parser():
     return p
 
 
+@functools.lru_cache(maxsize=None)
+def plan_towers(vit_dir, lm_dir):
+    return towers_plan(vit_dir, lm_dir)
+
+
+def towers(args):
+    """The towers_plan of --init-vit / --init-lm (None without them): every config, tokenizer and
+    weight-header check of MiMoVL.from_towers, made before any work starts."""
+    if not (args.init_vit or args.init_lm):
+        return None
+    if not (args.init_vit and args.init_lm) or args.init:
+        fail("give --init-vit and --init-lm together (the paper's ViT + LM start), or --init alone")
+    try:
+        return plan_towers(args.init_vit, args.init_lm)
+    except (OSError, ValueError) as e:
+        fail(f"--init-vit / --init-lm: {e}")
+
+
 def resolve_stages(args, keys):
     """The stage table after --recipe, --scale and the per-field overrides."""
     if args.init and not os.path.isfile(os.path.join(args.init, "config.json")):
@@ -813,6 +847,8 @@ def resolve_stages(args, keys):
             with open(os.path.join(args.init, "config.json")) as f:
                 big = MiMoVLConfig.from_hf_dict(json.load(f)).text.hidden_size >= 2048
             args.recipe = "paper" if big else "tiny"
+        if args.init_lm:
+            args.recipe = "paper" if towers(args).config.text.hidden_size >= 2048 else "tiny"
     table = {**STAGES, **(PAPER_STAGES if args.recipe == "paper" else {})}
     out = {k: table[k] for k in STAGE_ORDER}
     if args.scale != 1:
@@ -831,9 +867,10 @@ def resolve_stages(args, keys):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     data = stage_data(args)
+    towers(args)                            # --init-vit / --init-lm: checked before any work
     compute = compute_init(args.device, args.precision)
     t_start = time.perf_counter()
-    keys = selected_stages(args.stage, args.init)
+    keys = selected_stages(args.stage, args.init or args.init_lm)
     run = Run(args, compute, args.out, resolve_stages(args, keys), data)
     for k, mix in data.items():     # the table's data column: what the command line gave
         run.stages[k] = replace(run.stages[k], data=describe_mixture(mix))

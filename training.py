@@ -267,7 +267,7 @@ def meta_model(folder):
     """A MiMoVL built from `folder`'s config.json on the meta device: no memory until
     wrap_model shards it (or `.to_empty` allocates it for load_training_state)."""
     from mimovl import MiMoVLConfig
-    from processor import read_json_file
+    from checkpoint_files import read_json_file
     cfg = MiMoVLConfig.from_hf_dict(read_json_file(os.path.join(folder, "config.json")),
                                     source=os.path.join(folder, "config.json"))
     with torch.device("meta"):
@@ -296,7 +296,8 @@ def fill_shards(trainee, folder, real):
     files of the HF folder `folder` (safe_open slices: only the rows this rank owns are read,
     one tensor at a time), the tensors in `real` (name -> full tensor) by slicing them. Strict:
     every tensor must be filled, every checkpoint key used (mimovl's ignorable keys aside).
-    With folder=None only `real` is filled (the rest comes from a sharded checkpoint)."""
+    `folder` may also be a towers_plan's {parameter: (file, key)} (--init-vit / --init-lm), or
+    None: then only `real` is filled (the rest comes from a sharded checkpoint)."""
     from safetensors import safe_open
     from torch.distributed.tensor import DTensor
     from mimovl import IGNORABLE_KEY_PREFIXES, IGNORABLE_KEY_SUFFIXES, canonical_key, checkpoint_shards
@@ -314,6 +315,12 @@ def fill_shards(trainee, folder, real):
 
     for name in [n for n in targets if n in real]:
         put(name, lambda a, b, name=name: real[name][a:b] if real[name].ndim else real[name])
+    if isinstance(folder, dict):    # a towers_plan's {parameter: (file, key)}, checked by towers_plan
+        for name, (file, key) in folder.items():
+            if prefix + name in targets:
+                with safe_open(file, framework="pt", device="cpu") as f:
+                    put(prefix + name, lambda a, b: f.get_slice(key)[a:b])
+        return
     unexpected, mis_shaped, files = [], [], {}
     for shard in checkpoint_shards(folder) if folder is not None else []:
         with safe_open(os.path.join(folder, shard), framework="pt", device="cpu") as f:

@@ -135,3 +135,42 @@ def test_a_from_scratch_7b_preset_takes_the_token_ids_of_the_from_scratch_tokeni
     assert tiny == tiny_config(1)
     assert torch.equal(tp.fresh_model(tp.build_parser().parse_args([]), processor).lm_head.weight,
                        tp.fresh_model(tp.build_parser().parse_args([]), processor).lm_head.weight)
+
+
+def test_stage1_from_separate_vit_and_lm_folders_equals_one_folder(start, tmp_path, capsys):
+    """--init-vit V --init-lm L (the paper's start: ViT from one checkpoint, a Qwen2-named text LM
+    with MiMo-7B's mtp_layers from another) trains stage 1 exactly as --init C, where C holds the
+    same ViT and LM: same losses, bit for bit; the MTP tensors are dropped."""
+    from safetensors.torch import load_file, save_file
+    both = str(tmp_path / "both")                     # C: a whole model (the start folder's)
+    os.makedirs(both)
+    for name in os.listdir(start):
+        if not os.path.isdir(os.path.join(start, name)):
+            with open(os.path.join(start, name), "rb") as src, open(os.path.join(both, name), "wb") as dst:
+                dst.write(src.read())
+    lm = str(tmp_path / "lm")                         # L: text-only Qwen2ForCausalLM naming + MTP
+    os.makedirs(lm)
+    weights = load_file(os.path.join(both, "model.safetensors"))
+    text = {k: v for k, v in weights.items() if not k.startswith("visual.")}
+    text["model.mtp_layers.0.input_proj.weight"] = torch.randn(4, 4)
+    save_file(text, os.path.join(lm, "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.load(open(os.path.join(both, "config.json")))
+    cfg = {k: v for k, v in cfg.items() if k not in ("vision_config", "rope_scaling") and not k.startswith(
+        ("image_", "video_", "vision_"))}
+    json.dump({**cfg, "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"},
+              open(os.path.join(lm, "config.json"), "w"))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        with open(os.path.join(both, name), "rb") as src, open(os.path.join(lm, name), "wb") as dst:
+            dst.write(src.read())
+    common = ["--stage", "1", *FAST, "--steps", "2", "--save-every", "0"]
+    tp.main(["--out", str(tmp_path / "one"), "--init", both, *common])
+    tp.main(["--out", str(tmp_path / "two"), "--init-vit", both, "--init-lm", lm, *common])
+    assert "(dropped 1 model.mtp_layers.* tensors)" in capsys.readouterr().out
+    assert losses(str(tmp_path / "two"), "1") == losses(str(tmp_path / "one"), "1")
+    assert len(losses(str(tmp_path / "one"), "1")) == 2
+    a = load_file(str(tmp_path / "one" / "stage1" / "model.safetensors"))
+    b = load_file(str(tmp_path / "two" / "stage1" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    err = one_line_error(capsys, ["--out", str(tmp_path / "bad"), "--init-vit", both, *common])
+    assert "--init-vit and --init-lm together" in err
