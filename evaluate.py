@@ -362,9 +362,9 @@ def stages_table(results):
     last = results[keys[-1]]
     lines = []
     if "0-lm" in results:
-        lines.append(f"stage 0-lm: held-out text loss {results['0-lm']['text_loss']:.3f} nats/token")
+        lines.append(f"- stage 0-lm: held-out text loss {results['0-lm']['text_loss']:.3f} nats/token")
     if "0-vit" in results:
-        lines.append(f"stage 0-vit: held-out cell accuracy {results['0-vit']['cell_acc']:.3f} "
+        lines.append(f"- stage 0-vit: held-out cell accuracy {results['0-vit']['cell_acc']:.3f} "
                      f"(always 'empty': {results['0-vit']['majority']:.3f})")
     lines += ["", "| task | metric | " + " | ".join(f"stage {k}" for k in keys) + " | majority | blank image |",
               "|" + "---|" * (len(keys) + 4)]
