@@ -25,6 +25,7 @@ from collections import namedtuple
 
 import torch
 
+import kernels
 from mimovl import MiMoVL, check_sampling
 from processor import NO_THINK_STYLES, PRESETS, Processor, split_thinking
 
@@ -37,11 +38,7 @@ def default_dtype(device):
     on CPUs ran at about 1 GFLOP/s when measured in this project (PyTorch's CPU build)."""
     if torch.device(device).type == "cuda":
         return torch.bfloat16
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        flags = ""
-    return torch.bfloat16 if ("avx512_bf16" in flags or "amx_bf16" in flags) else torch.float32
+    return torch.bfloat16 if kernels.cpu_has_native_bf16() else torch.float32
 
 
 def resolve_device(name=None):

@@ -92,6 +92,17 @@ def _cast(x, dtype: tl.constexpr):
     return x.to(dtype)
 
 
+def cpu_has_native_bf16():
+    """True when the CPU has bf16 matrix instructions (x86 avx512_bf16 / AMX). Without them bf16
+    matmuls are emulated and slower than fp32 (measured in this project on an AMD Zen 5 with
+    avx512_bf16: bf16 matmul ~850 GFLOP/s against ~210 for fp32 on 2 cores)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = set(f.read().split())
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
 # -----------------------------------------------------------------------------
 # Dispatch
 

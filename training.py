@@ -34,6 +34,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+import kernels
+
 import packing
 from mimovl import MiMoVL
 from processor import patchify
@@ -87,18 +89,6 @@ def fail(message):
     raise SystemExit(2)
 
 
-def cpu_has_native_bf16():
-    """True when the CPU has bf16 matrix instructions (x86 avx512_bf16 / AMX). Without them bf16
-    matmuls are emulated and slower than fp32 (measured in this project on an AMD Zen 5 with
-    avx512_bf16: bf16 matmul ~850 GFLOP/s against ~210 for fp32 on 2 cores)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = set(f.read().split())
-    except OSError:
-        return False
-    return bool(flags & {"avx512_bf16", "amx_bf16"})
-
-
 def compute_init(device="auto", precision="auto", quiet=False):
     """Start torch.distributed when launched by torchrun (gloo on CPU, NCCL on GPU), pick this
     rank's device and the precision: bf16 autocast on GPUs and on CPUs with native bf16, fp32
@@ -125,7 +115,7 @@ def compute_init(device="auto", precision="auto", quiet=False):
             dist.init_process_group(backend, **({"device_id": dev} if device == "cuda" else {}))
 
     if precision == "auto":
-        native = (torch.cuda.is_bf16_supported() if device == "cuda" else cpu_has_native_bf16())
+        native = (torch.cuda.is_bf16_supported() if device == "cuda" else kernels.cpu_has_native_bf16())
         precision = "bf16" if native else "fp32"
         why = ("the GPU supports bf16" if device == "cuda" else
                "the CPU has avx512_bf16/amx" if native else "the CPU has no native bf16")
