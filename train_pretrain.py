@@ -599,8 +599,7 @@ def run_stage(run, key, first):
             f"{stage.min_lr:g}, warm-up {stage.warmup}; data: {stage.data}; paper: {stage.paper}")
     if c.device.type == "cuda" or a.fsdp:
         c.print("    estimated memory per GPU with FSDP2 + gradient checkpointing (training.memory_estimate_gib):\n" +
-                format_memory(memory_estimate_gib(model.cfg, c.world_size, stage.seq_len, stage.trainable,
-                                                  micro_batches=per_rank)))
+                format_memory(memory_estimate_gib(model.cfg, c.world_size, stage.seq_len, stage.trainable)))
 
     objective.start(per_rank, step, loader_state)
     train(run, key, objective, wrapped, opt, step, model.cfg, processor)

@@ -371,27 +371,26 @@ def unwrap(wrapped):
 
 
 def grad_sync(wrapped, sync):
-    """Skip the gradient all-reduce on all but the last micro-batch of a step."""
+    """DDP: skip the gradient all-reduce on all but the last micro-batch of a step. FSDP2 reduces
+    (reduce-scatters) after every micro-batch and accumulates the sharded fp32 gradients: skipping
+    it (set_requires_gradient_sync(False)) would keep every unit's *unsharded* fp32 gradient until
+    the last micro-batch, 4 B per trainable parameter on every GPU (31 GiB at 7B), far more than
+    the extra reduce-scatters cost."""
     if hasattr(wrapped, "no_sync"):                              # DDP
         return contextlib.nullcontext() if sync else wrapped.no_sync()
-    if hasattr(wrapped, "set_requires_gradient_sync"):          # FSDP2
-        wrapped.set_requires_gradient_sync(sync)
     return contextlib.nullcontext()
 
 
-def memory_estimate_gib(cfg, world_size, seq_len, trainable=("vit", "projector", "llm"),
-                        micro_batches=1, image_share=0.5):
+def memory_estimate_gib(cfg, world_size, seq_len, trainable=("vit", "projector", "llm"), image_share=0.5):
     """Per-GPU memory of one pre-training step under FSDP2 (wrap_model) with gradient
     checkpointing and bf16 autocast, term by term, in GiB (a dict; "total" is their sum).
-    `seq_len` tokens per packed row, one row per micro-batch, `micro_batches` rows per rank per
-    step; `image_share` of a row's tokens are merged image tokens (4 ViT patches each).
+    `seq_len` tokens per packed row, one row per micro-batch (gradients are reduce-scattered
+    after each, grad_sync, so the number of micro-batches does not matter); `image_share` of a row's tokens are merged image tokens (4 ViT patches each).
     An estimate from the code's data flow, not a measurement:
 
     sharded over the ranks: fp32 master weights (4 B / parameter), fp32 AdamW moments (8 B) and
     the fp32 sharded gradients (4 B) of the trainable parameters;
-    not sharded: with micro_batches > 1, FSDP2 under set_requires_gradient_sync(False) keeps each
-    unit's unsharded gradient in the fp32 reduce dtype until the last micro-batch (4 B per
-    trainable parameter, the whole model); the bf16 copies all-gathered for the unit that runs
+    not sharded: the bf16 copies all-gathered for the unit that runs
     and the one prefetched (2 x the largest LM layer) and the root unit's lm_head, which stays
     gathered from the loss to the end of backward; the bf16 inputs of every LM layer and ViT
     block kept for gradient checkpointing; one LM layer's and one ViT block's recomputed working
@@ -411,7 +410,6 @@ def memory_estimate_gib(cfg, world_size, seq_len, trainable=("vit", "projector",
         "weights fp32 (sharded)": 4 * n / world_size,
         "AdamW moments fp32 (sharded)": 8 * n_train / world_size,
         "gradients fp32 (sharded)": 4 * n_train / world_size,
-        "accumulated gradients fp32 (unsharded, micro_batches > 1)": 4 * n_train if micro_batches > 1 else 0,
         "gathered bf16 layers (running + prefetched)": 2 * 2 * layer,
         "gathered bf16 lm_head (root unit)": 2 * t.vocab_size * t.hidden_size,
         "LM layer inputs bf16 (checkpointed)": 2 * seq_len * t.hidden_size * t.num_hidden_layers,

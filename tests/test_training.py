@@ -3,6 +3,7 @@ resume skips damaged checkpoints (seven kinds of damage) with a message and fall
 previous intact one, stale temporary folders of killed writes are removed, and the metrics log
 holds no step twice after a resume."""
 
+import contextlib
 import json
 import os
 import subprocess
@@ -175,20 +176,17 @@ def test_compute_init_rejects_a_bad_device_or_precision_in_one_line(args, capsys
 
 def test_memory_model_counts_every_term_by_hand_at_7b():
     """The 7B stage-3 estimate on 8 GPUs, recomputed by hand from the parameter counts: the
-    sharded states, and the unsharded fp32 gradients that FSDP2 keeps under
-    set_requires_gradient_sync(False) only when a step has several micro-batches."""
+    sharded states; no unsharded gradient (FSDP2 reduce-scatters after every micro-batch)."""
     from mimovl import MiMoVL, MiMoVLConfig
     cfg = MiMoVLConfig.preset("mimo-vl-7b")
     with torch.device("meta"):
         n = sum(p.numel() for p in MiMoVL(cfg).parameters())
     one = training.memory_estimate_gib(cfg, 8, 8192)
-    four = training.memory_estimate_gib(cfg, 8, 8192, micro_batches=4)
     gib = 2 ** 30
     assert one["weights fp32 (sharded)"] == pytest.approx(4 * n / 8 / gib)
     assert one["AdamW moments fp32 (sharded)"] == pytest.approx(8 * n / 8 / gib)
-    assert one["accumulated gradients fp32 (unsharded, micro_batches > 1)"] == 0
-    assert four["accumulated gradients fp32 (unsharded, micro_batches > 1)"] == pytest.approx(4 * n / gib)
-    assert four["accumulated gradients fp32 (unsharded, micro_batches > 1)"] == pytest.approx(30.93, abs=0.01)
+    assert one["gradients fp32 (sharded)"] == pytest.approx(4 * n / 8 / gib)
+    assert not any("unsharded" in k for k in one)
     assert one["LM layer inputs bf16 (checkpointed)"] == pytest.approx(2 * 8192 * 4096 * 36 / gib)
     assert one["ViT block inputs bf16 (checkpointed)"] == pytest.approx(2 * 4 * 4096 * 1280 * 32 / gib)
     assert one["cross-entropy dWeight accumulator fp32"] == pytest.approx(4 * 151680 * 4096 / gib)
@@ -246,3 +244,28 @@ def test_streamed_export_in_several_shards_loads_as_the_full_export(tmp_path):
     assert sorted(os.listdir(tmp_path / "streamed")) == sorted(
         [f for f in os.listdir(tmp_path / "full") if f != "model.safetensors"] +
         ["model.safetensors.index.json", *set(index["weight_map"].values())])
+
+
+def test_fsdp_gradients_are_reduced_after_every_micro_batch():
+    """grad_sync never turns FSDP2's reduce-scatter off (that would keep the whole model's unsharded
+    fp32 gradient through accumulation); DDP still skips the all-reduce until the last micro-batch."""
+    calls = []
+
+    class FSDPLike(torch.nn.Module):
+        def set_requires_gradient_sync(self, sync):
+            calls.append(sync)
+
+    with training.grad_sync(FSDPLike(), False):
+        pass
+    assert calls == []
+
+    class DDPLike(torch.nn.Module):
+        def no_sync(self):
+            calls.append("no_sync")
+            return contextlib.nullcontext()
+
+    with training.grad_sync(DDPLike(), False):
+        pass
+    with training.grad_sync(DDPLike(), True):
+        pass
+    assert calls == ["no_sync"]
