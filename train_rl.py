@@ -641,17 +641,25 @@ def paired_bootstrap(before, after, tasks, n=2000, seed=0):
     return float(np.mean([d.mean() for d in diffs])), *np.percentile(boot, [2.5, 97.5]).tolist()
 
 
+# Tasks are chosen on the SFT model's sampled responses (avg@SELECT_SAMPLES), not its greedy
+# answers: RL learns from, and climbs, the reward of its samples. Measured in this project on the
+# stage-4 model: visual math answers right 17 % greedy but 8 % sampled (no-image 2 %); trained,
+# its greedy reward fell in 4 of 5 runs (-0.06 to -0.09) and pulled the mean over the trained
+# tasks down; chosen on samples, it is left out (and shows in the table as an untrained task).
+SELECT_SAMPLES = 4
+
+
 def select_tasks(sft, blank, min_gain=0.1):
-    """The tasks RL can improve: those where the SFT model's held-out reward beats its own
-    reward with black images by more than min_gain (it uses the image, so its groups carry
-    reward signal). Text-only tasks have no such baseline and are trained only when named
-    with --tasks. Returns (tasks, {task: why})."""
+    """The tasks RL can improve: those where the SFT model's held-out reward (`sft`: sampled,
+    see SELECT_SAMPLES) beats its greedy reward with black images by more than min_gain (it uses
+    the image, so its groups carry reward signal). Text-only tasks have no such baseline and are
+    trained only when named with --tasks. Returns (tasks, {task: why})."""
     tasks, why = [], {}
     for task, m in sft.items():
         if task not in blank:
             why[task] = f"text only (name it with --tasks to train it), SFT {m['reward']:.3f}"
             continue
-        why[task] = f"SFT {m['reward']:.3f} vs no-image {blank[task]['reward']:.3f}"
+        why[task] = f"SFT avg@{SELECT_SAMPLES} {m['reward']:.3f} vs no-image {blank[task]['reward']:.3f}"
         if m["reward"] > blank[task]["reward"] + min_gain:
             tasks.append(task)
     return tasks, why
@@ -664,7 +672,7 @@ def baseline_eval(args, compute, processor, pool, eval_tasks):
     path = os.path.join(args.out, "eval_sft.json")
     key = {"sft": os.path.abspath(args.sft), "tasks": eval_tasks, "n": args.eval_n,
            "seed": args.seed, "rm": args.rm, "select": args.tasks == "auto",
-           "samples": args.eval_samples}
+           "samples": args.eval_samples, "select_samples": SELECT_SAMPLES}
     if os.path.isfile(path):
         with open(path) as f:
             cached = json.load(f)
@@ -679,6 +687,10 @@ def baseline_eval(args, compute, processor, pool, eval_tasks):
             res[prefix + name], recs = evaluate_rewards(model, processor, prompts, compute, pool,
                                                         args.eval_batch, blank=blank)
             res[prefix + name + "_records"] = [(r["task"], r["reward"]) for r in recs]
+    if key["select"]:
+        res["select_sft_sampled"] = evaluate_sampled(model, processor, heldout_prompts(
+            eval_tasks, args.eval_n, args.seed, args.eval_n), compute, pool, SELECT_SAMPLES,
+            args.seed, args.gen_rows)
     if args.eval_samples:
         res["sft_sampled"] = evaluate_sampled(model, processor, heldout_prompts(
             eval_tasks, args.eval_n, args.seed), compute, pool, args.eval_samples, args.seed,
@@ -791,7 +803,7 @@ def setup_rewards(args, compute, processor, tasks):
 def choose_tasks(args, compute, base, eval_tasks):
     if args.tasks != "auto":
         return eval_tasks
-    tasks, why = select_tasks(base["select_sft"], base["select_blank"], args.min_gain)
+    tasks, why = select_tasks(base["select_sft_sampled"], base["select_blank"], args.min_gain)
     compute.print(f"task selection on {args.eval_n} separate held-out prompts per task (RL needs "
                   "reward signal: the SFT model must beat its no-image baseline):\n" + "\n".join(
                       f"  {'train' if t in tasks else 'skip '} {t:<16} {why[t]}" for t in why))
@@ -1057,7 +1069,7 @@ def build_parser():
     g.add_argument("--tasks", default="auto", help="comma list of synthetic.RL_TASKS, or auto: the "
                    "tasks where the SFT model beats its no-image baseline")
     g.add_argument("--min-gain", type=float, default=0.1,
-                   help="auto: the SFT reward must beat the no-image reward by this much")
+                   help="auto: the SFT model's sampled reward must beat its no-image reward by this much")
 
     g = p.add_argument_group("algorithm")
     g.add_argument("--algo", default="onpolicy", choices=("onpolicy", "grpo"),
@@ -1069,7 +1081,8 @@ def build_parser():
     g.add_argument("--steps", type=int, default=40, help="rollout batches")
     g.add_argument("--prompts-per-step", type=int, default=16, help="groups per batch, all ranks")
     g.add_argument("--group-size", type=int, default=8, help="G responses per prompt")
-    g.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (constant after warm-up)")
+    g.add_argument("--lr", type=float, default=3e-5,
+                   help="AdamW learning rate, constant after warm-up")
     g.add_argument("--warmup", type=int, default=3, help="warm-up steps")
     g.add_argument("--trainable", default="vit+projector+llm",
                    help="parts of the policy to train, '+'-joined: vit, projector, llm")

@@ -367,3 +367,16 @@ def test_paired_bootstrap_of_the_greedy_change_by_hand():
     after = [("count", 1.0)] + [("count", 0.0)] * 3
     change, lo, hi = rl.paired_bootstrap(before, after, ["count"])
     assert change == 0.25 and lo == 0.0 and 0.5 <= hi <= 1.0
+
+
+def test_select_tasks_by_hand():
+    """A task is trained when the SFT model's (sampled) reward beats its no-image reward by more
+    than min_gain; text-only tasks have no no-image baseline and are not chosen."""
+    def res(**rewards):
+        return {t: {"reward": r} for t, r in rewards.items()}
+    sft = res(count=0.51, visual_math=0.08, caption=0.66, text_math=0.07)
+    blank = res(count=0.22, visual_math=0.02, caption=0.49)
+    tasks, why = rl.select_tasks(sft, blank, min_gain=0.1)
+    assert tasks == ["count", "caption"]                  # gains 0.29, 0.06 (< 0.1), 0.17
+    assert "text only" in why["text_math"] and "0.080 vs no-image 0.020" in why["visual_math"]
+    assert rl.select_tasks(sft, blank, min_gain=0.2)[0] == ["count"]
