@@ -637,34 +637,34 @@ def compile_variants():
     for dtype, hd, causal, group, max_len in [("bf16", 128, True, 4, 8192), ("bf16", 80, False, 1, 5184),
                                               ("bf16", 80, False, 1, 64), ("bf16", 64, True, 2, 2048),
                                               ("fp16", 128, True, 4, 8192), ("fp32", 128, True, 4, 8192)]:
-        d0, d1 = K._split_head_dim(hd)
+        d0, d1 = K.split_head_dim(hd)
         consts = dict(GROUP=group, CAUSAL=causal, HEAD_DIM=hd, D0=d0, D1=d1, MASK0=d0 > hd, MASK1=d0 + d1 > hd,
                       UPCAST=False, DOT_PREC="ieee" if dtype == "fp32" else "tf32")
         ptrs = {n: "*" + dtype for n in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV")}
         ptrs.update({n: "*fp32" for n in ("LSE2", "DELTA")}, **{n: "*i32" for n in ("cu_q", "cu_k", "tile_seg", "tile_blk")})
-        for pass_, kernel in (("fwd", K._attn_fwd_kernel), ("dkdv", K._attn_bwd_dkdv_kernel), ("dq", K._attn_bwd_dq_kernel)):
+        for pass_, kernel in (("fwd", K.attn_fwd_kernel), ("dkdv", K.attn_bwd_dkdv_kernel), ("dq", K.attn_bwd_dq_kernel)):
             b = K.attn_blocks(pass_, hd, max_len, max_len, cuda, getattr(torch, {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype]))
             yield (f"attn_{pass_} {dtype} d{hd} {'causal' if causal else 'bidir'} L{max_len}", kernel, ptrs,
                    dict(consts, BLOCK_M=b.block_m, BLOCK_N=b.block_n), b.num_warps, b.num_stages)
         if dtype == "bf16":
-            yield (f"attn_delta bf16 d{hd}", K._attn_bwd_delta_kernel, ptrs,
-                   dict(HEAD_DIM=hd, D_PAD=K._next_pow2(hd), BLOCK_T=64), 4, 3)
+            yield (f"attn_delta bf16 d{hd}", K.attn_bwd_delta_kernel, ptrs,
+                   dict(HEAD_DIM=hd, D_PAD=K.next_pow2(hd), BLOCK_T=64), 4, 3)
     for n_cols in (4096, 1280):
-        block, rows, warps = K._row_block(n_cols, cuda)
+        block, rows, warps = K.row_block(n_cols, cuda)
         ptrs = {"X": "*bf16", "W": "*bf16", "Y": "*bf16", "DY": "*bf16", "DX": "*bf16", "RSTD": "*fp32", "DW_PART": "*fp32"}
-        yield f"rms_norm_fwd bf16 D{n_cols}", K._rms_norm_fwd_kernel, ptrs, dict(ROWS=rows, BLOCK=block), warps, 3
-        yield f"rms_norm_bwd bf16 D{n_cols}", K._rms_norm_bwd_kernel, ptrs, dict(ROWS=rows, BLOCK=block), warps, 3
+        yield f"rms_norm_fwd bf16 D{n_cols}", K.rms_norm_fwd_kernel, ptrs, dict(ROWS=rows, BLOCK=block), warps, 3
+        yield f"rms_norm_bwd bf16 D{n_cols}", K.rms_norm_bwd_kernel, ptrs, dict(ROWS=rows, BLOCK=block), warps, 3
     for hd in (128, 80):
         for backward in (False, True):
-            half_pad = K._next_pow2(hd // 2)
-            yield (f"rotary{'_bwd' if backward else ''} bf16 d{hd}", K._rotary_kernel,
+            half_pad = K.next_pow2(hd // 2)
+            yield (f"rotary{'_bwd' if backward else ''} bf16 d{hd}", K.rotary_kernel,
                    {"X": "*bf16", "Y": "*bf16", "COS": "*fp32", "SIN": "*fp32"},
                    dict(HALF=hd // 2, HALF_PAD=half_pad, BLOCK_T=max(1, min(64, 2048 // half_pad)),
                         BACKWARD=backward), 4, 3)
     ptrs = {n: "*bf16" for n in ("G", "U", "Y", "DY", "DG", "DU")}
-    yield "swiglu_fwd bf16", K._swiglu_fwd_kernel, ptrs, dict(BLOCK=1024), 4, 3
-    yield "swiglu_bwd bf16", K._swiglu_bwd_kernel, ptrs, dict(BLOCK=1024), 4, 3
-    yield ("cross_entropy_chunk bf16", K._ce_chunk_kernel, {"LOGITS": "*bf16", "LABELS": "*i64", "LOSS": "*fp32"},
+    yield "swiglu_fwd bf16", K.swiglu_fwd_kernel, ptrs, dict(BLOCK=1024), 4, 3
+    yield "swiglu_bwd bf16", K.swiglu_bwd_kernel, ptrs, dict(BLOCK=1024), 4, 3
+    yield ("cross_entropy_chunk bf16", K.ce_chunk_kernel, {"LOGITS": "*bf16", "LABELS": "*i64", "LOSS": "*fp32"},
            dict(BLOCK_V=4096, WRITE_GRAD=True), 8, 3)
 
 

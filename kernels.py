@@ -143,15 +143,15 @@ def _cdiv(a, b):
     return (a + b - 1) // b
 
 
-def _next_pow2(n):
+def next_pow2(n):
     return 1 << max(0, n - 1).bit_length()
 
 
-def _row_block(n_cols, device):
+def row_block(n_cols, device):
     """Tiling of row kernels: (columns padded to a power of two, rows per tile, warps).
     A tile holds ~4K elements on a GPU (one row of the 4096-wide LM), more in the interpreter,
     whose cost is per program and per op rather than per element."""
-    block = _next_pow2(n_cols)
+    block = next_pow2(n_cols)
     if block > 65536:
         raise ValueError(f"last dimension {n_cols} is too large for the row kernels (max 65536)")
     rows = max(1, min(64, (4096 if device.type == "cuda" else 16384) // block))
@@ -265,12 +265,12 @@ def _build_tile_schedule(cu_seqlens, cu_seqlens_other, max_seqlen, total, block,
 # would waste 37.5% of the matmul work), 96 -> 64 + 32. Dims that do not split exactly mask the
 # tail of the last piece (72 -> 64 + 16 with 8 masked columns).
 
-def _split_head_dim(d):
+def split_head_dim(d):
     if d <= 16:
         return 16, 0
     d0 = 1 << (d.bit_length() - 1)
     rest = d - d0
-    return d0, (0 if rest == 0 else max(16, _next_pow2(rest)))
+    return d0, (0 if rest == 0 else max(16, next_pow2(rest)))
 
 
 @dataclass(frozen=True)
@@ -291,7 +291,7 @@ def attn_blocks(pass_, head_dim, max_seqlen_q, max_seqlen_k, device, dtype=torch
         return AttnBlocks(32, 32, 1, 1)
     if dtype == torch.float32:  # fp32 tiles are twice the size: smaller ones (no tensor cores anyway)
         return AttnBlocks(64, 32, 4, 2) if pass_ == "fwd" else AttnBlocks(32, 32, 4, 1)
-    d0, d1 = _split_head_dim(head_dim)
+    d0, d1 = split_head_dim(head_dim)
     wide = d0 + d1 > 64  # 80 (64 + 16) and 128
     if pass_ == "fwd":
         if max_seqlen_q <= 64:  # ViT windows: one 64-row tile per window
@@ -361,7 +361,7 @@ def _query_tile_key_range(blk, k_len, shift, BLOCK_M: tl.constexpr, CAUSAL: tl.c
 
 
 @_jit
-def _attn_fwd_kernel(
+def attn_fwd_kernel(
     Q, K, V, O, LSE2, cu_q, cu_k, tile_seg, tile_blk,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
     total_q, qk_scale2,
@@ -437,7 +437,7 @@ def _attn_fwd_kernel(
 
 
 @_jit
-def _attn_bwd_delta_kernel(O, DO, DELTA, stride_ot, stride_oh, stride_dot, stride_doh, total_q,
+def attn_bwd_delta_kernel(O, DO, DELTA, stride_ot, stride_oh, stride_dot, stride_doh, total_q,
                            HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_T: tl.constexpr):
     """delta[h, t] = sum_d O[t, h, d] * dO[t, h, d]  (= rowsum(P * dP), FlashAttention-2 eq. for dS)."""
     head = tl.program_id(0)
@@ -452,7 +452,7 @@ def _attn_bwd_delta_kernel(O, DO, DELTA, stride_ot, stride_oh, stride_dot, strid
 
 
 @_jit
-def _attn_bwd_dkdv_kernel(
+def attn_bwd_dkdv_kernel(
     Q, K, V, DO, LSE2, DELTA, DK, DV, cu_q, cu_k, tile_seg, tile_blk,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dkt, stride_dkh, stride_dvt, stride_dvh,
@@ -541,7 +541,7 @@ def _attn_bwd_dkdv_kernel(
 
 
 @_jit
-def _attn_bwd_dq_kernel(
+def attn_bwd_dq_kernel(
     Q, K, V, DO, LSE2, DELTA, DQ, cu_q, cu_k, tile_seg, tile_blk,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dqt, stride_dqh,
@@ -613,7 +613,7 @@ def _attn_bwd_dq_kernel(
 # 1e. Launchers and the autograd Function
 
 def _attn_consts(q, head_dim, causal, group):
-    d0, d1 = _split_head_dim(head_dim)
+    d0, d1 = split_head_dim(head_dim)
     return dict(GROUP=group, CAUSAL=bool(causal), HEAD_DIM=head_dim, D0=d0, D1=d1,
                 MASK0=d0 > head_dim, MASK1=d0 + d1 > head_dim,
                 UPCAST=INTERPRET and q.dtype == torch.bfloat16,
@@ -628,7 +628,7 @@ def _attn_forward(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, blocks=None)
         return o, lse2
     b = blocks or attn_blocks("fwd", head_dim, max_q, max_k, q.device, q.dtype)
     seg, blk = _tile_schedule(cu_q, cu_k, max_q, total_q, b.block_m, "q", causal)
-    _attn_fwd_kernel[(n_heads, seg.numel())](
+    attn_fwd_kernel[(n_heads, seg.numel())](
         q, k, v, o, lse2, cu_q, cu_k, seg, blk,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         o.stride(0), o.stride(1), total_q, scale * math.log2(math.e),
@@ -651,14 +651,14 @@ def _attn_backward(do, q, k, v, o, lse2, cu_q, cu_k, max_q, max_k, causal, scale
 
     delta = torch.empty((n_heads, total_q), dtype=torch.float32, device=q.device)
     block_t = 16 if q.device.type != "cuda" else 64
-    _attn_bwd_delta_kernel[(n_heads, _cdiv(total_q, block_t))](
+    attn_bwd_delta_kernel[(n_heads, _cdiv(total_q, block_t))](
         o, do, delta, o.stride(0), o.stride(1), do.stride(0), do.stride(1), total_q,
-        HEAD_DIM=head_dim, D_PAD=_next_pow2(max(16, head_dim)), BLOCK_T=block_t)
+        HEAD_DIM=head_dim, D_PAD=next_pow2(max(16, head_dim)), BLOCK_T=block_t)
 
     b = (blocks or {}).get("dkdv") or attn_blocks("dkdv", head_dim, max_q, max_k, q.device, q.dtype)
     if total_k > 0:  # every key row is in a tile, also those of segments without queries
         seg, blk = _tile_schedule(cu_k, cu_q, max_k, total_k, b.block_n, "k", causal)
-        _attn_bwd_dkdv_kernel[(n_kv_heads, seg.numel())](
+        attn_bwd_dkdv_kernel[(n_kv_heads, seg.numel())](
             q, k, v, do, lse2, delta, dk, dv, cu_q, cu_k, seg, blk,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             do.stride(0), do.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
@@ -667,7 +667,7 @@ def _attn_backward(do, q, k, v, o, lse2, cu_q, cu_k, max_q, max_k, causal, scale
 
     b = (blocks or {}).get("dq") or attn_blocks("dq", head_dim, max_q, max_k, q.device, q.dtype)
     seg, blk = _tile_schedule(cu_q, cu_k, max_q, total_q, b.block_m, "q", causal)
-    _attn_bwd_dq_kernel[(n_heads, seg.numel())](
+    attn_bwd_dq_kernel[(n_heads, seg.numel())](
         q, k, v, do, lse2, delta, dq, cu_q, cu_k, seg, blk,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         do.stride(0), do.stride(1), dq.stride(0), dq.stride(1),
@@ -745,7 +745,7 @@ def rms_norm_torch(x, weight, eps):
 
 
 @_jit
-def _rms_norm_fwd_kernel(X, W, Y, RSTD, stride_x, stride_y, n_rows, n_cols, eps,
+def rms_norm_fwd_kernel(X, W, Y, RSTD, stride_x, stride_y, n_rows, n_cols, eps,
                          ROWS: tl.constexpr, BLOCK: tl.constexpr):
     """ROWS rows per program: y = w * round_to_x_dtype(x * rstd), rstd = 1/sqrt(mean(x^2) + eps)."""
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
@@ -762,7 +762,7 @@ def _rms_norm_fwd_kernel(X, W, Y, RSTD, stride_x, stride_y, n_rows, n_cols, eps,
 
 
 @_jit
-def _rms_norm_bwd_kernel(X, W, DY, DX, RSTD, DW_PART, stride_x, stride_dy, stride_dx,
+def rms_norm_bwd_kernel(X, W, DY, DX, RSTD, DW_PART, stride_x, stride_dy, stride_dx,
                          n_rows, n_cols, rows_per_program, ROWS: tl.constexpr, BLOCK: tl.constexpr):
     """A run of rows per program, ROWS at a time; per-program dW partial sums are reduced by
     the caller.  dx = rstd * (g - x_hat * mean(g * x_hat)) with g = dy * w;  dw = sum dy * x_hat."""
@@ -798,9 +798,9 @@ class _RMSNormFn(torch.autograd.Function):
         n_rows, n_cols = x2.shape
         y = torch.empty((n_rows, n_cols), dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
         rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
-        block, rows, warps = _row_block(n_cols, x.device)
+        block, rows, warps = row_block(n_cols, x.device)
         if n_rows > 0:
-            _rms_norm_fwd_kernel[(_cdiv(n_rows, rows),)](x2, weight, y, rstd, x2.stride(0), y.stride(0),
+            rms_norm_fwd_kernel[(_cdiv(n_rows, rows),)](x2, weight, y, rstd, x2.stride(0), y.stride(0),
                                                          n_rows, n_cols, float(eps), ROWS=rows,
                                                          BLOCK=block, num_warps=warps)
         ctx.save_for_backward(x2, weight, rstd)
@@ -814,13 +814,13 @@ class _RMSNormFn(torch.autograd.Function):
         if dy2.stride(-1) != 1:
             dy2 = dy2.contiguous()
         dx = torch.empty_like(x2)
-        block, rows, warps = _row_block(n_cols, x2.device)
+        block, rows, warps = row_block(n_cols, x2.device)
         n_prog = max(1, min(_cdiv(n_rows, rows), 4 * _sm_count(x2.device)))
         rows_per_program = _cdiv(_cdiv(n_rows, n_prog), rows) * rows
         n_prog = max(1, _cdiv(n_rows, rows_per_program))
         dw_part = torch.empty((n_prog, n_cols), dtype=torch.float32, device=x2.device)
         if n_rows > 0:
-            _rms_norm_bwd_kernel[(n_prog,)](x2, weight, dy2, dx, rstd, dw_part, x2.stride(0),
+            rms_norm_bwd_kernel[(n_prog,)](x2, weight, dy2, dx, rstd, dw_part, x2.stride(0),
                                             dy2.stride(0), dx.stride(0), n_rows, n_cols,
                                             rows_per_program, ROWS=rows, BLOCK=block, num_warps=warps)
         else:
@@ -869,7 +869,7 @@ def apply_rotary_torch(x, cos, sin):
 
 
 @_jit
-def _rotary_kernel(X, COS, SIN, Y, stride_xt, stride_xh, stride_ct, stride_st, stride_yt, stride_yh,
+def rotary_kernel(X, COS, SIN, Y, stride_xt, stride_xh, stride_ct, stride_st, stride_yt, stride_yh,
                    n_tokens, HALF: tl.constexpr, HALF_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
                    BACKWARD: tl.constexpr):
     """One program: BLOCK_T tokens of one head. BACKWARD applies the transposed rotation."""
@@ -903,9 +903,9 @@ def _rotary_launch(x, cos, sin, backward):
     y = torch.empty((n_tokens, n_heads, head_dim), dtype=x.dtype, device=x.device)
     if n_tokens == 0 or n_heads == 0:
         return y
-    half_pad = _next_pow2(head_dim // 2)
+    half_pad = next_pow2(head_dim // 2)
     block_t = max(1, min(64, 2048 // half_pad)) if x.is_cuda else 64
-    _rotary_kernel[(_cdiv(n_tokens, block_t), n_heads)](
+    rotary_kernel[(_cdiv(n_tokens, block_t), n_heads)](
         x, cos, sin, y, x.stride(0), x.stride(1), cos.stride(0), sin.stride(0), y.stride(0), y.stride(1),
         n_tokens, HALF=head_dim // 2, HALF_PAD=half_pad, BLOCK_T=block_t, BACKWARD=backward,
         num_warps=4 if x.is_cuda else 1)
@@ -950,7 +950,7 @@ def swiglu_torch(gate, up):
 
 
 @_jit
-def _swiglu_fwd_kernel(G, U, Y, n, BLOCK: tl.constexpr):
+def swiglu_fwd_kernel(G, U, Y, n, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < n
     g = tl.load(G + offs, mask=ok, other=0.0).to(tl.float32)
@@ -959,7 +959,7 @@ def _swiglu_fwd_kernel(G, U, Y, n, BLOCK: tl.constexpr):
 
 
 @_jit
-def _swiglu_bwd_kernel(G, U, DY, DG, DU, n, BLOCK: tl.constexpr):
+def swiglu_bwd_kernel(G, U, DY, DG, DU, n, BLOCK: tl.constexpr):
     """d silu(g)/dg = sig(g) * (1 + g * (1 - sig(g)))."""
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < n
@@ -982,7 +982,7 @@ class _SwiGLUFn(torch.autograd.Function):
         y = torch.empty_like(gate)
         n, block = gate.numel(), _elementwise_block(gate)
         if n > 0:
-            _swiglu_fwd_kernel[(_cdiv(n, block),)](gate, up, y, n, BLOCK=block)
+            swiglu_fwd_kernel[(_cdiv(n, block),)](gate, up, y, n, BLOCK=block)
         ctx.save_for_backward(gate, up)
         return y
 
@@ -993,7 +993,7 @@ class _SwiGLUFn(torch.autograd.Function):
         dg, du = torch.empty_like(gate), torch.empty_like(up)
         n, block = gate.numel(), _elementwise_block(gate)
         if n > 0:
-            _swiglu_bwd_kernel[(_cdiv(n, block),)](gate, up, dy, dg, du, n, BLOCK=block)
+            swiglu_bwd_kernel[(_cdiv(n, block),)](gate, up, dy, dg, du, n, BLOCK=block)
         return dg, du
 
 
@@ -1028,7 +1028,7 @@ def linear_cross_entropy_torch(hidden, weight, labels, ignore_index=-100, reduct
 
 
 @_jit
-def _ce_chunk_kernel(LOGITS, LABELS, LOSS, stride_row, n_vocab, ignore_index,
+def ce_chunk_kernel(LOGITS, LABELS, LOSS, stride_row, n_vocab, ignore_index,
                      BLOCK_V: tl.constexpr, WRITE_GRAD: tl.constexpr):
     """One row per program. loss = logsumexp(x) - x[label] (0 for ignored rows); if WRITE_GRAD,
     the row's logits are overwritten with d loss / d x = softmax(x) - onehot(label) (0 if ignored)."""
@@ -1064,7 +1064,7 @@ def _default_chunk_rows(n_rows, vocab, elem_size):
     rows at vocab 151,680 in bf16, so an 8K-token pack takes 4 chunks (each chunk adds one pass
     over the fp32 dWeight accumulator, 2.5 GB for MiMo-7B's head)."""
     rows = max(16, (1 << 30) // max(1, vocab * elem_size))
-    return min(_next_pow2(n_rows), 1 << (rows.bit_length() - 1))
+    return min(next_pow2(n_rows), 1 << (rows.bit_length() - 1))
 
 
 def _linear_cross_entropy_chunked(hidden, weight, labels, ignore_index, chunk_size, need_grad_h,
@@ -1078,11 +1078,11 @@ def _linear_cross_entropy_chunked(hidden, weight, labels, ignore_index, chunk_si
     grad_w = None
     if need_grad_w and not single:  # accumulated over chunks in fp32, rounded once at the end
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-    block_v = min(_next_pow2(vocab), 4096 if hidden.is_cuda else 1024)
+    block_v = min(next_pow2(vocab), 4096 if hidden.is_cuda else 1024)
     for c0 in range(0, n_rows, chunk):
         h = hidden[c0:c0 + chunk]  # (C, H)
         logits = h @ weight.T  # (C, V) in hidden's dtype
-        _ce_chunk_kernel[(h.shape[0],)](logits, labels[c0:c0 + chunk], loss_rows[c0:c0 + chunk],
+        ce_chunk_kernel[(h.shape[0],)](logits, labels[c0:c0 + chunk], loss_rows[c0:c0 + chunk],
                                         logits.stride(0), vocab, ignore_index, BLOCK_V=block_v,
                                         WRITE_GRAD=need_grad_h or need_grad_w,
                                         num_warps=8 if hidden.is_cuda else 1)

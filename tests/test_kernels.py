@@ -174,10 +174,10 @@ def test_tile_schedule_launches_only_real_tiles():
 
 
 def test_head_dim_split():
-    assert K._split_head_dim(64) == (64, 0)
-    assert K._split_head_dim(80) == (64, 16)  # no padding to 128
-    assert K._split_head_dim(128) == (128, 0)
-    assert K._split_head_dim(72) == (64, 16)  # 8 masked columns
+    assert K.split_head_dim(64) == (64, 0)
+    assert K.split_head_dim(80) == (64, 16)  # no padding to 128
+    assert K.split_head_dim(128) == (128, 0)
+    assert K.split_head_dim(72) == (64, 16)  # 8 masked columns
 
 
 # -----------------------------------------------------------------------------
