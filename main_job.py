@@ -66,7 +66,7 @@ def run_phase(name, label, cmd, log_path, bar, pre_out, rl_out):
             what, step, total, status = p
             if (what, total) != shown:
                 bar.reset(total=total)
-                bar.set_description(f"{label}: {what}]")
+                bar.set_description(f"{label}: {what}]" if what != name else f"{label}]")
                 shown = (what, total)
             bar.n = min(step, total)
             bar.set_postfix_str(status[:70], refresh=False)
@@ -101,7 +101,7 @@ def run(out="runs/rl", seed=0, threads=None):
     print(f"main job: {len(phases)} phases, the bar shows each one's own steps; logs in "
           f"{out}/main-*.log", flush=True)
     bar = tqdm(total=1, desc="main job", file=sys.stdout, dynamic_ncols=True,
-               bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} {elapsed}<{remaining} {postfix}")
+               bar_format="{desc}{percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} {elapsed}<{remaining} {postfix}")
     for number, (name, cmd) in enumerate(phases, 1):
         label = f"main job [{number}/{len(phases)} {name}"
         bar.set_description(label + "]")
