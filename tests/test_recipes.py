@@ -5,6 +5,8 @@ special-token ids from the from-scratch tokenizer."""
 
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -137,19 +139,17 @@ def test_a_from_scratch_7b_preset_takes_the_token_ids_of_the_from_scratch_tokeni
                        tp.fresh_model(tp.build_parser().parse_args([]), processor).lm_head.weight)
 
 
-def test_stage1_from_separate_vit_and_lm_folders_equals_one_folder(start, tmp_path, capsys):
-    """--init-vit V --init-lm L (the paper's start: ViT from one checkpoint, a Qwen2-named text LM
-    with MiMo-7B's mtp_layers from another) trains stage 1 exactly as --init C, where C holds the
-    same ViT and LM: same losses, bit for bit; the MTP tensors are dropped."""
+def two_towers(start, root):
+    """(C, L): C a whole model folder (the start folder's), L its LM alone as a text-only
+    Qwen2ForCausalLM folder (no vision config, Qwen2 naming) plus a MiMo-7B-style MTP tensor."""
     from safetensors.torch import load_file, save_file
-    both = str(tmp_path / "both")                     # C: a whole model (the start folder's)
+    both, lm = os.path.join(root, "both"), os.path.join(root, "lm")
     os.makedirs(both)
+    os.makedirs(lm)
     for name in os.listdir(start):
         if not os.path.isdir(os.path.join(start, name)):
             with open(os.path.join(start, name), "rb") as src, open(os.path.join(both, name), "wb") as dst:
                 dst.write(src.read())
-    lm = str(tmp_path / "lm")                         # L: text-only Qwen2ForCausalLM naming + MTP
-    os.makedirs(lm)
     weights = load_file(os.path.join(both, "model.safetensors"))
     text = {k: v for k, v in weights.items() if not k.startswith("visual.")}
     text["model.mtp_layers.0.input_proj.weight"] = torch.randn(4, 4)
@@ -162,7 +162,18 @@ def test_stage1_from_separate_vit_and_lm_folders_equals_one_folder(start, tmp_pa
     for name in ("tokenizer.json", "tokenizer_config.json"):
         with open(os.path.join(both, name), "rb") as src, open(os.path.join(lm, name), "wb") as dst:
             dst.write(src.read())
-    common = ["--stage", "1", *FAST, "--steps", "2", "--save-every", "0"]
+    return both, lm
+
+
+def test_stage1_from_separate_vit_and_lm_folders_equals_one_folder(start, tmp_path, capsys):
+    """--init-vit V --init-lm L (the paper's start: ViT from one checkpoint, a Qwen2-named text LM
+    with MiMo-7B's mtp_layers from another) trains stage 1 exactly as --init C, where C holds the
+    same ViT and LM: same losses, bit for bit; the MTP tensors are dropped. Under torchrun with
+    --fsdp (2 processes: each rank reads its rows of the two folders) the losses are those of one
+    process."""
+    from safetensors.torch import load_file
+    both, lm = two_towers(start, str(tmp_path))
+    common = ["--stage", "1", *FAST, "--steps", "2", "--save-every", "0", "--rows", "2"]
     tp.main(["--out", str(tmp_path / "one"), "--init", both, *common])
     tp.main(["--out", str(tmp_path / "two"), "--init-vit", both, "--init-lm", lm, *common])
     assert "(dropped 1 model.mtp_layers.* tensors)" in capsys.readouterr().out
@@ -174,3 +185,13 @@ def test_stage1_from_separate_vit_and_lm_folders_equals_one_folder(start, tmp_pa
 
     err = one_line_error(capsys, ["--out", str(tmp_path / "bad"), "--init-vit", both, *common])
     assert "--init-vit and --init-lm together" in err
+
+    sharded = str(tmp_path / "fsdp")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "train_pretrain.py"), "--out", sharded, "--init-vit", both, "--init-lm", lm,
+           "--fsdp", *common]
+    r = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    for (x, gx), (y, gy) in zip(losses(sharded, "1"), losses(str(tmp_path / "one"), "1"), strict=True):
+        assert x == pytest.approx(y, rel=1e-5) and gx == pytest.approx(gy, rel=1e-4)
