@@ -33,8 +33,10 @@ The recipe (MiMo-VL report Table 1): a pretrained ViT (Qwen2.5-ViT) and a pretra
     stage 4  long-context SFT             everything           + long/high-res data,     LR 2.5e-5
                                                                  much more long reasoning
 
-each stage starting from the previous stage's output. `--init DIR` takes the two towers from any
-Qwen2.5-VL-format checkpoint and re-initialises the projector, as the paper does. From scratch
+each stage starting from the previous stage's output. `--init-vit DIR --init-lm DIR` is the
+paper's start point (MiMoVL.from_towers: the ViT of a Qwen2.5-VL folder, the LM of a Qwen2/MiMo text
+folder, a fresh projector); `--init DIR` takes both towers from one Qwen2.5-VL-format checkpoint and
+re-initialises the projector. From scratch
 there are no pretrained towers, so a stage 0 makes tiny ones first: `0-lm` trains the LM on the
 synthetic text corpus, `0-vit` trains the ViT to classify every 28-px cell of synthetic scenes
 through a small temporary head (measured: with random towers a projector-only stage 1 learns
