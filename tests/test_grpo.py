@@ -13,6 +13,7 @@ import torch
 
 import evaluate
 import rewards as R
+import rollouts
 import train_rl as rl
 
 
@@ -254,12 +255,12 @@ def test_the_sampler_log_probs_are_the_update_log_probs_only_at_temperature_1_wi
 # -----------------------------------------------------------------------------
 
 def test_dynamic_sampling_keeps_only_groups_with_different_rewards():
-    assert rl.has_signal([0, 1, 0]) and rl.has_signal([0.3, 0.4])
-    assert not any(rl.has_signal(r) for r in ([1, 1, 1], [0.0, 0.0], [0.7, 0.7 + 1e-9]))
+    assert rollouts.has_signal([0, 1, 0]) and rollouts.has_signal([0.3, 0.4])
+    assert not any(rollouts.has_signal(r) for r in ([1, 1, 1], [0.0, 0.0], [0.7, 0.7 + 1e-9]))
 
 
 def test_easy_pool_moves_solved_prompts_and_redraws_them_at_its_rate():
-    pool = rl.EasyPool(prob=0.1, seed=0)
+    pool = rollouts.EasyPool(prob=0.1, seed=0)
     stream = iter([{"id": i} for i in range(10_000)] * 2)
     pool.update({"id": 0}, solved=True)
     pool.update({"id": 1}, solved=False)
@@ -276,24 +277,24 @@ def test_easy_pool_moves_solved_prompts_and_redraws_them_at_its_rate():
 
 
 def test_easy_pool_edge_rates():
-    always = rl.EasyPool(prob=1.0, seed=1)
+    always = rollouts.EasyPool(prob=1.0, seed=1)
     always.update({"id": "q"}, True)
     assert always.draw(iter([{"id": "other"}])) == ({"id": "q"}, True)
-    never = rl.EasyPool(prob=0.0, seed=1)
+    never = rollouts.EasyPool(prob=0.0, seed=1)
     never.update({"id": "q"}, True)
     assert never.draw(iter([{"id": "q"}, {"id": "other"}])) == ({"id": "other"}, False)
     with pytest.raises(StopIteration):
         never.draw(iter([]))
     with pytest.raises(ValueError, match="probability"):
-        rl.EasyPool(prob=1.5)
+        rollouts.EasyPool(prob=1.5)
 
 
 def test_a_group_is_solved_when_every_response_passes_as_the_metrics_count_it():
     """The easy pool and the pass-rate metric share rewards.passed: a box passes at clipped
     GIoU >= 0.5, a count only at reward 1."""
     def group(task, rewards):
-        prompt = rl.rl_prompt(task, 0, "heldout")
-        return rl.Group(prompt, {}, [rl.Response([1], [0.0], "", False, reward=r) for r in rewards])
+        prompt = rollouts.rl_prompt(task, 0, "heldout")
+        return rollouts.Group(prompt, {}, [rollouts.Response([1], [0.0], "", False, reward=r) for r in rewards])
     for task, rewards in (("ground_box", [0.6, 0.5, 0.9]), ("ground_box", [0.6, 0.4]),
                           ("count", [1.0, 1.0]), ("count", [1.0, 0.99])):
         g = group(task, rewards)

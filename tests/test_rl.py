@@ -25,6 +25,7 @@ import reward_model
 import synthetic
 import training
 import rewards as R
+import rollouts
 import train_rl as rl
 from mimovl import MiMoVLConfig
 from processor import Processor
@@ -83,7 +84,7 @@ def sft_dir(tmp_path_factory, processor):
     return path
 
 
-class FixedAnswer(rl.PromptStream):
+class FixedAnswer(rollouts.PromptStream):
     """Counting prompts whose ground truth is always `answer`: "always answer 3" is learnable
     without looking at the image."""
 
@@ -102,7 +103,7 @@ def rollout(policy, processor, n_prompts=3, G=4, seed=0, max_new_tokens=4):
     cfg = rl.RLConfig(group_size=G, prompts_per_rank=n_prompts, max_new_tokens=max_new_tokens,
                       dynamic_sampling=False).validate()
     with R.RewardPool(0) as pool:
-        kept, _ = rl.collect_groups(policy, processor, FixedAnswer(), rl.EasyPool(0.0), pool, cfg,
+        kept, _ = rollouts.collect_groups(policy, processor, FixedAnswer(), rollouts.EasyPool(0.0), pool, cfg,
                                     seed=seed)
     return kept
 
@@ -135,7 +136,7 @@ def test_update_loss_equals_hand_computation_from_separate_forwards(processor, n
             adv = torch.zeros(4, dtype=torch.float64) if r.max() == r.min() else \
                 (r - r.mean()) / (r.std() + 1e-6)
             p = g.encoded["input_ids"]
-            vision = {k: g.encoded[k] for k in rl.VISION_KEYS if k in g.encoded}
+            vision = {k: g.encoded[k] for k in rollouts.VISION_KEYS if k in g.encoded}
             for resp, a in zip(g.responses, adv.tolist()):
                 if not resp.trainable:      # an empty response's stand-in: not a response token
                     continue
@@ -198,18 +199,18 @@ def test_tiny_policy_learns_to_always_answer_three(processor):
     policy = tiny_policy(processor, seed=0)
     opt = training.build_optimizer(policy, 3e-3, 0.0, (0.9, 0.999), CPU.device)
     cfg = rl.RLConfig(group_size=8, prompts_per_rank=4, max_new_tokens=3, max_refills=0).validate()
-    stream, easy = FixedAnswer(seed=0), rl.EasyPool(0.1, seed=0)
+    stream, easy = FixedAnswer(seed=0), rollouts.EasyPool(0.1, seed=0)
     curve = []
     with R.RewardPool(num_workers=1) as pool:
         for step in range(30):
-            kept, sampled = rl.collect_groups(policy, processor, stream, easy, pool, cfg, seed=step)
+            kept, sampled = rollouts.collect_groups(policy, processor, stream, easy, pool, cfg, seed=step)
             rl.policy_update(policy, opt, kept, cfg, CPU)
             rewards = [r.reward for g in sampled for r in g.responses]
             curve.append(sum(rewards) / len(rewards))
         assert sum(curve[:3]) / 3 < 0.2
         assert sum(curve[-5:]) / 5 > 0.8, curve
         # greedy answers on held-out prompts (never trained on) are now "3"
-        prompts = [{**p, "answer": "3"} for p in rl.heldout_prompts(["count"], 8)]
+        prompts = [{**p, "answer": "3"} for p in rollouts.heldout_prompts(["count"], 8)]
         res, _ = evaluate.evaluate_rewards(policy, processor, prompts, CPU, pool)
     assert res["count"]["reward"] == 1.0
 
@@ -218,9 +219,9 @@ def test_collect_groups_drops_uniform_groups_and_fills_the_easy_pool(processor, 
     policy = tiny_policy(processor)
     monkeypatch.setitem(R.REWARDS, "count", lambda response, truth, **m: (1.0, {}))
     cfg = rl.RLConfig(group_size=2, prompts_per_rank=2, max_new_tokens=2, max_refills=1).validate()
-    easy = rl.EasyPool(0.0)
+    easy = rollouts.EasyPool(0.0)
     with R.RewardPool(0) as pool:
-        kept, sampled = rl.collect_groups(policy, processor, FixedAnswer(), easy, pool, cfg)
+        kept, sampled = rollouts.collect_groups(policy, processor, FixedAnswer(), easy, pool, cfg)
     # every group solved: dropped, refilled once (2 + 2 prompts), all four in the easy pool, and
     # one dropped group comes back as padding (no tokens) so that an update can still run
     assert len(sampled) == 4 and len(easy) == 4
