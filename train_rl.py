@@ -228,7 +228,7 @@ def pack_rows(groups, advantages, weights, max_tokens=4096, processor=None):
     with cu_seqlens (packing.best_fit_pack / collate_packed), as in pre-training. Aligned with
     input_ids, each row also has `adv` (advantage), `weight` (loss_weights, 0 off the response)
     and `sampled` (the sampler's log-probs). With `processor` (DDP) a row without pixels gets a
-    dummy image (train_pretrain.add_dummy_vision) so every ViT parameter gets a gradient."""
+    dummy image (training.add_dummy_vision) so every ViT parameter gets a gradient."""
     by_task = {}
     for g, adv, w in zip(groups, advantages.tolist(), weights.tolist()):
         p = g.encoded["input_ids"]
@@ -252,7 +252,7 @@ def pack_rows(groups, advantages, weights, max_tokens=4096, processor=None):
                 row[k] = torch.cat([s[k] for s in part])[None]
             if processor is not None:
                 n = row["input_ids"].shape[1]
-                row = train_pretrain.add_dummy_vision(row, processor)
+                row = training.add_dummy_vision(row, processor)
                 for k in ROW_KEYS:
                     row[k] = F.pad(row[k], (0, row["input_ids"].shape[1] - n))
             row["task"], row["mask"] = task, (row["weight"] > 0).float()
@@ -584,7 +584,7 @@ def start_trainer(args, compute, cfg, processor, tasks):
     root = os.path.join(args.out, "checkpoints")
     resume_from = training.resume_checkpoint(root, log=compute.print) if args.resume else None
     policy = Policy.from_pretrained(resume_from or args.sft, dtype=torch.float32, progress=False)
-    train_pretrain.set_trainable(policy, tuple(x for x in args.trainable.split("+") if x))
+    training.set_trainable(policy, tuple(x for x in args.trainable.split("+") if x))
     ref = None
     if cfg.kl_beta > 0:
         ref = Policy.from_pretrained(args.sft, dtype=torch.float32, device=compute.device,

@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 
+import objectives
 import packing
 import synthetic
 import train_pretrain as tp
@@ -48,8 +49,8 @@ def one_line_error(capsys, argv):
 def test_a_stage_on_jsonl_and_synthetic_data_trains_on_both_and_resumes_exactly(start, tmp_path, monkeypatch,
                                                                                capsys):
     rows = []
-    next_batch = tp.NextTokenObjective.next_batch
-    monkeypatch.setattr(tp.NextTokenObjective, "next_batch", lambda self: rows.append(next_batch(self)) or rows[-1])
+    next_batch = objectives.NextTokenObjective.next_batch
+    monkeypatch.setattr(objectives.NextTokenObjective, "next_batch", lambda self: rows.append(next_batch(self)) or rows[-1])
     common = ["--stage", "3", "--from", start, *FAST, "--steps", "4", "--save-every", "1", "--stage-data", MIX]
     full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
     tp.main(["--out", full, *common])
