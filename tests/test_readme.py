@@ -34,7 +34,7 @@ def test_file_table_lists_every_module_with_its_line_count():
 
 
 def test_no_reference_points_outside_the_repository():
-    """A person who clones the repository has no ../shared folder and no private spec: citations
+    """A person who clones the repository has nothing beside it (no private spec or notes): citations
     name public sources or documents inside the repository."""
     pattern = re.compile(r"\.\./shared|SPEC(\.md)?\s*§|SMALL-SCALE-NOTES|MACHINE-NOTES")
     hits = []
