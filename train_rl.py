@@ -80,6 +80,7 @@ import reward_model
 import synthetic
 import train_pretrain
 import training
+from checkpoint_files import write_json_atomic
 from evaluate import evaluate_rewards, mean_reward, results_table, rl_tag_of, summarise_rewards
 from mimovl import MiMoVL
 from processor import Processor
@@ -446,7 +447,7 @@ def baseline_eval(args, compute, processor, pool, eval_tasks):
             eval_tasks, args.eval_n, args.seed), compute, pool, args.eval_samples, args.seed,
             args.gen_rows)
     if compute.master:
-        training.write_json(path, res)
+        write_json_atomic(path, res)
     return res
 
 
@@ -468,9 +469,8 @@ def check_sft(path):
 def write_progress(out, phase, step, total, status, compute):
     """<out>/progress.json: where the run is, for `--all`'s progress bar (and anyone watching)."""
     if compute.master:
-        tmp = os.path.join(out, f"progress.json.tmp-{os.getpid()}")
-        training.write_json(tmp, {"phase": phase, "step": step, "total": total, "status": status})
-        os.replace(tmp, os.path.join(out, "progress.json"))
+        write_json_atomic(os.path.join(out, "progress.json"),
+                          {"phase": phase, "step": step, "total": total, "status": status})
 
 
 def step_records(groups):

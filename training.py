@@ -35,8 +35,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import kernels
-
 import packing
+from checkpoint_files import write_json_atomic
 from mimovl import MiMoVL
 from processor import patchify
 
@@ -481,12 +481,6 @@ def commit_dir(tmp, final):
         shutil.rmtree(old, ignore_errors=True)
 
 
-def write_json(path, obj):
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-
-
 def full_state(wrapped):
     """The full (unsharded) model and optimiser-free state dict on rank 0, CPU tensors, FQNs
     without DDP's `module.` prefix; other ranks get {}. Works for plain, DDP and FSDP2 models."""
@@ -528,10 +522,10 @@ def _stage_files(tmp, cfg, processor, record, extra):
     if extra:
         save_file({k: v.contiguous() for k, v in extra.items()}, os.path.join(tmp, "extra.safetensors"))
     processor.save_pretrained(tmp)
-    write_json(os.path.join(tmp, "generation_config.json"),
+    write_json_atomic(os.path.join(tmp, "generation_config.json"),
                 {"eos_token_id": processor.eos_token_ids, "pad_token_id": processor.pad_token_id,
                  "bos_token_id": cfg.bos_token_id, "do_sample": False})
-    write_json(os.path.join(tmp, "pretrain_stage.json"), record)
+    write_json_atomic(os.path.join(tmp, "pretrain_stage.json"), record)
 
 
 def save_stage_streamed(path, wrapped, cfg, processor, record, compute, dtype=None, split=None,
@@ -578,9 +572,9 @@ def save_stage_streamed(path, wrapped, cfg, processor, record, compute, dtype=No
                 final = f"model-{i + 1:05d}-of-{len(parts):05d}.safetensors"
                 os.rename(os.path.join(tmp, part), os.path.join(tmp, final))
                 weight_map.update({k: final for k in keys})
-            write_json(os.path.join(tmp, "model.safetensors.index.json"),
+            write_json_atomic(os.path.join(tmp, "model.safetensors.index.json"),
                        {"metadata": {"total_size": sum(p[2] for p in parts)}, "weight_map": weight_map})
-        write_json(os.path.join(tmp, "config.json"),
+        write_json_atomic(os.path.join(tmp, "config.json"),
                    {**cfg.to_hf_dict(), "torch_dtype": str(dtype).replace("torch.", "")})
         _stage_files(tmp, cfg, processor, record, extra)
         commit_dir(tmp, path)
@@ -673,7 +667,7 @@ def _rng_and_state(tmp, step, compute, rngs, loaders, extra):
         if "cuda" in s:
             rng_tensors[f"rank{r}.cuda"] = s["cuda"]
     save_file(rng_tensors, os.path.join(tmp, "rng.safetensors"))
-    write_json(os.path.join(tmp, "trainer_state.json"), {
+    write_json_atomic(os.path.join(tmp, "trainer_state.json"), {
         "step": step, "world_size": compute.world_size, **extra, "loader": loaders,
         "python_rng": [[s["python"][0], list(s["python"][1]), s["python"][2]] for s in rngs],
         "numpy_rng": [[s["numpy"][0], s["numpy"][1].tolist(), *s["numpy"][2:]] for s in rngs]})
@@ -698,7 +692,7 @@ def save_sharded_state(root, step, wrapped, optimizer, cfg, processor, loader_st
     loaders = gather_objects(loader_state, compute)
     if compute.master:
         _rng_and_state(tmp, step, compute, rngs, loaders, {"format": "dcp", **meta})
-        write_json(os.path.join(tmp, "config.json"), cfg.to_hf_dict())
+        write_json_atomic(os.path.join(tmp, "config.json"), cfg.to_hf_dict())
         processor.save_pretrained(tmp)
         with open(os.path.join(tmp, COMPLETE), "w") as f:
             f.write(f"step {step}, {compute.world_size} process(es)\n")
