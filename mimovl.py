@@ -606,32 +606,60 @@ class MiMoVL(nn.Module):
             logits = logits.view(B, L, -1)
         return Output(logits, loss)
 
-    def token_logprobs(self, input_ids, labels, with_entropy=False, chunk=4096, **inputs):
+    def token_logprobs(self, input_ids, labels, with_entropy=False, chunk=None, **inputs):
         """log pi(labels[b, t] | tokens < t) at every position t whose label is not -100 (labels
         aligned with input_ids, as for the loss), as a (B, L) tensor with zeros elsewhere: the
-        per-token log-probabilities that RL needs, from the packed training forward, in chunks (no
-        full [T, V] logits). Position 0 has no prediction and must be -100.
-        With with_entropy=True also the entropy of each of those predictive distributions."""
+        per-token log-probabilities that RL needs, from the packed training forward, in chunks of
+        `chunk` labelled tokens (default: ~1 GiB of fp32 logits each). Position 0 has no
+        prediction and must be -100. With with_entropy=True also the entropy of each of those
+        predictive distributions (no gradient).
+        Under autograd each chunk runs under activation checkpointing: backward keeps only the
+        chunk's hidden states and recomputes its logits, so an 8K-token response at vocabulary
+        151,680 does not hold ~5 GB of fp32 log-softmax until backward."""
+        if chunk is None:
+            # the largest power of two (>= 16) of rows whose fp32 logits take at most 1 GiB: 1024
+            # at vocabulary 151,680. A chunk's forward or recomputation briefly holds a few such
+            # tensors (the head's output, its fp32 copy, the log-softmax, in backward its
+            # gradient): a few GB beside a 7B model's training state, while each chunk is still
+            # a matmul of 1024 rows by the whole head.
+            rows = max(16, (1 << 30) // (4 * self.cfg.text.vocab_size))
+            chunk = 1 << (rows.bit_length() - 1)
+        if chunk < 1:
+            raise ValueError(f"token_logprobs: chunk={chunk} must be a positive number of tokens (or None)")
         x, position_ids, cu, _, keep = self.embed(input_ids, inputs.pop("attention_mask", None), **inputs)
         h = self.model(x, position_ids, cu)                                   # (T, D)
         B, L = input_ids.shape
         shifted = F.pad(labels[:, 1:], (0, 1), value=-100).flatten()[keep.to(labels.device)]
         valid = (shifted != -100).nonzero().flatten()
+        grad = torch.is_grad_enabled() and any(p.requires_grad for p in (h, *self.lm_head.parameters()))
         lp = h.new_zeros(len(valid), dtype=torch.float)
         ent = h.new_zeros(len(valid), dtype=torch.float) if with_entropy else None
         for a in range(0, len(valid), chunk):
             idx = valid[a:a + chunk]
-            logp = self.lm_head(h[idx]).float().log_softmax(-1)              # (chunk, V)
-            lp[a:a + chunk] = logp.gather(-1, shifted[idx, None])[:, 0]
+            args = (h[idx], shifted[idx], with_entropy)
+            if grad:   # no-grad callers (rollouts, evaluation) skip the checkpoint's bookkeeping
+                lp_c, ent_c = torch.utils.checkpoint.checkpoint(self._chunk_logprobs, *args, use_reentrant=False)
+            else:
+                lp_c, ent_c = self._chunk_logprobs(*args)
+            lp[a:a + chunk] = lp_c
             if with_entropy:
-                with torch.no_grad():
-                    ent[a:a + chunk] = -(logp.exp() * logp).sum(-1)
+                ent[a:a + chunk] = ent_c
         out = h.new_zeros(B * L, dtype=torch.float)
         positions = keep.nonzero().flatten()[valid] + 1                       # slot of the target token
         out = out.index_put((positions,), lp).view(B, L)
         if not with_entropy:
             return out
         return out, h.new_zeros(B * L, dtype=torch.float).index_put((positions,), ent).view(B, L)
+
+    def _chunk_logprobs(self, h, targets, with_entropy):
+        """Log-probs of `targets` (C,) under the head's distributions at hidden states h (C, D),
+        and their entropies when asked (None otherwise)."""
+        logp = self.lm_head(h).float().log_softmax(-1)                         # (C, V)
+        ent = None
+        if with_entropy:
+            with torch.no_grad():
+                ent = -(logp.exp() * logp).sum(-1)
+        return logp.gather(-1, targets[:, None])[:, 0], ent
 
     def prepare_for_cpu_inference(self):
         """Inference on a CPU: fuse q/k/v and gate/up into single matmuls and, in bf16, pack every
