@@ -184,11 +184,18 @@ def collate_prompts(encoded, pad_id):
 
 
 @torch.no_grad()
-def sample_groups(model, processor, prompts, group_size, max_new_tokens=None, seed=0, max_rows=128):
+def sample_groups(model, processor, prompts, group_size, max_new_tokens=None, seed=0, max_rows=128,
+                  slots=None):
     """G responses per prompt at temperature 1 with model.generate(n=G): the G samples of a
     prompt share one prefill and its KV cache. Task by task (each has its own budget), at most
     max_rows // G prompts per call, in the weights' dtype (no autocast: the sampled distribution
-    is the policy's own). -> [Group]."""
+    is the policy's own). -> [Group].
+
+    slots: each prompt's place in the batch of all ranks (default 0, 1, ...). A call's random
+    stream is seeded by `seed` and the slot of its first prompt, not by the rank, so with one
+    prompt per call (max_rows = G) a prompt gets the same responses however many processes share
+    the batch: runs on 1 and on N processes sample alike (tested through torchrun)."""
+    slots = list(range(len(prompts))) if slots is None else list(slots)
     model.eval()
     encoded = [encode_prompt(processor, p) for p in prompts]
     by_task = {}
@@ -199,7 +206,7 @@ def sample_groups(model, processor, prompts, group_size, max_new_tokens=None, se
     # a sampled image/video placeholder cannot be fed back to the training forward (it would
     # claim pixels that do not exist): the response ends before it, counted as truncated
     placeholders = {processor.image_token_id, processor.video_token_id}
-    groups, call = [None] * len(prompts), 0
+    groups = [None] * len(prompts)
     for task, idx in by_task.items():
         for a in range(0, len(idx), per_call):
             chunk = idx[a:a + per_call]
@@ -207,8 +214,8 @@ def sample_groups(model, processor, prompts, group_size, max_new_tokens=None, se
             tokens, logprobs = model.generate(
                 **{k: v.to(model.device) for k, v in batch.items()}, n=group_size,
                 max_new_tokens=max_new_tokens or RESPONSE_BUDGET.get(task, 64), temperature=1.0,
-                seed=seed * 7919 + call, stop_token_ids=processor.eos_token_ids, return_logprobs=True)
-            call += 1
+                seed=seed * 7919 + slots[chunk[0]], stop_token_ids=processor.eos_token_ids,
+                return_logprobs=True)
             tokens, logprobs = tokens.cpu().tolist(), logprobs.float().cpu().tolist()
             for j, i in enumerate(chunk):
                 responses = []
@@ -243,14 +250,16 @@ def score_groups(groups, pool):
     return groups
 
 
-def collect_groups(model, processor, stream, easy_pool, pool, cfg, seed=0):
+def collect_groups(model, processor, stream, easy_pool, pool, cfg, seed=0, rank=0, world_size=1):
     """This rank's groups for one rollout batch -> (kept, sampled).
 
     Prompts come from the stream or, with probability easy_pool.prob, from the easy pool. With
     dynamic sampling, groups without signal are dropped and new prompts drawn, at most
     cfg.max_refills more times. `sampled` is every group scored (the metrics describe what the
     policy does, not only what is kept). If fewer than cfg.updates_per_batch groups survive,
-    dropped ones come back as padding (no token counts) so every rank joins every DDP update."""
+    dropped ones come back as padding (no token counts) so every rank joins every DDP update.
+    The i-th draw of this rank holds slot i * world_size + rank of the batch of all ranks, the
+    slot PromptStream reads it from (sample_groups seeds by slot)."""
     kept, dropped, sampled = [], [], []
     for attempt in range(1 + (cfg.max_refills if cfg.dynamic_sampling else 0)):
         need = cfg.prompts_per_rank - len(kept)
@@ -258,7 +267,8 @@ def collect_groups(model, processor, stream, easy_pool, pool, cfg, seed=0):
             break
         draws = [easy_pool.draw(stream) for _ in range(need)]
         groups = sample_groups(model, processor, [p for p, _ in draws], cfg.group_size,
-                               cfg.max_new_tokens, seed * 31 + attempt, cfg.max_rows)
+                               cfg.max_new_tokens, seed * 31 + attempt, cfg.max_rows,
+                               [i * world_size + rank for i in range(need)])
         score_groups(groups, pool)
         for g, (_, from_easy) in zip(groups, draws):
             g.from_easy = from_easy

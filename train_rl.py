@@ -62,6 +62,7 @@ loop through a tiny model: loss by hand, ratio 1, learning, reward model, resume
 """
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -216,20 +217,23 @@ class Policy(MiMoVL):
 
     def forward(self, input_ids, labels=None, token_logprobs=False, with_entropy=False, **inputs):
         if token_logprobs:
-            return self.token_logprobs(input_ids, labels, with_entropy=with_entropy, **inputs)
+            out = self.token_logprobs(input_ids, labels, with_entropy=with_entropy, **inputs)
+            # copies, not views: FSDP2 hooks its backward into this output, and warns on views
+            return tuple(x.clone() for x in out) if with_entropy else out.clone()
         return super().forward(input_ids, labels=labels, **inputs)
 
 
 ROW_KEYS = ("adv", "weight", "sampled")     # per-token values that travel with a packed row
 
 
-def pack_rows(groups, advantages, weights, max_tokens=4096, processor=None):
+def pack_rows(groups, advantages, weights, max_tokens=4096, processor=None, video=False):
     """The rows of the update: each response as its own document `prompt + response` (labels
     on the response, its stop token included) packed with others of its task into (1, T) rows
     with cu_seqlens (packing.best_fit_pack / collate_packed), as in pre-training. Aligned with
     input_ids, each row also has `adv` (advantage), `weight` (loss_weights, 0 off the response)
     and `sampled` (the sampler's log-probs). With `processor` (DDP) a row without pixels gets a
-    dummy image (training.add_dummy_vision) so every ViT parameter gets a gradient."""
+    dummy image (training.add_dummy_vision) so every ViT parameter gets a gradient; with
+    video=True (FSDP2) also a dummy video, so every rank calls the vision tower equally often."""
     by_task = {}
     for g, adv, w in zip(groups, advantages.tolist(), weights.tolist()):
         p = g.encoded["input_ids"]
@@ -253,7 +257,7 @@ def pack_rows(groups, advantages, weights, max_tokens=4096, processor=None):
                 row[k] = torch.cat([s[k] for s in part])[None]
             if processor is not None:
                 n = row["input_ids"].shape[1]
-                row = training.add_dummy_vision(row, processor)
+                row = training.add_dummy_vision(row, processor, video)
                 for k in ROW_KEYS:
                     row[k] = F.pad(row[k], (0, row["input_ids"].shape[1] - n))
             row["task"], row["mask"] = task, (row["weight"] > 0).float()
@@ -279,19 +283,31 @@ def batch_weights(groups, norm, compute):
     return loss_weights(lengths, norm, float(totals[0]), float(totals[1])) * compute.world_size
 
 
+def even_rows(rows, compute):
+    """FSDP2 gathers each unit's weights in every forward and reduce-scatters in every backward,
+    collectively: all ranks must run as many micro-batches. A rank with fewer rows repeats its
+    last one with zero weight (it adds nothing to the loss or the gradient)."""
+    n = int(training.all_reduce_max(torch.tensor(len(rows)), compute))
+    blank = {**rows[-1], "adv": torch.zeros_like(rows[-1]["adv"]), "weight": torch.zeros_like(
+        rows[-1]["weight"]), "mask": torch.zeros_like(rows[-1]["mask"])}
+    return rows + [dict(blank) for _ in range(n - len(rows))]
+
+
 def policy_update(wrapped, optimizer, groups, cfg, compute, processor=None, ref_model=None):
     """One rollout batch -> cfg.updates_per_batch optimiser steps (on-policy: exactly one), each
     on its share of the groups. vanilla GRPO's pi_old is the training forward before the first
     step (the sampler's log-probs differ by numerics: KV cache, batching). Returns the metrics
     of each step (update_metrics)."""
     model, device = training.unwrap(wrapped), compute.device
+    sharded = training.is_sharded(wrapped)
     adv = group_advantages([g.rewards for g in groups]).float()                 # (n_groups, G)
     minibatches = []
     for idx in np.array_split(np.arange(len(groups)), cfg.updates_per_batch):
         idx = idx.tolist()
         part = [groups[i] for i in idx]
-        minibatches.append(pack_rows(part, adv[idx], batch_weights(part, cfg.loss_norm, compute),
-                                     cfg.max_tokens, processor))
+        rows = pack_rows(part, adv[idx], batch_weights(part, cfg.loss_norm, compute),
+                         cfg.max_tokens, processor, video=sharded)
+        minibatches.append(even_rows(rows, compute) if sharded else rows)
     if cfg.algo == "grpo" or cfg.kl_beta > 0:
         with torch.no_grad(), compute.autocast():
             for row in (row for rows in minibatches for row in rows):
@@ -315,7 +331,8 @@ def policy_update(wrapped, optimizer, groups, cfg, compute, processor=None, ref_
                                    row["ref"].to(device) if "ref" in row else None)
             loss.backward()
             row.update(logp=lp.detach().float().cpu(), entropy=entropy.float().cpu(), loss=float(loss.detach()))
-        norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)   # FSDP2: a DTensor
         if not math.isfinite(norm):
             optimizer.zero_grad(set_to_none=True)
             raise FloatingPointError(f"the gradient norm is {norm}: the update is skipped and "
@@ -373,8 +390,8 @@ def evaluate_sampled(model, processor, prompts, compute, pool, k, seed=0, max_ro
     (the report's Fig. 7 plots avg@32); greedy answers can move differently, so the before/after
     table shows both. The seed is fixed: SFT and RL models see the same random stream."""
     mine = prompts[compute.rank::compute.world_size]
-    groups = sample_groups(model, processor, mine, k, seed=seed + 17 * compute.rank,
-                           max_rows=max_rows) if mine else []
+    groups = sample_groups(model, processor, mine, k, seed=seed, max_rows=max_rows,
+                           slots=range(compute.rank, len(prompts), compute.world_size)) if mine else []
     score_groups(groups, pool)
     return summarise_rewards(sum(training.gather_objects(step_records(groups), compute), []))
 
@@ -576,20 +593,72 @@ class Trainer:
     tasks: list
     step: int = 0
     seen: int = 0           # responses trained on (non-padding groups x G)
+    engine: MiMoVL = None   # FSDP2: the rollout copy (rollout_weights); else the policy samples
+
+
+def sharded_policy(config_folder, weights, compute, trainable=None):
+    """An FSDP2 policy that no rank ever holds whole: built on the meta device from
+    `config_folder`'s config.json, sharded, each rank reading only its rows of the folder
+    `weights` (training.wrap_model; None: the shards are left for load_training_state).
+    trainable None: a frozen model (the KL reference)."""
+    policy = training.meta_model(config_folder, Policy)
+    if trainable is None:
+        policy.requires_grad_(False)
+    else:
+        training.set_trainable(policy, trainable)
+    return training.wrap_model(policy, compute, fsdp=True, weights=weights)
+
+
+@contextlib.contextmanager
+def rollout_weights(t, compute):
+    """The model that samples: the policy itself, or under FSDP2 a full copy of its current
+    weights in the generation dtype (bf16 on GPUs), gathered one tensor at a time
+    (DTensor.full_tensor) into a model allocated for the rollout and freed after it, as verl's
+    hybrid engine hands FSDP weights to its rollout engine and takes the memory back for the
+    update. Each rank generates alone (no collectives during decoding)."""
+    if t.engine is None:
+        yield t.policy
+        return
+    from torch.distributed.tensor import DTensor
+    engine = t.engine.to_empty(device=compute.device)
+    with torch.no_grad():
+        mine = engine.state_dict()
+        for name, x in t.wrapped.state_dict().items():
+            mine[name].copy_(x.full_tensor() if isinstance(x, DTensor) else x)
+    try:
+        yield engine.eval()
+    finally:
+        engine.to("meta")                      # frees the copy: the update needs the memory
 
 
 def start_trainer(args, compute, cfg, processor, tasks):
     """The policy (from the SFT model, or the newest intact checkpoint with --resume), its
-    optimiser, the frozen reference (KL only), the prompt stream and the easy pool."""
+    optimiser, the frozen reference (KL only), the prompt stream and the easy pool. With --fsdp
+    under torchrun the policy (and reference) are FSDP2-sharded (sharded_policy) and sample
+    through rollout_weights."""
     root = os.path.join(args.out, "checkpoints")
     resume_from = training.resume_checkpoint(root, log=compute.print) if args.resume else None
-    policy = Policy.from_pretrained(resume_from or args.sft, dtype=torch.float32, progress=False)
-    training.set_trainable(policy, tuple(x for x in args.trainable.split("+") if x))
-    ref = None
-    if cfg.kl_beta > 0:
-        ref = Policy.from_pretrained(args.sft, dtype=torch.float32, device=compute.device,
-                                     progress=False).eval().requires_grad_(False)
-    wrapped = training.wrap_model(policy.to(compute.device), compute)
+    trainable = tuple(x for x in args.trainable.split("+") if x)
+    fsdp = args.fsdp and compute.distributed
+    ref, engine = None, None
+    if fsdp:
+        sharded_resume = resume_from and training.is_sharded_checkpoint(resume_from)
+        policy = wrapped = sharded_policy(resume_from or args.sft, None if sharded_resume else
+                                          resume_from or args.sft, compute, trainable)
+        if cfg.kl_beta > 0:
+            ref = sharded_policy(args.sft, args.sft, compute).eval()
+        with torch.device("meta"):
+            engine = MiMoVL(policy.cfg).to(compute.eval_dtype)
+    else:
+        if resume_from and training.is_sharded_checkpoint(resume_from):    # FSDP2 run, now one process
+            policy = training.meta_model(resume_from, Policy).to_empty(device="cpu")
+        else:
+            policy = Policy.from_pretrained(resume_from or args.sft, dtype=torch.float32, progress=False)
+        training.set_trainable(policy, trainable)
+        if cfg.kl_beta > 0:
+            ref = Policy.from_pretrained(args.sft, dtype=torch.float32, device=compute.device,
+                                         progress=False).eval().requires_grad_(False)
+        wrapped = training.wrap_model(policy.to(compute.device), compute)
     opt = training.build_optimizer(wrapped, args.lr, args.weight_decay, (0.9, 0.999), compute.device)
     step, loader = 0, {}
     if resume_from:
@@ -601,7 +670,7 @@ def start_trainer(args, compute, cfg, processor, tasks):
     t = Trainer(policy, wrapped, opt, ref, PromptStream(tasks, args.seed, compute.rank,
                 compute.world_size, loader.get("position", 0)),
                 EasyPool(args.easy_prob, seed=args.seed * 1000 + compute.rank), tasks, step,
-                loader.get("prompts_seen", 0))
+                loader.get("prompts_seen", 0), engine)
     if loader.get("easy") is not None:
         t.easy.easy = {k: prompt_from_id(k, args.seed) for k in loader["easy"]}
         s = loader["easy_rng"]
@@ -623,8 +692,10 @@ def train(args, compute, cfg, processor, pool, t):
         for g in t.optimizer.param_groups:
             g["lr"] = lr
         t0 = time.perf_counter()
-        kept, sampled = collect_groups(t.policy, processor, t.stream, t.easy, pool, cfg,
-                                       seed=args.seed * 1_000_003 + t.step * 1009 + compute.rank)
+        with rollout_weights(t, compute) as model:
+            kept, sampled = collect_groups(model, processor, t.stream, t.easy, pool, cfg,
+                                           args.seed * 1_000_003 + t.step * 1009, compute.rank,
+                                           compute.world_size)
         t1 = time.perf_counter()
         updates = policy_update(t.wrapped, t.optimizer, kept, cfg, compute,
                                 processor if compute.distributed else None, t.ref_model)
@@ -641,9 +712,10 @@ def train(args, compute, cfg, processor, pool, t):
         if args.debug:
             print_debug(sampled, compute)
         if args.eval_every and (t.step % args.eval_every == 0 or t.step == args.steps):
-            res, _ = evaluate_rewards(t.policy, processor, curve_prompts, compute, pool, args.eval_batch)
-            res_k = evaluate_sampled(t.policy, processor, curve_prompts, compute, pool,
-                                     args.eval_samples, args.seed, args.gen_rows) if args.eval_samples else None
+            with rollout_weights(t, compute) as model:
+                res, _ = evaluate_rewards(model, processor, curve_prompts, compute, pool, args.eval_batch)
+                res_k = evaluate_sampled(model, processor, curve_prompts, compute, pool, args.eval_samples,
+                                         args.seed, args.gen_rows) if args.eval_samples else None
             curve.write({"step": t.step, "responses_trained": t.seen, "tasks": res, "sampled": res_k})
             bar.write(f"step {t.step}: held-out reward (greedy) " + " ".join(
                 f"{k} {m['reward']:.3f}" for k, m in res.items()) + (f"; avg@{args.eval_samples} " + " ".join(
@@ -665,17 +737,21 @@ def finish(args, compute, cfg, processor, pool, t, base, eval_tasks, t_start):
     """The RL model's folder, its held-out rewards, and the before/after table (summary.md)."""
     final = os.path.join(args.out, "final")
     train_minutes = (time.perf_counter() - t_start) / 60
-    state = training.full_state(t.wrapped)
     record = {"stage": "rl", "algo": cfg.algo, "steps": args.steps, "tasks": t.tasks,
               "started_from": os.path.abspath(args.sft), "config": asdict(cfg), "args": vars(args)}
-    if compute.master:
-        training.save_stage_folder(final + ".partial", state, t.policy.cfg, processor, record)
+    if training.is_sharded(t.wrapped):      # streamed, one parameter at a time: no full state dict
+        training.save_stage_streamed(final + ".partial", t.wrapped, t.policy.cfg, processor, record, compute)
+    else:
+        state = training.full_state(t.wrapped)
+        if compute.master:
+            training.save_stage_folder(final + ".partial", state, t.policy.cfg, processor, record)
     compute.barrier()
     write_progress(args.out, "rl", args.steps, args.steps, "held-out rewards of the RL model", compute)
     prompts = heldout_prompts(eval_tasks, args.eval_n, args.seed)
-    after, recs = evaluate_rewards(t.policy, processor, prompts, compute, pool, args.eval_batch)
-    after_k = evaluate_sampled(t.policy, processor, prompts, compute, pool, args.eval_samples,
-                               args.seed, args.gen_rows) if args.eval_samples else None
+    with rollout_weights(t, compute) as model:
+        after, recs = evaluate_rewards(model, processor, prompts, compute, pool, args.eval_batch)
+        after_k = evaluate_sampled(model, processor, prompts, compute, pool, args.eval_samples,
+                                   args.seed, args.gen_rows) if args.eval_samples else None
     change, lo, hi = paired_bootstrap(base["sft_records"], [(r["task"], r["reward"]) for r in recs], t.tasks)
     table = results_table(base["sft"], after, base["blank"], t.tasks, base.get("sft_sampled"),
                           after_k, args.eval_samples) + (
@@ -866,6 +942,9 @@ def build_parser():
     g.add_argument("--device", default="auto", help="cpu, cuda or auto")
     g.add_argument("--precision", default="auto", help="bf16 (autocast), fp32, or auto")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: the free cores)")
+    g.add_argument("--fsdp", action="store_true", help="under torchrun: shard the policy (weights, "
+                   "gradients, AdamW moments) with FSDP2 instead of a DDP replica per rank; each "
+                   "rank samples from a full copy gathered for the rollout")
     g.add_argument("--max-tokens", type=int, default=4096, help="tokens per packed row of the update")
     g.add_argument("--gen-rows", type=int, default=128, help="sequences per generate call")
     g.add_argument("--seed", type=int, default=0)

@@ -189,6 +189,12 @@ def all_reduce_sum(x, compute):
         dist.all_reduce(x, op=dist.ReduceOp.SUM)
     return x
 
+
+def all_reduce_max(x, compute):
+    if compute.distributed:
+        dist.all_reduce(x, op=dist.ReduceOp.MAX)
+    return x
+
 # -----------------------------------------------------------------------------
 # 2. Freezing and wrapping for data parallelism
 
@@ -253,15 +259,16 @@ def wrap_model(trainee, compute, fsdp=False, weights=None):
     return DDP(trainee, device_ids=ids)
 
 
-def meta_model(folder):
-    """A MiMoVL built from `folder`'s config.json on the meta device: no memory until
-    wrap_model shards it (or `.to_empty` allocates it for load_training_state)."""
+def meta_model(folder, cls=MiMoVL):
+    """A MiMoVL (or subclass `cls`, e.g. train_rl's Policy) built from `folder`'s config.json on
+    the meta device: no memory until wrap_model shards it (or `.to_empty` allocates it for
+    load_training_state)."""
     from mimovl import MiMoVLConfig
     from checkpoint_files import read_json_file
     cfg = MiMoVLConfig.from_hf_dict(read_json_file(os.path.join(folder, "config.json")),
                                     source=os.path.join(folder, "config.json"))
     with torch.device("meta"):
-        return MiMoVL(cfg)
+        return cls(cfg)
 
 
 def local_rows(t):

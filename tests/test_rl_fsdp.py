@@ -1,0 +1,94 @@
+"""MORL with an FSDP2-sharded policy (train_rl.py --fsdp under torchrun, gloo on CPU): two
+processes give the losses, gradient norms, rewards and final weights of one process at the same
+global batch, and a run killed after a sharded checkpoint resumes to the uninterrupted run.
+
+Why they can match: a prompt's responses are sampled with a seed of its slot in the global batch
+(rollouts.sample_groups), one prompt per generate call (--gen-rows = G), from a full copy of the
+policy's weights gathered for the rollout (train_rl.rollout_weights); the loss normaliser is
+computed over all ranks (train_rl.batch_weights) and FSDP2 averages the gradients. The policy is
+test_rl.py's tiny model with a word-level tokenizer, so a random policy sometimes answers right.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import training
+from mimovl import MiMoVL
+from test_rl import make_processor, tiny_policy
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def args_for(sft, out, *extra):
+    return ["train_rl.py", "--sft", sft, "--out", str(out), "--tasks", "count", "--steps", "3",
+            "--prompts-per-step", "4", "--group-size", "8", "--gen-rows", "8", "--max-new-tokens", "4",
+            "--eval-n", "2", "--eval-samples", "0", "--precision", "fp32", "--device", "cpu",
+            "--reward-workers", "0", "--lr", "1e-4", "--no-dynamic-sampling", "--easy-prob", "0",
+            "--threads", "1", "--save-every", "2", *extra]
+
+
+def run(argv, nproc=1, check=True):
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
+    r = subprocess.run([sys.executable, *launcher, *argv], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if check:
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r
+
+
+def metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [(r["step"], r["reward"], r["kept_groups"], r["loss"], r["grad_norm"]) for r in map(json.loads, f)]
+
+
+def final_weights(out):
+    return MiMoVL.from_pretrained(os.path.join(out, "final"), progress=False).state_dict()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rl_fsdp")
+    processor = make_processor()
+    model = tiny_policy(processor)
+    sft = str(root / "sft")
+    training.save_stage_folder(sft, model.state_dict(), model.cfg, processor, {"stage": "test"})
+    run(args_for(sft, root / "one"))
+    two = run(args_for(sft, root / "two", "--fsdp"), nproc=2)
+    return sft, root, two
+
+
+def assert_same_run(a, b):
+    ma, mb = metrics(a), metrics(b)
+    assert [m[:3] for m in ma] == [m[:3] for m in mb]          # the same samples, rewards, groups
+    assert torch.allclose(torch.tensor([m[3:] for m in ma], dtype=torch.float64),
+                          torch.tensor([m[3:] for m in mb], dtype=torch.float64), rtol=1e-5, atol=1e-7)
+    wa, wb = final_weights(a), final_weights(b)
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        assert torch.allclose(wa[name], wb[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_two_fsdp_processes_match_one_process_at_the_same_global_batch(runs):
+    sft, root, two = runs
+    assert "2 process(es)" in two.stdout
+    steps = metrics(root / "one")
+    assert [s[0] for s in steps] == [1, 2, 3]
+    assert sum(s[1] for s in steps) > 0 and any(s[3] != 0 for s in steps)   # something was learnt from
+    assert_same_run(root / "one", root / "two")
+    # the checkpoint of the FSDP2 run is sharded (each rank wrote its part), not a gathered model
+    ckpt = root / "two" / "checkpoints" / "step-000002"
+    assert os.path.isdir(ckpt / "dcp") and os.path.isfile(ckpt / "COMPLETE")
+    assert not os.path.exists(ckpt / "model.safetensors")
+
+
+def test_fsdp_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_run(runs):
+    sft, root, _ = runs
+    stopped = run(args_for(sft, root / "resumed", "--fsdp", "--debug-stop-after", "2"), nproc=2, check=False)
+    assert stopped.returncode != 0 and not os.path.exists(root / "resumed" / "final")
+    run(args_for(sft, root / "resumed", "--fsdp", "--resume"), nproc=2)
+    assert_same_run(root / "two", root / "resumed")
