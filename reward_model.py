@@ -12,13 +12,31 @@ synthetic.py's preference pairs (a prompt, a chosen and a rejected answer) with
 
 and queried by the reward router of rewards.py (task "preference", register_reward_model) with
 score sigmoid(r) in [0, 1]. The folder it writes is a Hugging Face folder of the backbone plus
-the head in extra.safetensors. Tests: tests/test_rl.py (ranks held-out pairs, save/load, NaN).
+the head in extra.safetensors.
+
+Where it runs. At the tiny scale the reward model sits in the training process (load). At 7B the
+policy's GPUs have no room for a second 7B model, so, as the report's reward models are served
+as standalone services ("Reward-as-a-Service", §3.3), RewardModelServer loads the folder in a
+child process on a device of its own and answers batches over a pipe:
+
+    with RewardModelServer("runs/rl/reward_model", device="cuda:7", dtype="bf16") as server:
+        register_reward_model(scorer(server, processor))
+        server.logits(processor(conversations, add_generation_prompt=False))  # [r, ...]
+
+Both places compute a batch's logits with batch_logits, so a server in fp32 gives the in-process
+model's logits exactly. Tests: tests/test_rl.py (ranks held-out pairs, save/load, NaN),
+tests/test_rm_process.py (the server: same logits and rewards, load errors, a killed child).
 """
 
+import contextlib
+import io
 import json
 import math
+import multiprocessing as mp
 import os
+import signal
 import sys
+import threading
 import time
 
 import torch
@@ -56,6 +74,13 @@ def pair_batch(pairs, processor):
 
 
 @torch.no_grad()
+def batch_logits(rm, batch, compute):
+    """A processed batch of B conversations (processor output, on any device) -> its B
+    Bradley-Terry logits as floats, on compute's device under its autocast."""
+    with compute.autocast():
+        return rm(**{k: v.to(compute.device) for k, v in batch.items()}).tolist()
+
+
 def accuracy(rm, processor, pairs, compute, batch_size=32):
     """Fraction of pairs with r(chosen) > r(rejected) (a tie counts half), overall and per
     source task."""
@@ -63,10 +88,8 @@ def accuracy(rm, processor, pairs, compute, batch_size=32):
     right = {}
     for a in range(0, len(pairs), batch_size):
         part = pairs[a:a + batch_size]
-        batch = {k: v.to(compute.device) for k, v in pair_batch(part, processor).items()}
-        with compute.autocast():
-            s = rm(**batch)
-        for p, m in zip(part, (s[:len(part)] - s[len(part):]).tolist()):
+        s = batch_logits(rm, pair_batch(part, processor), compute)
+        for p, m in zip(part, (c - r for c, r in zip(s[:len(part)], s[len(part):]))):
             right.setdefault(p.get("source_task", "all"), []).append(float(m > 0) + 0.5 * (m == 0))
     every = sum(right.values(), [])
     return {"accuracy": sum(every) / max(len(every), 1),
@@ -113,35 +136,189 @@ def save(path, wrapped, processor, record, compute):
     compute.barrier()
 
 
-def load(path, device="cpu"):
-    """A reward model folder (save's output) -> (RewardModel in eval mode, its record)."""
-    from safetensors.torch import load_file
-    head_file = os.path.join(path, "extra.safetensors")
-    if not os.path.isfile(head_file):
+def check_folder(path):
+    """Fail with a one-line error unless `path` looks like a reward model folder (save's output)."""
+    if not os.path.isfile(os.path.join(path, "extra.safetensors")):
         training.fail(f"{path} is not a reward model folder (no extra.safetensors with the scalar "
                       "head); train one with `python train_rl.py --train-rm`")
-    rm = RewardModel(MiMoVL.from_pretrained(path, dtype=torch.float32, progress=False))
-    rm.head.load_state_dict({k[len("head."):]: v for k, v in load_file(head_file).items()})
+
+
+def load(path, device="cpu", dtype=torch.float32):
+    """A reward model folder (save's output) -> (RewardModel in eval mode, its record)."""
+    from safetensors.torch import load_file
+    check_folder(path)
+    rm = RewardModel(MiMoVL.from_pretrained(path, dtype=dtype, device=device, progress=False))
+    rm.head.load_state_dict({k[len("head."):]: v for k, v in
+                             load_file(os.path.join(path, "extra.safetensors")).items()})
     with open(os.path.join(path, "pretrain_stage.json")) as f:
         record = json.load(f)
-    return rm.to(device).eval(), record
+    return rm.to(device=device, dtype=dtype).eval(), record
 
 
-def scorer(rm, processor, compute):
-    """The router's "preference" reward: sigmoid of the BT logit of (prompt, response). A
-    non-finite logit scores 0 with an error (clamping first would turn NaN into 1.0)."""
-    @torch.no_grad()
+def scorer(rm, processor, compute=None):
+    """The router's "preference" reward: sigmoid of the BT logit of (prompt, response). `rm` is a
+    RewardModel in this process (run on compute's device under its autocast) or a
+    RewardModelServer (compute unused). A non-finite logit scores 0 with an error (clamping first
+    would turn NaN into 1.0)."""
+    if isinstance(rm, RewardModelServer):
+        logits = rm.logits
+    elif compute is None:
+        raise ValueError("scorer: a reward model in this process needs `compute` (its device and autocast)")
+    else:
+        def logits(batch):
+            return batch_logits(rm, batch, compute)
+
     def score(response, ground_truth, messages=None, **meta):
         if messages is None:
             raise ValueError("the reward model needs the prompt: pass meta {'messages': ...}")
         batch = processor([list(messages) + [{"role": "assistant", "content": response}]],
                           add_generation_prompt=False)
-        with compute.autocast():
-            logit = float(rm(**{k: v.to(compute.device) for k, v in batch.items()})[0])
+        logit = float(logits(batch)[0])
         if not math.isfinite(logit):
             return 0.0, {"rm_logit": logit, "error": f"reward model logit {logit}"}
         return 1.0 / (1.0 + math.exp(-max(-60.0, min(60.0, logit)))), {"rm_logit": logit}
     return score
+
+
+# -----------------------------------------------------------------------------
+# the reward model in a process of its own
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+class RewardModelServer:
+    """A reward model folder loaded by a child process on its own device, answering batches.
+
+        server = RewardModelServer(path, device="cuda:1", dtype="bf16")   # waits until loaded
+        server.logits(batch)      # processor output for B conversations -> B BT logits (floats)
+        server.record             # the folder's pretrain_stage.json (held-out accuracy...)
+        server.close()            # or: with RewardModelServer(...) as server:
+
+    The child is started with multiprocessing's spawn method (a fork of a process that holds
+    torch's threads or a CUDA context is unsafe), as a daemon, so it ends with this process; it
+    ignores Ctrl-C, which this process handles. dtype is the weights' dtype, with no autocast:
+    "fp32" reproduces the in-process model's logits exactly, "bf16" halves the memory. threads
+    sets the child's torch threads (CPU).
+
+    Batches and answers travel over a multiprocessing Pipe (pickled, tensors through shared
+    memory): both ends are processes of this program, no file or network data is unpickled. A
+    folder that is not a reward model folder fails here at once; one the child cannot load (bad
+    weights, a device that does not exist) fails with the child's one-line reason, both through
+    training.fail as load does (exit status 2). A request whose answer does not come -- the child
+    was killed or ran out of memory, or took longer than timeout_s -- raises RuntimeError; so does
+    an error in the child (a malformed batch), which leaves the server running. Requests from
+    several threads are taken one at a time.
+    """
+
+    def __init__(self, path, device="cpu", dtype="fp32", threads=None, timeout_s=300.0):
+        if dtype not in DTYPES:
+            raise ValueError(f"reward model dtype {dtype!r}: use one of {sorted(DTYPES)}")
+        check_folder(path)
+        self.path, self.device, self.timeout_s = path, str(torch.device(device)), timeout_s
+        self._lock = threading.Lock()
+        ctx = mp.get_context("spawn")
+        self._conn, child_end = ctx.Pipe()
+        self.process = ctx.Process(target=_serve, args=(child_end, path, self.device, dtype, threads),
+                                   name="reward-model", daemon=True)
+        self.process.start()
+        child_end.close()        # only the child holds its end now: its death reads as EOF here
+        try:
+            self.record = self._answer("loading", timeout_s=None)
+        except RuntimeError as e:
+            self.close()
+            training.fail(str(e))
+
+    def logits(self, batch):
+        """The Bradley-Terry logits (a list of B floats) of a processed batch of B conversations."""
+        with self._lock:
+            if self._conn is None:
+                raise RuntimeError(f"the reward model server for {self.path} is closed")
+            try:
+                self._conn.send(("logits", {k: v.cpu() for k, v in batch.items()}))
+            except OSError:                 # the pipe broke: the child is gone
+                pass                        # _answer says why
+            return self._answer("scoring", self.timeout_s)
+
+    def _answer(self, doing, timeout_s):
+        """Wait for the child's answer, checking that it is alive; raise on its death or error."""
+        where = f"the reward model process for {self.path} on {self.device}"
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while not self._conn.poll(0.2):
+            if not self.process.is_alive():
+                break
+            if deadline is not None and time.monotonic() > deadline:
+                self.close()                # a late answer would pair with the next request
+                raise RuntimeError(f"{where} gave no answer in {timeout_s:.0f} s while {doing}; "
+                                   "stopped it")
+        try:
+            kind, payload = self._conn.recv()
+        except (EOFError, OSError):
+            self.process.join(timeout=5)
+            code = self.process.exitcode
+            if code is not None and code < 0:
+                how = f"killed by {signal.Signals(-code).name}" + (
+                    ": out of memory?" if -code == signal.SIGKILL else "")
+            else:
+                how = f"exit code {code}: its error is printed above"
+            raise RuntimeError(f"{where} died while {doing} ({how}); "
+                               "start a new RewardModelServer") from None
+        if kind == "error":
+            raise RuntimeError(f"{where} failed while {doing}: {payload}")
+        return payload
+
+    def close(self, timeout_s=10.0):
+        """Ask the child to stop, wait for it, kill it if it does not; idempotent."""
+        if self._conn is None:
+            return
+        with contextlib.suppress(OSError):
+            self._conn.send(("stop", None))
+        self.process.join(timeout_s)
+        if self.process.is_alive():
+            self.process.kill()
+            self.process.join(5)
+        self._conn.close()
+        self._conn = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _serve(conn, path, device, dtype, threads):
+    """The child: load the folder, answer ("ready", record) or ("error", reason); then answer
+    each ("logits", batch) with ("logits", floats) or ("error", reason) until ("stop", None) or
+    the parent's end closes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if threads:
+        torch.set_num_threads(threads)
+    said = io.StringIO()             # training.fail's one line goes to stderr: catch it
+    try:
+        if torch.device(device).type == "cuda":
+            if (torch.device(device).index or 0) >= torch.cuda.device_count():
+                raise ValueError(f"torch sees {torch.cuda.device_count()} GPU(s) here")
+            torch.cuda.set_device(device)
+        with contextlib.redirect_stderr(said):
+            rm, record = load(path, device, DTYPES[dtype])
+    except BaseException as e:       # SystemExit from training.fail too
+        reason = said.getvalue().strip().removeprefix("error: ") or f"{type(e).__name__}: {e}"
+        conn.send(("error", " ".join(reason.split())[:600]))
+        return
+    sys.stderr.write(said.getvalue())
+    compute = training.Compute(torch.device(device))
+    conn.send(("ready", record))
+    while True:
+        try:
+            kind, batch = conn.recv()
+        except EOFError:             # the parent is gone
+            return
+        if kind == "stop":
+            return
+        try:
+            conn.send(("logits", batch_logits(rm, batch, compute)))
+        except Exception as e:       # noqa: BLE001 -- a bad batch must not end the server
+            conn.send(("error", " ".join(f"{type(e).__name__}: {e}".split())[:600]))
 
 
 def train(sft, path, compute, steps=120, batch=16, lr=1e-4, eval_n=200, seed=0, progress=None):
