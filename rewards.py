@@ -575,8 +575,9 @@ def choice_reward(response, ground_truth, /, **meta):
     return float(ok), {"correct": float(ok), "pred": pred}
 
 
-# The Bradley-Terry reward model lives in the training process (it is a model on the
-# accelerator); train_rl registers a scoring function once it is loaded.
+# The Bradley-Terry reward model is a model on an accelerator, in the training process or in a
+# process of its own (reward_model.RewardModelServer); train_rl registers a scoring function once
+# it is loaded, and the pool scores its task inline (inline_tasks).
 _reward_model = None
 
 

@@ -544,18 +544,42 @@ def print_debug(groups, compute, n_groups=2, n_responses=3):
                           f"{json.dumps(comps, default=str)[:160]}")
 
 
-def setup_rewards(args, compute, processor, tasks):
+def reward_model_scorer(args, compute, processor, rm_path, stack):
+    """The "preference" reward: the reward model in this process, on the policy's device, or with
+    --rm-device in a process of its own (reward_model.RewardModelServer, the report's §3.3
+    reward models as services), on that device; one per rank, "{local_rank}" in the device names
+    the rank's own GPU. A server that dies stops the run (its rewards would silently be 0).
+    Returns (score function, the folder's record)."""
+    if not args.rm_device:
+        rm, record = reward_model.load(rm_path, compute.device)
+        return reward_model.scorer(rm, processor, compute), record
+    device = args.rm_device.replace("{local_rank}", str(compute.local_rank))
+    server = stack.enter_context(reward_model.RewardModelServer(
+        rm_path, device, "bf16" if device.startswith("cuda") else "fp32", threads=1))
+    compute.print(f"reward model: its own process on {device} (one per rank)")
+    score = reward_model.scorer(server, processor)
+
+    def checked(*a, **kw):
+        if not server.process.is_alive():
+            training.fail(f"the reward model process on {device} died (exit code "
+                          f"{server.process.exitcode}; out of memory?); resume with --resume")
+        return score(*a, **kw)
+    return checked, server.record
+
+
+def setup_rewards(args, compute, processor, tasks, stack):
     """The reward pool, and the reward model when one is available (--rm): registered for the
-    "preference" task. Tasks scored by a missing reward model are dropped, with a note."""
-    pool = RewardPool(num_workers=args.reward_workers, timeout_s=args.reward_timeout)
+    "preference" task. Tasks scored by a missing reward model are dropped, with a note. Both are
+    closed with `stack` (a contextlib.ExitStack)."""
+    pool = stack.enter_context(RewardPool(num_workers=args.reward_workers, timeout_s=args.reward_timeout))
     rm_path = os.path.join(args.out, "reward_model") if args.rm == "auto" else args.rm
     if args.rm == "none" or (args.rm == "auto" and not os.path.isfile(
             os.path.join(rm_path, "extra.safetensors"))):
         rm_path = None
     register_reward_model(None)
     if rm_path:
-        rm, record = reward_model.load(rm_path, compute.device)
-        register_reward_model(reward_model.scorer(rm, processor, compute))
+        score, record = reward_model_scorer(args, compute, processor, rm_path, stack)
+        register_reward_model(score)
         compute.print(f"reward model: {rm_path} (held-out pair accuracy "
                       f"{record.get('after', {}).get('accuracy', float('nan')):.3f}) scores the open-ended tasks")
         return pool, tasks
@@ -811,23 +835,23 @@ def run_rl(args, compute):
     training.prepare_run_dir(args.out, args.resume, args.overwrite, RL_OUTPUTS, compute)
     t_start = time.perf_counter()
     processor = Processor.from_pretrained(args.sft)
-    all_tasks = list(synthetic.RL_TASKS) if args.tasks == "auto" else args.tasks.split(",")
+    all_tasks = list(synthetic.RL_TASKS) if args.tasks in ("auto", "all") else args.tasks.split(",")
     for task in all_tasks:
         if task not in synthetic.RL_TASKS:
             training.fail(f"--tasks: unknown task {task!r}; RL tasks are {', '.join(synthetic.RL_TASKS)}")
-    pool, eval_tasks = setup_rewards(args, compute, processor, all_tasks)
-    try:
+    with contextlib.ExitStack() as stack:
+        pool, eval_tasks = setup_rewards(args, compute, processor, all_tasks, stack)
         write_progress(args.out, "rl", 0, args.steps, "held-out rewards of the SFT model", compute)
         base = baseline_eval(args, compute, processor, pool, eval_tasks)
         t = start_trainer(args, compute, cfg, processor, choose_tasks(args, compute, base, eval_tasks))
-        compute.print(f"\n=== MORL ({cfg.algo}{', KL %g' % cfg.kl_beta if cfg.kl_beta else ''}, "
+        compute.print(f"\n=== MORL, {args.recipe} recipe ({cfg.algo}{', KL %g' % cfg.kl_beta if cfg.kl_beta else ''}, "
                       f"loss norm {cfg.loss_norm}): {args.steps} steps x {args.prompts_per_step} prompts "
                       f"x G={cfg.group_size}, lr {args.lr:g}, {cfg.updates_per_batch} optimiser "
-                      f"step(s) per rollout batch; tasks: {', '.join(t.tasks)}")
+                      f"step(s) per rollout batch; tasks: {', '.join(t.tasks)}; policy: " +
+                      (f"FSDP2-sharded over {compute.world_size} processes" if t.engine is not None else
+                       "DDP, a replica per process" if compute.distributed else "one process"))
         train(args, compute, cfg, processor, pool, t)
         return finish(args, compute, cfg, processor, pool, t, base, eval_tasks, t_start)
-    finally:
-        pool.close()
 
 
 # -----------------------------------------------------------------------------
@@ -872,6 +896,26 @@ def compare_algorithms(args, compute):
 # 6. Command line
 # -----------------------------------------------------------------------------
 
+# --recipe paper: MORL's knobs at the scale of the report. MiMo-VL's report (§3) gives the
+# algorithm but none of these numbers; where MiMo-7B's RL (arXiv 2505.07608, §3.3.3: the same
+# team's recipe, on text) reports one, it is used, else DAPO's (arXiv 2503.14476, §4.1). The tiny
+# recipe (the defaults) is sized for the synthetic world on a CPU. Flags given on the command
+# line win over both.
+PAPER_RL = {
+    "prompts_per_step": 512,    # MiMo-7B: 512 prompts per rollout batch (and DAPO's 512)
+    "group_size": 16,           # not in either MiMo report; DAPO samples 16 per prompt
+    "max_new_tokens": 32768,    # MiMo-7B: responses up to 32,768 tokens (MiMo-VL's stage 4 is 32K)
+    "max_tokens": 36864,        # a packed row of the update holds one full response and its prompt
+    "lr": 1e-6,                 # MiMo-7B (and DAPO): 1e-6, constant
+    "warmup": 10,               # not reported; a short warm-up, as DAPO's 10 steps
+    "tasks": "all",             # MORL trains every task jointly (report §3); no selection by signal
+    "fsdp": True,               # a 7B policy and its AdamW state do not fit one GPU
+    "gen_rows": 16,             # one prompt's G responses per generate call: their KV cache is
+                                # preallocated for 32K tokens each, 16 x 33K x 144 KiB = 72 GiB in
+                                # bf16 for MiMo-7B (36 layers, 8 KV heads of 128)
+}
+
+
 def build_parser():
     p = argparse.ArgumentParser(description="MORL: mixed on-policy RL (MiMo-VL report §3)",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -892,8 +936,11 @@ def build_parser():
                    help="delete the run already in <out> (metrics, checkpoints, final) and start again")
 
     g = p.add_argument_group("tasks")
-    g.add_argument("--tasks", default="auto", help="comma list of synthetic.RL_TASKS, or auto: the "
-                   "tasks where the SFT model beats its no-image baseline")
+    g.add_argument("--recipe", default="tiny", choices=("tiny", "paper"),
+                   help="tiny: these defaults, for the synthetic world on a CPU; paper: the report's "
+                        "scale (PAPER_RL: 512 prompts x 16, 32K-token responses, lr 1e-6, all tasks, FSDP2)")
+    g.add_argument("--tasks", default="auto", help="comma list of synthetic.RL_TASKS, all, or auto: "
+                   "the tasks where the SFT model beats its no-image baseline")
     g.add_argument("--min-gain", type=float, default=0.1,
                    help="auto: the SFT model's sampled reward must beat its no-image reward by this much")
 
@@ -933,6 +980,9 @@ def build_parser():
     g = p.add_argument_group("rewards")
     g.add_argument("--reward-workers", type=int, default=2, help="reward worker processes (0: inline)")
     g.add_argument("--reward-timeout", type=float, default=10.0, help="seconds per reward")
+    g.add_argument("--rm-device", default="", help="run the reward model in a process of its own on "
+                   "this device (cpu, cuda:N; cuda:{local_rank} = the rank's GPU), one per rank; "
+                   "default: inside the training process, on its device")
     g.add_argument("--rm-steps", type=int, default=120, help="--train-rm: optimiser steps")
     g.add_argument("--rm-batch", type=int, default=16, help="--train-rm: pairs per step")
     g.add_argument("--rm-lr", type=float, default=1e-4, help="--train-rm: peak learning rate")
@@ -962,8 +1012,17 @@ def build_parser():
     return p
 
 
+def parse_args(argv=None):
+    """The command line, with --recipe paper's values (PAPER_RL) as defaults under explicit flags."""
+    parser = build_parser()
+    recipe, _ = parser.parse_known_args(argv)
+    if recipe.recipe == "paper":
+        parser.set_defaults(**PAPER_RL)
+    return parser.parse_args(argv)
+
+
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     if args.all:
         import main_job
         return main_job.run(args.out, args.seed, args.threads)

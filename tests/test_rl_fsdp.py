@@ -92,3 +92,28 @@ def test_fsdp_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_run(run
     assert stopped.returncode != 0 and not os.path.exists(root / "resumed" / "final")
     run(args_for(sft, root / "resumed", "--fsdp", "--resume"), nproc=2)
     assert_same_run(root / "two", root / "resumed")
+
+
+def test_paper_recipe_sets_the_report_scale_and_explicit_flags_win():
+    import train_rl as rl
+    paper = rl.parse_args(["--recipe", "paper"])
+    assert (paper.prompts_per_step, paper.group_size, paper.max_new_tokens, paper.lr, paper.tasks,
+            paper.fsdp) == (512, 16, 32768, 1e-6, "all", True)
+    mine = rl.parse_args(["--recipe", "paper", "--lr", "2e-6", "--group-size", "8"])
+    assert (mine.lr, mine.group_size, mine.prompts_per_step) == (2e-6, 8, 512)
+    tiny = rl.parse_args([])
+    assert (tiny.prompts_per_step, tiny.group_size, tiny.lr, tiny.tasks, tiny.fsdp) == (16, 8, 3e-5, "auto", False)
+
+
+def test_the_readme_7b_morl_command_runs_at_tiny_scale_on_two_processes(runs):
+    """README: torchrun ... train_rl.py --recipe paper --sft DIR, shrunk to the tiny model."""
+    sft, root, _ = runs
+    out = root / "paper"
+    r = run(["train_rl.py", "--recipe", "paper", "--sft", sft, "--out", str(out), "--steps", "1",
+             "--prompts-per-step", "4", "--group-size", "2", "--gen-rows", "2", "--max-new-tokens", "3",
+             "--eval-n", "1", "--eval-samples", "0", "--precision", "fp32", "--device", "cpu",
+             "--reward-workers", "0", "--threads", "1"], nproc=2)
+    assert "FSDP2-sharded over 2 processes" in r.stdout and "lr 1e-06" in r.stdout
+    trained = r.stdout.split("tasks: ")[1].split(";")[0].split(", ")
+    assert len(trained) >= 7                       # every task but the reward model's (none here)
+    assert os.path.isfile(out / "final" / "model.safetensors")

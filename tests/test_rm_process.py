@@ -139,6 +139,27 @@ def test_a_killed_server_raises_on_the_next_request_and_close_leaves_nothing(rm_
         server.logits(batch)
 
 
+def test_morl_with_the_reward_model_in_its_own_process_equals_in_process(rm_dir, processor, tmp_path):
+    """train_rl.py --rm-device cpu: captions scored by the server, the same run as in-process."""
+    import json
+    import train_rl
+    sft = str(tmp_path / "sft")
+    policy = MiMoVL(tiny_config(processor.tokenizer.get_vocab_size()))
+    training.save_stage_folder(sft, policy.state_dict(), policy.cfg, processor, {"stage": "test"})
+    common = ["--sft", sft, "--rm", rm_dir, "--tasks", "caption", "--steps", "2", "--prompts-per-step", "2",
+              "--group-size", "2", "--max-new-tokens", "3", "--eval-n", "2", "--eval-samples", "0",
+              "--precision", "fp32", "--device", "cpu", "--reward-workers", "0", "--threads", "1",
+              "--no-dynamic-sampling"]
+    runs = {}
+    for name, extra in (("inline", []), ("server", ["--rm-device", "cpu"])):
+        done = train_rl.main([*common, "--out", str(tmp_path / name), *extra])
+        with open(tmp_path / name / "metrics.jsonl") as f:
+            runs[name] = [(r["reward"], r["loss"]) for r in map(json.loads, f)]
+        runs[name].append(done["rl"]["caption"]["reward"])
+    assert runs["inline"][0][0] > 0                          # the reward model did score them
+    assert runs["server"] == pytest.approx(runs["inline"], abs=1e-6)
+
+
 def test_close_stops_the_child_cleanly(server):
     # runs last in this file: the shared server ends here (the fixture's close then does nothing)
     process = server.process
