@@ -620,7 +620,7 @@ class Trainer:
     engine: MiMoVL = None   # FSDP2: the rollout copy (rollout_weights); else the policy samples
 
 
-def sharded_policy(config_folder, weights, compute, trainable=None):
+def sharded_policy(config_folder, weights, compute, trainable=None, grad_checkpointing=False):
     """An FSDP2 policy that no rank ever holds whole: built on the meta device from
     `config_folder`'s config.json, sharded, each rank reading only its rows of the folder
     `weights` (training.wrap_model; None: the shards are left for load_training_state).
@@ -630,6 +630,7 @@ def sharded_policy(config_folder, weights, compute, trainable=None):
         policy.requires_grad_(False)
     else:
         training.set_trainable(policy, trainable)
+    policy.visual.gradient_checkpointing = policy.model.gradient_checkpointing = grad_checkpointing
     return training.wrap_model(policy, compute, fsdp=True, weights=weights)
 
 
@@ -668,7 +669,8 @@ def start_trainer(args, compute, cfg, processor, tasks):
     if fsdp:
         sharded_resume = resume_from and training.is_sharded_checkpoint(resume_from)
         policy = wrapped = sharded_policy(resume_from or args.sft, None if sharded_resume else
-                                          resume_from or args.sft, compute, trainable)
+                                          resume_from or args.sft, compute, trainable,
+                                          args.grad_checkpointing)
         if cfg.kl_beta > 0:
             ref = sharded_policy(args.sft, args.sft, compute).eval()
         with torch.device("meta"):
@@ -679,6 +681,7 @@ def start_trainer(args, compute, cfg, processor, tasks):
         else:
             policy = Policy.from_pretrained(resume_from or args.sft, dtype=torch.float32, progress=False)
         training.set_trainable(policy, trainable)
+        policy.visual.gradient_checkpointing = policy.model.gradient_checkpointing = args.grad_checkpointing
         if cfg.kl_beta > 0:
             ref = Policy.from_pretrained(args.sft, dtype=torch.float32, device=compute.device,
                                          progress=False).eval().requires_grad_(False)
@@ -850,6 +853,13 @@ def run_rl(args, compute):
                       f"step(s) per rollout batch; tasks: {', '.join(t.tasks)}; policy: " +
                       (f"FSDP2-sharded over {compute.world_size} processes" if t.engine is not None else
                        "DDP, a replica per process" if compute.distributed else "one process"))
+        if t.engine is not None or compute.device.type == "cuda":
+            rm_loaded = any(DATA_REWARDS.get(rl_tag_of(x)) == "preference" for x in eval_tasks)
+            rm_here = rm_loaded and (not args.rm_device or args.rm_device == "cuda:{local_rank}")
+            est = training.rl_memory_estimate_gib(t.policy.cfg, compute.world_size, cfg.max_tokens,
+                                                  max(cfg.group_size, cfg.max_rows), cfg.max_tokens, rm_here)
+            compute.print("    estimated memory per GPU with FSDP2 (training.rl_memory_estimate_gib):" +
+                          "".join(f"\n    {phase}:\n" + training.format_memory(gib) for phase, gib in est.items()))
         train(args, compute, cfg, processor, pool, t)
         return finish(args, compute, cfg, processor, pool, t, base, eval_tasks, t_start)
 
@@ -910,6 +920,7 @@ PAPER_RL = {
     "warmup": 10,               # not reported; a short warm-up, as DAPO's 10 steps
     "tasks": "all",             # MORL trains every task jointly (report §3); no selection by signal
     "fsdp": True,               # a 7B policy and its AdamW state do not fit one GPU
+    "grad_checkpointing": True, # a 36K-token row's activations would not fit either
     "gen_rows": 16,             # one prompt's G responses per generate call: their KV cache is
                                 # preallocated for 32K tokens each, 16 x 33K x 144 KiB = 72 GiB in
                                 # bf16 for MiMo-7B (36 layers, 8 KV heads of 128)
@@ -995,6 +1006,8 @@ def build_parser():
     g.add_argument("--fsdp", action="store_true", help="under torchrun: shard the policy (weights, "
                    "gradients, AdamW moments) with FSDP2 instead of a DDP replica per rank; each "
                    "rank samples from a full copy gathered for the rollout")
+    g.add_argument("--grad-checkpointing", action="store_true",
+                   help="recompute each block in backward instead of keeping its activations")
     g.add_argument("--max-tokens", type=int, default=4096, help="tokens per packed row of the update")
     g.add_argument("--gen-rows", type=int, default=128, help="sequences per generate call")
     g.add_argument("--seed", type=int, default=0)

@@ -432,6 +432,34 @@ def memory_estimate_gib(cfg, world_size, seq_len, trainable=("vit", "projector",
     return gib
 
 
+def rl_memory_estimate_gib(cfg, world_size, row_tokens, rollout_rows, rollout_tokens, rm_here=False):
+    """Per-GPU memory of MORL under FSDP2 (train_rl.py --fsdp), in GiB, for each of its two
+    phases (a dict of two memory_estimate_gib-style dicts):
+
+    update   a pre-training step on packed rows of `row_tokens` tokens (memory_estimate_gib, all
+             parts trainable, text rows): the sharded states plus the activations of one row
+    rollout  the sharded fp32 weights and AdamW moments (the gradients are freed), the bf16 copy
+             gathered for sampling (train_rl.rollout_weights) and the KV cache of one generate
+             call: `rollout_rows` sequences (G per prompt) of `rollout_tokens` (prompt + response)
+             each, 2 (K, V) x layers x KV heads x head_dim in bf16 (MiMoVL's preallocated KVCache)
+
+    rm_here adds a bf16 reward model to both (--rm-device on the rank's own GPU)."""
+    with torch.device("meta"):
+        n = sum(p.numel() for p in MiMoVL(cfg).parameters())
+    t = cfg.text
+    update = {k: v for k, v in memory_estimate_gib(cfg, world_size, row_tokens, image_share=0.0).items()
+              if k != "total"}
+    rollout = {k: update[k] for k in ("weights fp32 (sharded)", "AdamW moments fp32 (sharded)")}
+    rollout["rollout copy bf16 (gathered)"] = 2 * n / 2 ** 30
+    rollout["KV cache bf16 (one generate call)"] = (2 * t.num_hidden_layers * t.num_key_value_heads * t.head_dim
+                                                    * 2 * rollout_rows * rollout_tokens / 2 ** 30)
+    for phase in (update, rollout):
+        if rm_here:
+            phase["reward model bf16"] = 2 * n / 2 ** 30
+        phase["total"] = sum(phase.values())
+    return {"update": update, "rollout": rollout}
+
+
 def format_memory(gib):
     """The terms of memory_estimate_gib, one per line, largest first."""
     terms = sorted(((k, x) for k, x in gib.items() if k != "total"), key=lambda kv: -kv[1])

@@ -197,6 +197,29 @@ def test_memory_model_counts_every_term_by_hand_at_7b():
     assert proj["cross-entropy dWeight accumulator fp32"] == 0
 
 
+def test_rl_memory_model_adds_the_rollout_copy_and_kv_cache_by_hand_at_7b():
+    """MORL's two phases at 7B on 8 GPUs (--recipe paper: G = 16 responses of up to 32K tokens
+    after a 4K prompt): the rollout holds the gathered bf16 copy and a KV cache of
+    2 (K, V) x 36 layers x 8 KV heads x 128 x 2 B per token; the update is a pre-training step."""
+    from mimovl import MiMoVL, MiMoVLConfig
+    cfg = MiMoVLConfig.preset("mimo-vl-7b")
+    with torch.device("meta"):
+        n = sum(p.numel() for p in MiMoVL(cfg).parameters())
+    gib = 2 ** 30
+    est = training.rl_memory_estimate_gib(cfg, 8, 36864, 16, 36864)
+    roll, upd = est["rollout"], est["update"]
+    assert roll["KV cache bf16 (one generate call)"] == pytest.approx(2 * 36 * 8 * 128 * 2 * 16 * 36864 / gib)
+    assert roll["rollout copy bf16 (gathered)"] == pytest.approx(2 * n / gib)
+    assert roll["AdamW moments fp32 (sharded)"] == pytest.approx(8 * n / 8 / gib)
+    assert "gradients fp32 (sharded)" not in roll and "reward model bf16" not in roll
+    assert upd["LM layer inputs bf16 (checkpointed)"] == pytest.approx(2 * 36864 * 4096 * 36 / gib)
+    assert upd["ViT block inputs bf16 (checkpointed)"] == 0                  # text rows
+    for phase in (roll, upd):
+        assert phase["total"] == pytest.approx(sum(v for k, v in phase.items() if k != "total"))
+    here = training.rl_memory_estimate_gib(cfg, 8, 36864, 16, 36864, rm_here=True)
+    assert here["rollout"]["total"] - roll["total"] == pytest.approx(2 * n / gib)
+
+
 def test_fill_shards_reads_a_checkpoint_into_a_meta_built_model_strictly(tmp_path):
     """One process (plain tensors: every rank's rows are all rows): a model built on the meta
     device and filled from a folder equals the folder's model, parameters given in `real` keep
