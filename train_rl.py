@@ -11,7 +11,9 @@ technical report, arXiv 2506.03569, §3), at small scale on the synthetic tasks 
     python train_rl.py --all               # the whole reproduction: pre-training, reward model,
                                            # MORL, tables and a chat answer, one progress bar
     python train_rl.py --device cuda --sft runs/pretrain-s4/stage4 --steps 200        # one GPU
-    torchrun --standalone --nproc_per_node 8 train_rl.py --sft DIR --prompts-per-step 64
+    torchrun --standalone --nproc_per_node 8 train_rl.py --sft DIR --prompts-per-step 64   # DDP
+    torchrun --standalone --nproc_per_node 8 train_rl.py --recipe paper --sft DIR \
+        --rm RM_DIR --rm-device "cuda:{local_rank}"     # 7B: FSDP2 policy, the report's scale
 
 One run turns the SFT model (pre-training stage 4) into the RL model by optimising, jointly,
 verifiable rewards (math answers, counts, boxes, points, OCR, temporal spans) and the score of a
@@ -54,11 +56,15 @@ Outputs (--out, default runs/rl): final/ (the RL model, a Hugging Face folder:
 `python chat.py --model runs/rl/final`), reward_model/, checkpoints/step-N/, metrics.jsonl,
 eval.jsonl (--eval-every), eval_sft.json, summary.md (the before/after table), progress.json.
 An existing run is never deleted: pass --resume to continue it or --overwrite to start again.
+At 7B (--fsdp, part of --recipe paper) the policy is FSDP2-sharded; each rollout samples from a
+full bf16 copy of the current weights gathered for it and freed after (rollout_weights), and the
+reward model may run in a process of its own (--rm-device, reward_model.RewardModelServer).
 Where the rest lives: rollouts.py (the prompt stream, dynamic sampling, the easy pool, G responses
 per prompt from one prefill), rewards.py (every reward, the reward pool), reward_model.py (the
 Bradley-Terry reward model), evaluate.py (held-out rewards, the before/after table), main_job.py
 (--all). Tests: tests/test_grpo.py (advantages, normalisers, losses by hand), tests/test_rl.py (the
-loop through a tiny model: loss by hand, ratio 1, learning, reward model, resume, torchrun).
+loop through a tiny model: loss by hand, ratio 1, learning, reward model, resume, torchrun),
+tests/test_rl_fsdp.py (2 FSDP2 processes = 1 process, sharded resume, --recipe paper).
 """
 
 import argparse

@@ -106,14 +106,25 @@ def test_paper_recipe_sets_the_report_scale_and_explicit_flags_win():
 
 
 def test_the_readme_7b_morl_command_runs_at_tiny_scale_on_two_processes(runs):
-    """README: torchrun ... train_rl.py --recipe paper --sft DIR, shrunk to the tiny model."""
+    """README: torchrun ... train_rl.py --recipe paper --sft DIR --rm RM --rm-device DEVICE,
+    shrunk to the tiny model, with the reward model in a process of its own per rank (on the
+    CPU here)."""
+    import reward_model
     sft, root, _ = runs
+    processor = make_processor()
+    torch.manual_seed(3)
+    rm = reward_model.RewardModel(tiny_policy(processor))
+    rm_dir = str(root / "reward_model")
+    reward_model.save(rm_dir, rm, processor, {"stage": "reward_model"},
+                      training.compute_init("cpu", "fp32", quiet=True))
     out = root / "paper"
-    r = run(["train_rl.py", "--recipe", "paper", "--sft", sft, "--out", str(out), "--steps", "1",
+    r = run(["train_rl.py", "--recipe", "paper", "--sft", sft, "--rm", rm_dir, "--rm-device", "cpu",
+             "--out", str(out), "--steps", "1",
              "--prompts-per-step", "4", "--group-size", "2", "--gen-rows", "2", "--max-new-tokens", "3",
              "--eval-n", "1", "--eval-samples", "0", "--precision", "fp32", "--device", "cpu",
              "--reward-workers", "0", "--threads", "1"], nproc=2)
     assert "FSDP2-sharded over 2 processes" in r.stdout and "lr 1e-06" in r.stdout
+    assert "reward model: its own process on cpu" in r.stdout
     trained = r.stdout.split("tasks: ")[1].split(";")[0].split(", ")
-    assert len(trained) >= 7                       # every task but the reward model's (none here)
+    assert "caption" in trained and len(trained) == 9             # all tasks, the reward model's too
     assert os.path.isfile(out / "final" / "model.safetensors")
