@@ -29,6 +29,11 @@ reported in its row, never fatal):
               reference, time, peak extra memory and error.
   vit_tower   the MiMo-VL-7B ViT (32 blocks, 1280 wide) forward+backward on a 1 MP image against
               transformers' Qwen2.5-VL vision tower with the same weights.
+  memory      training.memory_estimate_gib against torch.cuda.max_memory_allocated over one real
+              pre-training step (FSDP2 in a one-process group, gradient checkpointing, bf16
+              autocast, chunked cross-entropy, AdamW) for stages 1-4 at the paper's row lengths, on
+              MiMo-VL-7B's widths cut to 2 LM layers and 2 ViT blocks; every term of the estimate
+              is in the row. --dry takes the same steps on the tiny config and measures nothing.
   sweep       (--sweep) alternative attention block sizes on the LM shape.
 
 Compile group (--compile-sm90, no GPU needed): every kernel variant the GPU group launches is
@@ -54,6 +59,7 @@ elif "--dry" in sys.argv:
 import argparse  # noqa: E402
 import inspect  # noqa: E402
 import json  # noqa: E402
+import math  # noqa: E402
 import statistics  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
@@ -236,7 +242,7 @@ def attention_impls(case, bench, with_flex):
     try:
         from torch.nn.attention.varlen import varlen_attn
         params = inspect.signature(varlen_attn).parameters
-        kw, note = {}, None
+        kw = {}
         if case.causal:
             kw.update({"is_causal": True} if "is_causal" in params else {"window_size": (-1, 0)})
         gqa_repeat = case.n_heads != case.n_kv_heads and "enable_gqa" not in params
@@ -581,6 +587,172 @@ def bench_vit_tower(bench):
                              note="err: max |transformers - ours| (bf16)" if err is not None else None)
             except Exception as exc:  # noqa: BLE001
                 bench.record(section="vit_tower", impl=name, **{"pass": pass_}, note=f"failed: {_describe(exc)}")
+
+
+# -----------------------------------------------------------------------------
+# memory: training.memory_estimate_gib against the CUDA allocator's peak
+
+MEMORY_STAGES = ("1", "2", "3", "4")  # --dry: "1" (frozen towers) and "3" (all trainable)
+MEMORY_IMAGE_SHARE = 0.5       # half of every row's tokens are merged image tokens (one image)
+MEMORY_SECTION_S = 60          # no new case starts after this many seconds in the section
+
+
+def one_rank_fsdp(device, backend):
+    """A training.Compute for one process that still counts as distributed, so that
+    training.wrap_model takes its FSDP2 path (fully_shard per block, then the root) in a
+    one-process group: the real sharded step, with shards the size of the whole model."""
+    import training
+
+    class OneRank(training.Compute):
+        distributed = property(lambda self: True)
+    return OneRank(device, amp_dtype=torch.bfloat16, backend=backend)
+
+
+def memory_config(dry):
+    """MiMo-VL-7B's widths (vocabulary, hidden sizes, heads) with 2 LM layers and 2 ViT blocks
+    (the second with full attention), so a whole step fits the bench's time; --dry: the tiny
+    preset, cut the same way."""
+    from mimovl import MiMoVLConfig
+    cfg = MiMoVLConfig.preset("tiny" if dry else "mimo-vl-7b")
+    cfg.text.num_hidden_layers, cfg.vision.depth, cfg.vision.fullatt_block_indexes = 2, 2, [1]
+    return cfg.validate()
+
+
+def memory_batch(cfg, seq_len, image_share, device):
+    """One packed row of `seq_len` tokens as the loader makes it: one image of
+    4 * image_share * seq_len patches (a grid as square as the count allows), then text; labels on
+    the text only."""
+    merged = int(image_share * seq_len)
+    rows = max(d for d in range(1, math.isqrt(merged) + 1) if merged % d == 0)
+    grid = torch.tensor([[1, 2 * rows, 2 * (merged // rows)]])
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(20, cfg.text.vocab_size, (1, seq_len), generator=g)
+    specials = torch.tensor([cfg.image_token_id, cfg.video_token_id, cfg.vision_start_token_id,
+                             cfg.vision_end_token_id])
+    ids[torch.isin(ids, specials)] = 20
+    ids[0, 0], ids[0, merged + 1] = cfg.vision_start_token_id, cfg.vision_end_token_id
+    ids[0, 1:merged + 1] = cfg.image_token_id
+    labels = ids.clone()
+    labels[0, :merged + 2] = -100
+    pixels = torch.randn(4 * merged, cfg.vision.patch_dim, generator=g)
+    return {"input_ids": ids.to(device), "labels": labels.to(device), "pixel_values": pixels.to(device),
+            "image_grid_thw": grid.to(device), "cu_seqlens": torch.tensor([0, seq_len], dtype=torch.int32).to(device)}
+
+
+def memory_step(cfg, compute, trainable, batch):
+    """The pre-training step of train_pretrain under FSDP2 with gradient checkpointing: the model
+    built on the meta device and sharded by training.wrap_model, AdamW from
+    training.build_optimizer, one warm-up step (kernels compile, AdamW allocates its moments),
+    then the measured step: forward with the chunked cross-entropy, backward, gradient clipping,
+    optimizer.step. -> (peak bytes allocated during the measured step above what was allocated
+    before the model was built, None on the CPU; its milliseconds; its loss)."""
+    import training
+    from torch.distributed.tensor import DTensor
+    from mimovl import MiMoVL
+    cuda = compute.device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+    baseline = torch.cuda.memory_allocated() if cuda else 0
+    with torch.device("meta"):
+        model = MiMoVL(cfg)
+    training.set_trainable(model, trainable)
+    model.visual.gradient_checkpointing = model.model.gradient_checkpointing = True
+    model.train()
+    wrapped = training.wrap_model(model, compute, fsdp=True)
+    if not training.is_sharded(wrapped):
+        raise RuntimeError("training.wrap_model did not take its FSDP2 path")
+    with torch.no_grad():  # wrap_model's to_empty left the shards uninitialised
+        for p in wrapped.parameters():
+            (p.to_local() if isinstance(p, DTensor) else p).normal_(0, 0.02)
+    opt = training.build_optimizer(wrapped, 1e-5, 0.1, (0.9, 0.95), compute.device)
+    params = [p for p in wrapped.parameters() if p.requires_grad]
+
+    def step():
+        with compute.autocast():
+            loss = wrapped(**batch).loss
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    step()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    loss = float(step())
+    if cuda:
+        torch.cuda.synchronize()
+    ms = (time.perf_counter() - t0) * 1e3
+    return (torch.cuda.max_memory_allocated() - baseline if cuda else None), ms, loss
+
+
+def bench_memory_model(bench):
+    """training.memory_estimate_gib(cfg, 1, seq_len, trainable, image_share) beside
+    torch.cuda.max_memory_allocated over one real FSDP2 step (memory_step) for pre-training
+    stages 1-4 at the paper's row lengths (train_pretrain.PAPER_STAGES: 8K, 32K for stage 4) on
+    MiMo-VL-7B's widths with 2 LM layers and 2 ViT blocks (memory_config). `ok`: the measured
+    peak within 20 % of the estimate. --dry: the tiny config, stages 1 and 3 at 1/64 of the row
+    length, on the CPU (gloo): every step taken, nothing measured."""
+    import torch.distributed as dist
+    import training
+    from train_pretrain import PAPER_STAGES
+    if bench.dry and torch.cuda.is_available():
+        bench.record(section="memory", impl="skipped", note="--dry on a machine with a GPU: FSDP2's "
+                     "default device mesh would be the GPU's while the dry run's model is on the CPU")
+        return
+    cuda = bench.device.type == "cuda"
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else bench.device
+    own_group = not dist.is_initialized()
+    if own_group:  # one process, an in-memory rendezvous: no port to pick
+        dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1,
+                                **({"device_id": device} if cuda else {}))
+    section_end = time.time() + MEMORY_SECTION_S
+    done = []
+    try:
+        if dist.get_world_size() != 1:
+            raise RuntimeError(f"a process group of {dist.get_world_size()} processes is already running; "
+                               "run bench.py as one plain process")
+        cfg = memory_config(bench.dry)
+        compute = one_rank_fsdp(device, dist.get_backend())
+        for key in ("1", "3") if bench.dry else MEMORY_STAGES:
+            stage = PAPER_STAGES[key]
+            seq_len = stage.seq_len // 64 if bench.dry else stage.seq_len
+            case = f"stage {key}, {seq_len} tok"
+            if not bench.dry and (bench.time_left() < 20 or time.time() > section_end):
+                bench.record(section="memory", case=case, note="skipped: time budget")
+                continue
+            try:
+                batch = memory_batch(cfg, seq_len, MEMORY_IMAGE_SHARE, device)
+                peak, ms, loss = memory_step(cfg, compute, stage.trainable, batch)
+                est = training.memory_estimate_gib(cfg, 1, seq_len, stage.trainable, MEMORY_IMAGE_SHARE)
+                row = dict(section="memory", case=case, impl="fsdp2_step", ms=ms,
+                           estimate_gib=round(est["total"], 3), loss=round(loss, 4),
+                           terms={k: round(v, 3) for k, v in est.items() if k != "total"},
+                           note=f"trains {'+'.join(stage.trainable)}; {cfg.text.num_hidden_layers} LM layers, "
+                                f"{cfg.vision.depth} ViT blocks; image grid {batch['image_grid_thw'][0].tolist()}")
+                if peak is not None:
+                    row.update(peak_gib=round(peak / 2 ** 30, 3), ratio=round(peak / 2 ** 30 / est["total"], 3))
+                    row["ok"] = abs(row["ratio"] - 1) <= 0.2
+                done.append(bench.record(**row))
+            except Exception as exc:  # noqa: BLE001 - an OOM in one case is a row, not the end
+                oom = isinstance(exc, torch.cuda.OutOfMemoryError)
+                bench.record(section="memory", case=case, impl="error", ok=False,
+                             note=("out of memory: " if oom else "") + _describe(exc))
+            finally:
+                if cuda:
+                    torch.cuda.empty_cache()
+    except Exception as exc:  # noqa: BLE001 - e.g. NCCL missing
+        bench.record(section="memory", impl="error", ok=False, note=_describe(exc))
+    finally:
+        if own_group:
+            dist.destroy_process_group()
+    if done:
+        bench.record(section="memory", case="estimate vs measured", impl="summary", note="; ".join(
+            f"{r['case']}: {r['peak_gib']:.2f} GiB measured / {r['estimate_gib']:.2f} estimated = {r['ratio']:.2f}"
+            if "peak_gib" in r else f"{r['case']}: {r['estimate_gib']:.3f} GiB estimated, not measured (--dry)"
+            for r in done))
 
 
 # -----------------------------------------------------------------------------
@@ -1043,6 +1215,7 @@ def run_gpu(bench, args):
     bench_attention(bench)
     bench_fused_ops(bench)
     bench_vit_tower(bench)
+    bench_memory_model(bench)
     if not args.no_flex:
         bench_attention(bench, only_flex=True)
     if args.sweep:
