@@ -321,6 +321,13 @@ def policy_update(wrapped, optimizer, groups, cfg, compute, processor=None, ref_
                     row["old"] = row_logprobs(model, row, device).float().cpu()
                 if cfg.kl_beta > 0:
                     row["ref"] = row_logprobs(ref_model, row, device).float().cpu()
+        if sharded:
+            # FSDP2 leaves the root unit gathered after a forward without backward, and its
+            # gathered tensors replace the sharded parameters in .parameters(): the gradient
+            # clipping below would miss them (it did: a smaller norm, lm_head left unclipped)
+            for m in (wrapped, ref_model if cfg.kl_beta > 0 else None):
+                if m is not None:
+                    m.reshard()
     model.train()
     params = [p for p in wrapped.parameters() if p.requires_grad]
     steps = []

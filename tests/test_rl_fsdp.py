@@ -43,7 +43,8 @@ def run(argv, nproc=1, check=True):
 
 def metrics(out):
     with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [(r["step"], r["reward"], r["kept_groups"], r["loss"], r["grad_norm"]) for r in map(json.loads, f)]
+        return [(r["step"], r["reward"], r["kept_groups"], r["loss"], r["grad_norm"],
+                 r.get("last_loss", 0.0), r.get("last_grad_norm", 0.0)) for r in map(json.loads, f)]
 
 
 def final_weights(out):
@@ -84,6 +85,21 @@ def test_two_fsdp_processes_match_one_process_at_the_same_global_batch(runs):
     ckpt = root / "two" / "checkpoints" / "step-000002"
     assert os.path.isdir(ckpt / "dcp") and os.path.isfile(ckpt / "COMPLETE")
     assert not os.path.exists(ckpt / "model.safetensors")
+
+
+def test_vanilla_grpo_with_kl_under_fsdp_matches_one_process(runs):
+    """--algo grpo: pi_old and the KL reference (itself FSDP2-sharded) come from forwards without
+    backward, after which FSDP2 keeps the root unit gathered; the clipped gradient norm must still
+    cover every parameter (it once missed lm_head's)."""
+    sft, root, _ = runs
+    extra = ["--algo", "grpo", "--updates-per-batch", "2", "--kl-beta", "0.01", "--steps", "2",
+             "--save-every", "0"]
+    run(args_for(sft, root / "grpo-one", *extra))
+    run(args_for(sft, root / "grpo-two", "--fsdp", *extra), nproc=2)
+    assert_same_run(root / "grpo-one", root / "grpo-two")
+    with open(root / "grpo-two" / "metrics.jsonl") as f:
+        last = [json.loads(line) for line in f][-1]
+    assert last["updates"] == 2 and last["last_kl"] > 0 and last["last_grad_norm"] > 0
 
 
 def test_fsdp_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_run(runs):
