@@ -737,33 +737,53 @@ def save_sharded_state(root, step, wrapped, optimizer, cfg, processor, loader_st
     compute.barrier()
 
 
-def rank_loader_state(saved, rank, world_size):
+def rank_loader_state(saved, rank, world_size, log=print):
     """This rank's data position from the positions that all ranks of a checkpoint saved, for a
-    run with `world_size` processes. Same world size: its own. Otherwise the position must be
-    one the new split can express: a step-keyed state (stage 0-vit: the same for every rank), or
-    PackedLoader states that all stand at the start of chunk c (rank r of W reads global chunks
-    r, r + W, ...): c x W global chunks are read, which `world_size` ranks split evenly when
-    it divides c x W."""
+    run with `world_size` processes. Same world size: its own, exactly. A step-keyed state (stage
+    0-vit: the same for every rank) is the same for any number.
+
+    Otherwise the data is cut into units that rank r of W reads in turn: units r, r + W, r + 2W,
+    ... (PackedLoader's chunks: {"chunk", "row"}; RL's prompt stream: {"position"}). The new run
+    starts every rank at the first unit U that no old rank has started, rounded up to a multiple
+    of the new number of processes: rank r' of W' then reads U + r', U + r' + W', ... Where the old
+    ranks stood together at a boundary that the new split can express (all at the start of chunk
+    c, and W' divides c x W), nothing is skipped and the run continues exactly as one that was
+    never stopped; otherwise the units that some rank had not reached, and the rest of any
+    partly read chunk, are skipped (said in one line): the data order cannot be reproduced
+    across a change of split without packing every chunk on every rank."""
     if len(saved) == world_size:
         return saved[rank]
     if all(s == saved[0] and set(s) == {"step"} for s in saved):
         return saved[0]
     old = len(saved)
-    if not all(isinstance(s, dict) and "chunk" in s and "row" in s for s in saved):
+    if all(isinstance(s, dict) and "chunk" in s and "row" in s for s in saved):
+        started = [s["chunk"] + (s["row"] > 0) for s in saved]       # units each old rank began
+        key = "chunk"
+    elif all(isinstance(s, dict) and "position" in s for s in saved):
+        started = [s["position"] for s in saved]
+        key = "position"
+    else:
         fail(f"cannot resume with {world_size} process(es): the checkpoint was written by {old}, "
-             f"and its data position is kept per rank; resume with {old} process(es), or start "
-             "again with --overwrite")
-    if not all(s["row"] == 0 and s["chunk"] == saved[0]["chunk"] for s in saved):
-        fail(f"cannot resume with {world_size} process(es): the checkpoint's {old} ranks stand at "
-             f"different points of their data chunks ({[(s['chunk'], s['row']) for s in saved]}); "
-             f"resume with {old} process(es), or use chunks that fill whole rows")
-    done = saved[0]["chunk"] * old
-    if done % world_size:
-        fail(f"cannot resume with {world_size} process(es): {done} data chunks were read, which "
-             f"{world_size} ranks cannot split evenly; resume with {old} process(es)")
-    state = dict(saved[0], chunk=done // world_size, row=0, rank=rank, world_size=world_size,
-                 skipped=sum(s["skipped"] for s in saved) if rank == 0 else 0,
-                 too_long=sum(s["too_long"] for s in saved) if rank == 0 else 0)
+             f"and its data position is not one this code can split; resume with {old} process(es)")
+    first_free = max(r + (n - 1) * old + 1 for r, n in enumerate(started))
+    start = -(-first_free // world_size)                              # units per new rank read
+    skipped_units = start * world_size - sum(started)
+    partial = sum(key == "chunk" and s["row"] > 0 for s in saved)
+    if rank == 0:
+        what = "data chunk" if key == "chunk" else "prompt"
+        lost = ([f"{skipped_units} {what}(s) that no rank had read"] if skipped_units else []) + (
+            [f"the rest of {partial} partly read chunk(s)"] if partial else [])
+        log(f"resuming with {world_size} process(es) from a checkpoint of {old}: every rank starts at "
+            f"{what} {start * world_size} of the global order; " +
+            (" and ".join(lost) + " are skipped" if lost else "nothing is skipped"))
+    state = dict(saved[rank % old], rank=rank, world_size=world_size)
+    state[key] = start
+    if "easy" in state:                          # RL's easy pool: each old rank's goes to one new rank
+        state["easy"] = [i for r in range(rank, old, world_size) for i in saved[r]["easy"]]
+    if key == "chunk":
+        state.pop("dataset", None)               # a cache of the mixture's counts at the old position
+        state.update(row=0, skipped=sum(s["skipped"] for s in saved) if rank == 0 else 0,
+                     too_long=sum(s["too_long"] for s in saved) if rank == 0 else 0)
     return state
 
 

@@ -7,10 +7,12 @@ Why they can match: a prompt's responses are sampled with a seed of its slot in 
 policy's weights gathered for the rollout (train_rl.rollout_weights); the loss normaliser is
 computed over all ranks (train_rl.batch_weights) and FSDP2 averages the gradients. The policy is
 test_rl.py's tiny model with a word-level tokenizer, so a random policy sometimes answers right.
+The sharded checkpoint resumes with two processes and with one.
 """
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -106,8 +108,14 @@ def test_fsdp_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_run(run
     sft, root, _ = runs
     stopped = run(args_for(sft, root / "resumed", "--fsdp", "--debug-stop-after", "2"), nproc=2, check=False)
     assert stopped.returncode != 0 and not os.path.exists(root / "resumed" / "final")
+    shutil.copytree(root / "resumed", root / "resumed-one")
     run(args_for(sft, root / "resumed", "--fsdp", "--resume"), nproc=2)
     assert_same_run(root / "two", root / "resumed")
+    # the sharded checkpoint also resumes in one process: both ranks had read 4 prompts (8 in all),
+    # so it continues the uninterrupted run exactly
+    one = run(args_for(sft, root / "resumed-one", "--resume"))
+    assert "starts at prompt 8 of the global order; nothing is skipped" in one.stdout
+    assert_same_run(root / "two", root / "resumed-one")
 
 
 def test_paper_recipe_sets_the_report_scale_and_explicit_flags_win():

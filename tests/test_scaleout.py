@@ -121,6 +121,7 @@ def test_sharded_checkpoint_resumes_with_one_and_two_processes(start, tmp_path):
 
 
 def test_the_data_position_of_a_checkpoint_splits_over_another_number_of_processes():
+    """Aligned positions continue exactly; others skip ahead to the next common boundary, saying so."""
     at = lambda chunk, row, rank: {"chunk": chunk, "row": row, "rank": rank, "world_size": 2, "skipped": 1,
                                    "too_long": rank, "seed": 0, "chunk_size": 4, "max_tokens": 2048}
     saved = [at(3, 0, 0), at(3, 0, 1)]                  # 2 ranks x 3 chunks: global chunks 0..5 read
@@ -130,12 +131,25 @@ def test_the_data_position_of_a_checkpoint_splits_over_another_number_of_process
     three = [training.rank_loader_state(saved, r, 3) for r in range(3)]
     assert [(s["chunk"], s["rank"], s["skipped"]) for s in three] == [(2, 0, 2), (2, 1, 0), (2, 2, 0)]
     assert training.rank_loader_state([{"step": 5}] * 2, 0, 1) == {"step": 5}
-    with pytest.raises(SystemExit):                     # mid-chunk: no split reproduces the order
-        training.rank_loader_state([at(3, 1, 0), at(3, 0, 1)], 0, 1)
-    with pytest.raises(SystemExit):                     # 6 chunks do not split over 4 ranks
-        training.rank_loader_state(saved, 0, 4)
-    with pytest.raises(SystemExit):                     # a per-rank position of another kind (RL)
-        training.rank_loader_state([{"position": 8}, {"position": 9}], 0, 1)
+    notes = []
+    # 6 chunks read do not split over 4 ranks: all start at chunk 8, chunks 6 and 7 are skipped
+    four = [training.rank_loader_state(saved, r, 4, notes.append) for r in range(4)]
+    assert [(s["chunk"], s["row"], s["rank"]) for s in four] == [(2, 0, 0), (2, 0, 1), (2, 0, 2), (2, 0, 3)]
+    assert "starts at data chunk 8" in notes[-1] and "2 data chunk(s) that no rank had read" in notes[-1]
+    # mid-chunk: rank 0 began its 4th chunk (global 6), rank 1 is at the start of its 4th (global 7):
+    # one process starts at chunk 7, skipping the rest of chunk 6
+    mid = training.rank_loader_state([at(3, 1, 0), at(3, 0, 1)], 0, 1, notes.append)
+    assert (mid["chunk"], mid["row"], mid["skipped"]) == (7, 0, 2) and "dataset" not in mid
+    assert "the rest of 1 partly read chunk(s) are skipped" in notes[-1]
+    # RL's prompt stream: rank 0 read global prompts 0, 2, .., 14, rank 1 1, 3, .., 17; prompt 16
+    # was never drawn; the easy pools go to the ranks that take over
+    rl = [{"position": 8, "easy": ["train/count/1"], "prompts_seen": 32},
+          {"position": 9, "easy": ["train/count/4", "train/count/9"], "prompts_seen": 32}]
+    one_rl = training.rank_loader_state(rl, 0, 1, notes.append)
+    assert one_rl["position"] == 18 and one_rl["easy"] == ["train/count/1", "train/count/4", "train/count/9"]
+    assert "1 prompt(s) that no rank had read" in notes[-1]
+    with pytest.raises(SystemExit):                     # a position this code cannot split
+        training.rank_loader_state([{"offset": 8}, {"offset": 9}], 0, 1)
 
 
 def peak_rss_rise(start):
