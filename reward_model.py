@@ -23,7 +23,8 @@ child process on a device of its own and answers batches over a pipe:
         register_reward_model(scorer(server, processor))
         server.logits(processor(conversations, add_generation_prompt=False))  # [r, ...]
 
-Both places compute a batch's logits with batch_logits, so a server in fp32 gives the in-process
+train_rl.py takes either through preference_scorer (--rm-device chooses). Both places compute a
+batch's logits with batch_logits, so a server in fp32 gives the in-process
 model's logits exactly. Tests: tests/test_rl.py (ranks held-out pairs, save/load, NaN),
 tests/test_rm_process.py (the server: same logits and rewards, load errors, a killed child).
 """
@@ -184,6 +185,30 @@ def scorer(rm, processor, compute=None):
 # the reward model in a process of its own
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def preference_scorer(path, processor, compute, device="", stack=None):
+    """The "preference" reward of train_rl.py from the reward model folder `path`: in this process
+    on compute.device (device ""), or in a process of its own on `device` (RewardModelServer, the
+    report's §3.3 reward models as services; "{local_rank}" in the device names the rank's own
+    GPU), closed with `stack` (a contextlib.ExitStack). A server that dies stops the run: its
+    rewards would otherwise silently be 0. Returns (score function, the folder's record)."""
+    if not device:
+        rm, record = load(path, compute.device)
+        return scorer(rm, processor, compute), record
+    device = device.replace("{local_rank}", str(compute.local_rank))
+    server = RewardModelServer(path, device, "bf16" if device.startswith("cuda") else "fp32", threads=1)
+    if stack is not None:
+        stack.enter_context(server)
+    compute.print(f"reward model: its own process on {device} (one per rank)")
+    score = scorer(server, processor)
+
+    def checked(*a, **kw):
+        if not server.process.is_alive():
+            training.fail(f"the reward model process on {device} died (exit code "
+                          f"{server.process.exitcode}; out of memory?); resume with --resume")
+        return score(*a, **kw)
+    return checked, server.record
 
 
 class RewardModelServer:

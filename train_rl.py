@@ -557,29 +557,6 @@ def print_debug(groups, compute, n_groups=2, n_responses=3):
                           f"{json.dumps(comps, default=str)[:160]}")
 
 
-def reward_model_scorer(args, compute, processor, rm_path, stack):
-    """The "preference" reward: the reward model in this process, on the policy's device, or with
-    --rm-device in a process of its own (reward_model.RewardModelServer, the report's §3.3
-    reward models as services), on that device; one per rank, "{local_rank}" in the device names
-    the rank's own GPU. A server that dies stops the run (its rewards would silently be 0).
-    Returns (score function, the folder's record)."""
-    if not args.rm_device:
-        rm, record = reward_model.load(rm_path, compute.device)
-        return reward_model.scorer(rm, processor, compute), record
-    device = args.rm_device.replace("{local_rank}", str(compute.local_rank))
-    server = stack.enter_context(reward_model.RewardModelServer(
-        rm_path, device, "bf16" if device.startswith("cuda") else "fp32", threads=1))
-    compute.print(f"reward model: its own process on {device} (one per rank)")
-    score = reward_model.scorer(server, processor)
-
-    def checked(*a, **kw):
-        if not server.process.is_alive():
-            training.fail(f"the reward model process on {device} died (exit code "
-                          f"{server.process.exitcode}; out of memory?); resume with --resume")
-        return score(*a, **kw)
-    return checked, server.record
-
-
 def setup_rewards(args, compute, processor, tasks, stack):
     """The reward pool, and the reward model when one is available (--rm): registered for the
     "preference" task. Tasks scored by a missing reward model are dropped, with a note. Both are
@@ -591,7 +568,7 @@ def setup_rewards(args, compute, processor, tasks, stack):
         rm_path = None
     register_reward_model(None)
     if rm_path:
-        score, record = reward_model_scorer(args, compute, processor, rm_path, stack)
+        score, record = reward_model.preference_scorer(rm_path, processor, compute, args.rm_device, stack)
         register_reward_model(score)
         compute.print(f"reward model: {rm_path} (held-out pair accuracy "
                       f"{record.get('after', {}).get('accuracy', float('nan')):.3f}) scores the open-ended tasks")
