@@ -655,6 +655,8 @@ def start_trainer(args, compute, cfg, processor, tasks):
     resume_from = training.resume_checkpoint(root, log=compute.print) if args.resume else None
     trainable = tuple(x for x in args.trainable.split("+") if x)
     fsdp = args.fsdp and compute.distributed
+    if args.fsdp and not fsdp:
+        compute.print("--fsdp: one process, nothing to shard (start it with torchrun to shard the policy)")
     ref, engine = None, None
     if fsdp:
         sharded_resume = resume_from and training.is_sharded_checkpoint(resume_from)
@@ -795,6 +797,14 @@ def finish(args, compute, cfg, processor, pool, t, base, eval_tasks, t_start):
 
 
 def rl_config(args, compute):
+    if args.rm_device:
+        try:
+            kind = torch.device(args.rm_device.replace("{local_rank}", "0")).type
+        except RuntimeError:
+            kind = None
+        if kind not in ("cpu", "cuda"):
+            training.fail(f"--rm-device {args.rm_device!r}: use cpu, cuda, cuda:N or cuda:{{local_rank}} "
+                          "(the GPU of each rank)")
     per_rank = args.prompts_per_step // compute.world_size
     if per_rank * compute.world_size != args.prompts_per_step:
         training.fail(f"--prompts-per-step {args.prompts_per_step} must be a multiple of the number "

@@ -152,3 +152,13 @@ def test_the_readme_7b_morl_command_runs_at_tiny_scale_on_two_processes(runs):
     trained = r.stdout.split("tasks: ")[1].split(";")[0].split(", ")
     assert "caption" in trained and len(trained) == 9             # all tasks, the reward model's too
     assert os.path.isfile(out / "final" / "model.safetensors")
+
+
+def test_a_bad_reward_model_device_is_one_line_before_any_work(runs, tmp_path, capsys):
+    import train_rl as rl
+    sft, root, _ = runs
+    with pytest.raises(SystemExit) as stop:
+        rl.main(["--sft", sft, "--out", str(tmp_path / "x"), "--rm-device", "gpu7", "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == 2 and len(err.splitlines()) == 1 and "--rm-device 'gpu7'" in err
+    assert not os.path.exists(tmp_path / "x")
