@@ -196,3 +196,16 @@ def test_stage1_from_separate_vit_and_lm_folders_equals_one_folder(start, tmp_pa
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     for (x, gx), (y, gy) in zip(losses(sharded, "1"), losses(str(tmp_path / "one"), "1"), strict=True):
         assert x == pytest.approx(y, rel=1e-5) and gx == pytest.approx(gy, rel=1e-4)
+
+    # the README's command for the paper's start, at tiny scale: the paper's stage table, gradient
+    # checkpointing and the stage's data from a recipe file (lengths and batch shrunk by FAST)
+    recipe = tmp_path / "my_recipe.json"
+    recipe.write_text(json.dumps({"1": f"{EXAMPLE}:1"}))
+    paper = str(tmp_path / "paper")
+    r = subprocess.run([*cmd[:cmd.index("--out")], "--out", paper, "--init-vit", both, "--init-lm", lm,
+                        "--recipe", "paper", "--fsdp", "--grad-checkpointing", "--stage-data-file",
+                        str(recipe), "--stage", "1", *FAST, "--steps", "1", "--save-every", "0", "--rows", "2"],
+                       cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "(paper table)" in r.stdout and len(losses(paper, "1")) == 1

@@ -29,11 +29,13 @@ import training  # noqa: E402
 from mimovl import MiMoVL, MiMoVLConfig  # noqa: E402
 from processor import Processor  # noqa: E402
 
-# stage 3 (everything trainable) from a small start folder; chunks of 4 samples fill one row each,
-# so the global batch of a step is the same for one process and for two
+# stage 3 (everything trainable) from a small start folder, on a mixture of a JSONL file and a
+# synthetic task; chunks of 4 samples fill one row each, so the global batch of a step is the same
+# for one process and for two
+EXAMPLE = os.path.join(ROOT, "data", "example.jsonl")
 COMMON = ["--stage", "3", "--steps", "4", "--warmup", "1", "--rows", "2", "--chunk-size", "4",
           "--seq-len", "2048", "--workers", "0", "--no-eval", "--precision", "fp32", "--threads", "1",
-          "--save-every", "2"]
+          "--save-every", "2", "--stage-data", f"3={EXAMPLE}:1,count:1"]
 
 
 def torchrun(args, nproc=2, check=True):
@@ -66,10 +68,11 @@ def start(tmp_path_factory):
     return str(root / "start")
 
 
-def test_sharded_checkpoint_resumes_with_one_and_two_processes(start, tmp_path):
+def test_sharded_checkpoint_resumes_with_one_and_two_processes(start, tmp_path, capsys):
     args = [*COMMON, "--from", start]
     ref = str(tmp_path / "ref")
     tp.main(["--out", ref, *args, "--save-every", "0"])           # one process, uninterrupted
+    assert f"3      {os.path.relpath(EXAMPLE)} 45%, count 45%" in capsys.readouterr().out   # the mixture
 
     stopped = str(tmp_path / "stopped")
     r = torchrun([os.path.join(ROOT, "train_pretrain.py"), "--out", stopped, *args, "--fsdp",
