@@ -808,7 +808,7 @@ def load_training_state(path, wrapped, optimizer, compute):
     """Restore optimiser, RNG and return (step, this rank's loader state, trainer_state). The
     model weights were loaded from `path` before wrapping (see run_stage), except from a sharded
     checkpoint, whose model is restored here too. Either kind resumes with any number of
-    processes where the data position allows it (rank_loader_state)."""
+    processes (rank_loader_state: exactly where the ranks stood at a common boundary)."""
     from safetensors.torch import load_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
