@@ -465,17 +465,6 @@ def forward_inputs(e):
     return {k: e.get(k) for k in keys}
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread: on the shared 2-core machine, steps of these small models were
-    measured up to 9x slower with 2 threads than with 1 (the threads spin against other
-    processes)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_packed_row_gives_each_samples_logits(processor, one_thread):
     torch.manual_seed(0)
     model = mimovl.MiMoVL(mimovl.MiMoVLConfig.preset("tiny")).float().eval()

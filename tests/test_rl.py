@@ -34,12 +34,7 @@ WORDS = ["[UNK]", *"0123456789", "How", "many", "red", "green", "blue", "yellow"
          "are", "there", "?", "system", "user", "assistant", "good", "bad", "answer"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")      # conftest.py
 
 
 def make_processor():
