@@ -1059,10 +1059,11 @@ def ce_chunk_kernel(LOGITS, LABELS, LOSS, stride_row, n_vocab, ignore_index,
             tl.store(row_ptr + start + cols, _cast(grad, LOGITS.dtype.element_ty), mask=ok)
 
 
-def _default_chunk_rows(n_rows, vocab, elem_size):
+def default_chunk_rows(n_rows, vocab, elem_size):
     """Rows per chunk so that a chunk's logits take at most ~1 GiB (a power of two >= 16): 2048
     rows at vocab 151,680 in bf16, so an 8K-token pack takes 4 chunks (each chunk adds one pass
-    over the fp32 dWeight accumulator, 2.5 GB for MiMo-7B's head)."""
+    over the fp32 dWeight accumulator, 2.5 GB for MiMo-7B's head). Also the chunk of
+    MiMoVL.token_logprobs (fp32 logits: 1024 rows)."""
     rows = max(16, (1 << 30) // max(1, vocab * elem_size))
     return min(next_pow2(n_rows), 1 << (rows.bit_length() - 1))
 
@@ -1071,7 +1072,7 @@ def _linear_cross_entropy_chunked(hidden, weight, labels, ignore_index, chunk_si
                                   need_grad_w):
     """Returns (per-row losses fp32, dHidden, dWeight) for the *sum* of the row losses."""
     n_rows, vocab = hidden.shape[0], weight.shape[0]
-    chunk = chunk_size or _default_chunk_rows(n_rows, vocab, hidden.element_size())
+    chunk = chunk_size or default_chunk_rows(n_rows, vocab, hidden.element_size())
     loss_rows = torch.empty(n_rows, dtype=torch.float32, device=hidden.device)
     grad_h = torch.empty_like(hidden) if need_grad_h else None
     single = n_rows <= chunk
@@ -1130,7 +1131,7 @@ def _linear_cross_entropy_torch_chunked(hidden, weight, labels, ignore_index, re
     checkpointing), so neither the forward nor the backward ever holds [tokens, vocab] logits."""
     hidden = hidden.reshape(-1, hidden.shape[-1])
     labels = labels.reshape(-1)
-    chunk = chunk_size or _default_chunk_rows(hidden.shape[0], weight.shape[0], 4)
+    chunk = chunk_size or default_chunk_rows(hidden.shape[0], weight.shape[0], 4)
     grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     total = hidden.new_zeros((), dtype=torch.float)
     for a in range(0, hidden.shape[0], chunk):

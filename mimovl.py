@@ -37,7 +37,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 
 from checkpoint_files import check_json_fields, read_json_file, write_file_atomic, write_json_atomic
-from kernels import apply_rotary, linear_cross_entropy, varlen_attention
+from kernels import apply_rotary, default_chunk_rows, linear_cross_entropy, varlen_attention
 from vit import MLP, RMSNorm, VisionConfig, VisionTransformer, fuse_linears
 
 
@@ -616,21 +616,17 @@ class MiMoVL(nn.Module):
         Under autograd each chunk runs under activation checkpointing: backward keeps only the
         chunk's hidden states and recomputes its logits, so an 8K-token response at vocabulary
         151,680 does not hold ~5 GB of fp32 log-softmax until backward."""
-        if chunk is None:
-            # the largest power of two (>= 16) of rows whose fp32 logits take at most 1 GiB: 1024
-            # at vocabulary 151,680. A chunk's forward or recomputation briefly holds a few such
-            # tensors (the head's output, its fp32 copy, the log-softmax, in backward its
-            # gradient): a few GB beside a 7B model's training state, while each chunk is still
-            # a matmul of 1024 rows by the whole head.
-            rows = max(16, (1 << 30) // (4 * self.cfg.text.vocab_size))
-            chunk = 1 << (rows.bit_length() - 1)
-        if chunk < 1:
+        if chunk is not None and chunk < 1:
             raise ValueError(f"token_logprobs: chunk={chunk} must be a positive number of tokens (or None)")
         x, position_ids, cu, _, keep = self.embed(input_ids, inputs.pop("attention_mask", None), **inputs)
         h = self.model(x, position_ids, cu)                                   # (T, D)
         B, L = input_ids.shape
         shifted = F.pad(labels[:, 1:], (0, 1), value=-100).flatten()[keep.to(labels.device)]
         valid = (shifted != -100).nonzero().flatten()
+        # as the cross-entropy's chunks: ~1 GiB of fp32 logits, 1024 rows at vocabulary 151,680. A
+        # chunk's forward or recomputation briefly holds a few such tensors (the head's output,
+        # its fp32 copy, the log-softmax, in backward its gradient)
+        chunk = chunk or default_chunk_rows(max(len(valid), 1), self.cfg.text.vocab_size, 4)
         grad = torch.is_grad_enabled() and any(p.requires_grad for p in (h, *self.lm_head.parameters()))
         lp = h.new_zeros(len(valid), dtype=torch.float)
         ent = h.new_zeros(len(valid), dtype=torch.float) if with_entropy else None

@@ -411,7 +411,7 @@ def memory_estimate_gib(cfg, world_size, seq_len, trainable=("vit", "projector",
     layer = sum(p.numel() for p in model.model.layers[0].parameters())
     t, v = cfg.text, cfg.vision
     patches = 4 * int(image_share * seq_len)
-    chunk_rows = min(seq_len, max(16, (1 << 30) // (t.vocab_size * 2)))
+    chunk_rows = min(seq_len, kernels.default_chunk_rows(seq_len, t.vocab_size, 2))   # as the loss cuts it
     head_trainable = "llm" in trainable
     b = {
         "weights fp32 (sharded)": 4 * n / world_size,
