@@ -922,8 +922,8 @@ PAPER_RL = {
     "fsdp": True,               # a 7B policy and its AdamW state do not fit one GPU
     "grad_checkpointing": True, # a 36K-token row's activations would not fit either
     "gen_rows": 16,             # one prompt's G responses per generate call: their KV cache is
-                                # preallocated for 32K tokens each, 16 x 33K x 144 KiB = 72 GiB in
-                                # bf16 for MiMo-7B (36 layers, 8 KV heads of 128)
+                                # preallocated, 16 x 36,864 tokens x 144 KiB = 81 GiB in bf16 for
+                                # MiMo-7B (36 layers, 8 KV heads of 128; rl_memory_estimate_gib)
 }
 
 

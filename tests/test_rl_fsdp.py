@@ -19,6 +19,8 @@ import sys
 import pytest
 import torch
 
+import reward_model
+import train_rl as rl
 import training
 from mimovl import MiMoVL
 from test_rl import make_processor, tiny_policy
@@ -119,7 +121,6 @@ def test_fsdp_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_run(run
 
 
 def test_paper_recipe_sets_the_report_scale_and_explicit_flags_win():
-    import train_rl as rl
     paper = rl.parse_args(["--recipe", "paper"])
     assert (paper.prompts_per_step, paper.group_size, paper.max_new_tokens, paper.lr, paper.tasks,
             paper.fsdp) == (512, 16, 32768, 1e-6, "all", True)
@@ -133,7 +134,6 @@ def test_the_readme_7b_morl_command_runs_at_tiny_scale_on_two_processes(runs):
     """README: torchrun ... train_rl.py --recipe paper --sft DIR --rm RM --rm-device DEVICE,
     shrunk to the tiny model, with the reward model in a process of its own per rank (on the
     CPU here)."""
-    import reward_model
     sft, root, _ = runs
     processor = make_processor()
     torch.manual_seed(3)
@@ -155,7 +155,6 @@ def test_the_readme_7b_morl_command_runs_at_tiny_scale_on_two_processes(runs):
 
 
 def test_a_bad_reward_model_device_is_one_line_before_any_work(runs, tmp_path, capsys):
-    import train_rl as rl
     sft, root, _ = runs
     with pytest.raises(SystemExit) as stop:
         rl.main(["--sft", sft, "--out", str(tmp_path / "x"), "--rm-device", "gpu7", "--device", "cpu"])

@@ -10,6 +10,7 @@ equality is what is tested). Each server is a spawned process that imports torch
 starts three: one shared by the scoring tests, one to kill, one that fails to load.
 """
 
+import json
 import os
 import signal
 
@@ -20,6 +21,7 @@ from PIL import Image
 
 import reward_model
 import rewards as R
+import train_rl
 import training
 from mimovl import MiMoVL
 from test_rl import make_processor, tiny_config
@@ -141,8 +143,6 @@ def test_a_killed_server_raises_on_the_next_request_and_close_leaves_nothing(rm_
 
 def test_morl_with_the_reward_model_in_its_own_process_equals_in_process(rm_dir, processor, tmp_path):
     """train_rl.py --rm-device cpu: captions scored by the server, the same run as in-process."""
-    import json
-    import train_rl
     sft = str(tmp_path / "sft")
     policy = MiMoVL(tiny_config(processor.tokenizer.get_vocab_size()))
     training.save_stage_folder(sft, policy.state_dict(), policy.cfg, processor, {"stage": "test"})
